@@ -1,0 +1,129 @@
+"""Frozen DINOv2 patch features of the batch's clean frames, on the DiT's token-frame and token-grid layout."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def token_frame_groups(num_frames: int, temporal_compression: int = 4, patch_size_t: int = 1) -> list[list[int]]:
+    """The pixel frames behind each token frame of a causal video VAE (+ temporal patching).
+
+    Latent frame 0 <- pixel frame 0; latent i >= 1 <- pixel frames r(i-1)+1 .. r*i. With patch_size_t > 1 the
+    latents are padded at the front with copies of latent 0 to a multiple of patch_size_t (as CogVideoX 1.5 does),
+    and a token frame covers patch_size_t consecutive latents: the union of their pixel frames.
+    """
+    r = temporal_compression
+    if num_frames < 1 or (num_frames - 1) % r != 0:
+        raise ValueError(
+            f"{num_frames} frames cannot be encoded by a causal VAE with temporal compression {r}: "
+            f"use {r}k+1 frames (e.g. {r * max(0, (num_frames - 1) // r) + 1} or {r * ((num_frames - 1) // r + 1) + 1})."
+        )
+    latent_groups = [[0]] + [list(range(r * (i - 1) + 1, r * i + 1)) for i in range(1, (num_frames - 1) // r + 1)]
+    padding = (-len(latent_groups)) % patch_size_t
+    latent_groups = [latent_groups[0]] * padding + latent_groups
+    return [
+        sorted(set().union(*latent_groups[start : start + patch_size_t]))
+        for start in range(0, len(latent_groups), patch_size_t)
+    ]
+
+
+def pooling_matrix(groups: list[list[int]], num_frames: int) -> torch.Tensor:
+    """[T, F] rows that average each group's frames: features[T] = matrix @ frame_features[F]."""
+    matrix = torch.zeros(len(groups), num_frames)
+    for token_frame, frames in enumerate(groups):
+        matrix[token_frame, frames] = 1.0 / len(frames)
+    return matrix
+
+
+class DinoPatchFeatures(nn.Module):
+    """A frozen DINOv2 (transformers) that turns clean frames into per-token-frame patch features.
+
+    Frames [B, F, 3, H, W] in [-1, 1] -> [B, T, h_tok * w_tok, D_enc]: each frame is resized to
+    (h_tok * P, w_tok * P), P the encoder's patch size, so the encoder's patch grid is the DiT's token grid and
+    no token interpolation is needed; patch tokens after the final layer norm (no CLS, no registers); frames of a
+    token frame are mean-pooled.
+    """
+
+    def __init__(self, encoder: nn.Module, frames_per_chunk: int = 16, autocast_dtype: torch.dtype | None = None):
+        super().__init__()
+        config = encoder.config
+        if getattr(config, "model_type", None) not in ("dinov2", "dinov2_with_registers"):
+            raise ValueError(
+                f"--crepa_encoder must be a DINOv2 model with patch tokens (transformers Dinov2Model or "
+                f"Dinov2WithRegistersModel), got model_type={getattr(config, 'model_type', None)!r} "
+                f"({type(encoder).__name__}). Use e.g. facebook/dinov2-giant or facebook/dinov2-base."
+            )
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.patch_size: int = config.patch_size
+        self.hidden_size: int = config.hidden_size
+        # CLS first, then the registers, then the patch tokens.
+        self.num_prefix_tokens: int = 1 + getattr(config, "num_register_tokens", 0)
+        self.frames_per_chunk = frames_per_chunk
+        self.autocast_dtype = autocast_dtype
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        dtype: torch.dtype = torch.float32,
+        frames_per_chunk: int = 16,
+        autocast_dtype: torch.dtype | None = None,
+        **kwargs,
+    ) -> "DinoPatchFeatures":
+        from transformers import AutoConfig, AutoModel
+
+        try:
+            config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"--crepa_encoder {str(name_or_path)!r} could not be loaded ({error}). Give a Hub id such as "
+                "facebook/dinov2-giant or a local folder saved with save_pretrained."
+            ) from error
+        if config.model_type not in ("dinov2", "dinov2_with_registers"):
+            raise ValueError(
+                f"--crepa_encoder {str(name_or_path)!r} is a {config.model_type!r} model, not DINOv2: CREPA needs a "
+                "DINOv2 encoder with patch tokens (facebook/dinov2-giant, facebook/dinov2-base, "
+                "facebook/dinov2-with-registers-giant, ...)."
+            )
+        encoder = AutoModel.from_pretrained(name_or_path, config=config, dtype=dtype, **kwargs)
+        return cls(encoder, frames_per_chunk=frames_per_chunk, autocast_dtype=autocast_dtype)
+
+    def _autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+    @torch.no_grad()
+    def forward(
+        self, frames: torch.Tensor, token_grid: tuple[int, int], groups: list[list[int]]
+    ) -> torch.Tensor:
+        if frames.ndim != 5 or frames.shape[2] != 3:
+            raise ValueError(f"expected frames [B, F, 3, H, W], got {tuple(frames.shape)}")
+        batch, num_frames = frames.shape[:2]
+        h_tok, w_tok = token_grid
+        size = (h_tok * self.patch_size, w_tok * self.patch_size)
+        pixels = frames.flatten(0, 1)
+        features = []
+        for chunk in pixels.split(self.frames_per_chunk):
+            chunk = chunk.to(self.mean.device, torch.float32)
+            chunk = F.interpolate((chunk + 1) / 2, size=size, mode="bicubic", align_corners=False, antialias=True)
+            chunk = (chunk - self.mean) / self.std
+            with self._autocast(chunk.device):
+                out = self.encoder(pixel_values=chunk.to(self.encoder.dtype)).last_hidden_state
+            features.append(out[:, self.num_prefix_tokens :].float())
+        patch_features = torch.cat(features).unflatten(0, (batch, num_frames))  # [B, F, N, D]
+        if patch_features.shape[2] != h_tok * w_tok:
+            raise RuntimeError(f"encoder gave {patch_features.shape[2]} patch tokens, expected {h_tok}x{w_tok}")
+        pool = pooling_matrix(groups, num_frames).to(patch_features.device)
+        return torch.einsum("tf,bfnd->btnd", pool, patch_features)

