@@ -1,0 +1,803 @@
+"""What both training scripts need and is not model-specific: flags, optimizer, seeded data order and noise,
+atomic checkpoints, LoRA/projector state hooks, metrics, validation video logging, model card, Hub upload."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+CHECKPOINT_COMPLETE = "checkpoint_complete.json"
+PROJECTOR_FILE = "crepa_projector.safetensors"
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flags (named and defaulted as in diffusers' train_cogvideox_lora.py)
+
+
+def add_common_args(
+    parser: argparse.ArgumentParser,
+    *,
+    output_dir: str,
+    height: int,
+    width: int,
+    guidance_scale: float,
+) -> None:
+    model = parser.add_argument_group("Model")
+    model.add_argument("--pretrained_model_name_or_path", type=str, required=True,
+                       help="Hub id or local folder of the base diffusers pipeline.")
+    model.add_argument("--revision", type=str, default=None)
+    model.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
+    model.add_argument("--cache_dir", type=str, default=None)
+
+    data = parser.add_argument_group("Dataset")
+    data.add_argument("--dataset_name", type=str, default=None,
+                      help="A Hub dataset id, a local dataset folder, or a .csv/.json/.jsonl/.parquet file with the "
+                      "caption and video columns.")
+    data.add_argument("--dataset_config_name", type=str, default=None)
+    data.add_argument("--instance_data_root", type=str, default=None,
+                      help="Folder holding the caption and video list files (and the videos they name).")
+    data.add_argument("--video_column", type=str, default="video",
+                      help="The video-path column, or (with --instance_data_root) the file listing one video per line.")
+    data.add_argument("--caption_column", type=str, default="text",
+                      help="The caption column, or (with --instance_data_root) the file listing one prompt per line.")
+    data.add_argument("--id_token", type=str, default=None, help="Prepended to every training prompt.")
+    data.add_argument("--dataloader_num_workers", type=int, default=0,
+                      help="Workers that decode videos in the background (0: in the main process).")
+    data.add_argument("--skip_invalid_videos", action="store_true",
+                      help="Drop missing, unreadable or too-short videos with a warning instead of stopping.")
+
+    val = parser.add_argument_group("Validation")
+    val.add_argument("--validation_prompt", type=str, default=None,
+                     help="One or more prompts separated by --validation_prompt_separator.")
+    val.add_argument("--validation_prompt_separator", type=str, default=":::")
+    val.add_argument("--num_validation_videos", type=int, default=1)
+    val.add_argument("--validation_epochs", type=int, default=50, help="Validate every N epochs.")
+    val.add_argument("--validation_steps", type=int, default=None,
+                     help="Validate every N optimizer steps (in addition to --validation_epochs).")
+    val.add_argument("--validation_num_inference_steps", type=int, default=50)
+    val.add_argument("--guidance_scale", type=float, default=guidance_scale)
+
+    train = parser.add_argument_group("Training")
+    train.add_argument("--seed", type=int, default=None)
+    train.add_argument("--rank", type=int, default=128, help="LoRA rank.")
+    train.add_argument("--lora_alpha", type=float, default=128, help="LoRA alpha (scale = alpha / rank).")
+    train.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                       help="Defaults to the accelerate config; bf16 is used for models that NaN in fp16.")
+    train.add_argument("--output_dir", type=str, default=output_dir)
+    train.add_argument("--height", type=int, default=height)
+    train.add_argument("--width", type=int, default=width)
+    train.add_argument("--video_reshape_mode", type=str, default="center", choices=["center", "random", "none"])
+    train.add_argument("--fps", type=int, default=8, help="Frame rate of the validation videos.")
+    train.add_argument("--max_num_frames", type=int, default=49, help="Frames per clip (4k+1).")
+    train.add_argument("--skip_frames_start", type=int, default=0)
+    train.add_argument("--skip_frames_end", type=int, default=0)
+    train.add_argument("--random_flip", action="store_true", help="Horizontally flip clips with probability 0.5.")
+    train.add_argument("--train_batch_size", type=int, default=4)
+    train.add_argument("--num_train_epochs", type=int, default=1)
+    train.add_argument("--max_train_steps", type=int, default=None)
+    train.add_argument("--checkpointing_steps", type=int, default=500)
+    train.add_argument("--checkpoints_total_limit", type=int, default=None)
+    train.add_argument("--resume_from_checkpoint", type=str, default=None,
+                       help='A checkpoint-N folder, or "latest" for the newest complete one in --output_dir.')
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--gradient_checkpointing", action="store_true")
+    train.add_argument("--learning_rate", type=float, default=1e-4)
+    train.add_argument("--scale_lr", action="store_true")
+    train.add_argument("--lr_scheduler", type=str, default="constant")
+    train.add_argument("--lr_warmup_steps", type=int, default=500)
+    train.add_argument("--lr_num_cycles", type=int, default=1)
+    train.add_argument("--lr_power", type=float, default=1.0)
+    train.add_argument("--enable_slicing", action="store_true", help="VAE slicing.")
+    train.add_argument("--enable_tiling", action="store_true", help="VAE tiling.")
+    train.add_argument("--max_nonfinite_steps", type=int, default=5,
+                       help="Stop after this many optimizer steps in a row with a NaN/inf loss (each is skipped).")
+    train.add_argument("--logging_steps", type=int, default=10,
+                       help="Read the logged metrics off the device every N steps (each read is a host sync).")
+
+    opt = parser.add_argument_group("Optimizer")
+    opt.add_argument("--optimizer", type=lambda s: s.lower(), default="adam", choices=["adam", "adamw", "prodigy"])
+    opt.add_argument("--use_8bit_adam", action="store_true")
+    opt.add_argument("--adam_beta1", type=float, default=0.9)
+    opt.add_argument("--adam_beta2", type=float, default=0.95)
+    opt.add_argument("--prodigy_beta3", type=float, default=None)
+    opt.add_argument("--prodigy_decouple", action="store_true")
+    opt.add_argument("--adam_weight_decay", type=float, default=1e-04)
+    opt.add_argument("--adam_epsilon", type=float, default=1e-08)
+    opt.add_argument("--max_grad_norm", type=float, default=1.0)
+    opt.add_argument("--prodigy_use_bias_correction", action="store_true")
+    opt.add_argument("--prodigy_safeguard_warmup", action="store_true")
+
+    other = parser.add_argument_group("Other")
+    other.add_argument("--tracker_name", type=str, default=None)
+    other.add_argument("--push_to_hub", action="store_true")
+    other.add_argument("--hub_token", type=str, default=None)
+    other.add_argument("--hub_model_id", type=str, default=None)
+    other.add_argument("--logging_dir", type=str, default="logs")
+    other.add_argument("--allow_tf32", action="store_true")
+    other.add_argument("--report_to", type=str, default=None, help='"tensorboard", "wandb" or "all".')
+
+
+def check_common_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Flag errors that need no model: argparse-style exit naming the flag."""
+    if args.dataset_name is None and args.instance_data_root is None:
+        parser.error("give --instance_data_root (prompt/video list files) or --dataset_name.")
+    if (args.max_num_frames - 1) % 4 != 0:
+        parser.error(f"--max_num_frames {args.max_num_frames}: the video VAEs take 4k+1 frames (e.g. 49, 81, 9).")
+    for flag in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
+                 "logging_steps", "max_nonfinite_steps"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        parser.error(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}.")
+    if args.report_to in ("wandb", "all") and args.hub_token is not None:
+        parser.error("--report_to wandb with --hub_token would expose the token: log in with `hf auth login`.")
+
+
+def check_spatial_size(height: int, width: int, multiple: int, parser: argparse.ArgumentParser) -> None:
+    for flag, value in (("--height", height), ("--width", width)):
+        if value <= 0 or value % multiple:
+            near = max(multiple, round(value / multiple) * multiple)
+            parser.error(
+                f"{flag} {value} is not a multiple of {multiple} (VAE downsampling x patch size): use e.g. {near}."
+            )
+
+
+def validation_prompts(args: argparse.Namespace) -> list[str]:
+    if not args.validation_prompt:
+        return []
+    return [p.strip() for p in args.validation_prompt.split(args.validation_prompt_separator) if p.strip()]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimizer
+
+
+def build_optimizer(args: argparse.Namespace, param_groups: list[dict]) -> torch.optim.Optimizer:
+    if args.optimizer == "prodigy":
+        try:
+            import prodigyopt
+        except ImportError as error:
+            raise ImportError("--optimizer prodigy needs `pip install prodigyopt`.") from error
+        if args.learning_rate <= 0.1:
+            logger.warning("Prodigy usually wants --learning_rate around 1.0, got %s.", args.learning_rate)
+        return prodigyopt.Prodigy(
+            param_groups, betas=(args.adam_beta1, args.adam_beta2), beta3=args.prodigy_beta3,
+            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, decouple=args.prodigy_decouple,
+            use_bias_correction=args.prodigy_use_bias_correction, safeguard_warmup=args.prodigy_safeguard_warmup,
+        )
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise ImportError("--use_8bit_adam needs `pip install bitsandbytes` (CUDA).") from error
+        optimizer_class = bnb.optim.AdamW8bit if args.optimizer == "adamw" else bnb.optim.Adam8bit
+    else:
+        optimizer_class = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
+    return optimizer_class(
+        param_groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, weight_decay=args.adam_weight_decay
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reproducible data order and noise (exact resume)
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler[int]):
+    """A permutation that depends only on (seed, epoch), so a resumed run sees the same order.
+
+    Named `use_epoch`, not `set_epoch`: accelerate calls `set_epoch(iteration_count)` on each new iterator, which
+    would restart the order at epoch 0 after a resume.
+    """
+
+    def __init__(self, length: int, seed: int) -> None:
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def use_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def step_generator(seed: int, step: int, process_index: int, device: torch.device) -> torch.Generator:
+    """The random stream of one optimizer step on one rank: noise, timesteps and VAE samples are a function of the
+    step, so resuming from a checkpoint reproduces them exactly."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 1_000_003 + step) * 1_009 + process_index)
+    return generator
+
+
+def random_flip(frames: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Flip each clip of [B, F, C, H, W] horizontally with probability 0.5."""
+    flip = torch.rand(frames.shape[0], generator=generator, device=generator.device) < 0.5
+    flip = flip.to(frames.device).view(-1, 1, 1, 1, 1)
+    return torch.where(flip, frames.flip(-1), frames)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: checkpoint-N folders, written atomically
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint-N folders, oldest first (a folder without the completion marker is ignored)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [
+        (int(match.group(1)), path)
+        for path in root.iterdir()
+        if path.is_dir() and (match := CHECKPOINT_PATTERN.match(path.name)) and (path / CHECKPOINT_COMPLETE).is_file()
+    ]
+    return [path for _, path in sorted(found)]
+
+
+def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str) -> Path | None:
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            logger.warning("--resume_from_checkpoint latest: no complete checkpoint in %s, starting a new run.", output_dir)
+            return None
+        return checkpoints[-1]
+    path = Path(resume_from_checkpoint)
+    if not path.is_absolute() and not path.exists():
+        path = Path(output_dir) / path
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {resume_from_checkpoint}: no such folder (looked in {path}). Use \"latest\" "
+            f"or one of: {[p.name for p in list_checkpoints(output_dir)] or 'none found'}."
+        )
+    if not (path / CHECKPOINT_COMPLETE).is_file():
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {path} is incomplete (no {CHECKPOINT_COMPLETE}; the save was interrupted)."
+        )
+    return path
+
+
+def checkpoint_step(path: Path) -> int:
+    return json.loads((path / CHECKPOINT_COMPLETE).read_text())["global_step"]
+
+
+def save_checkpoint(accelerator, output_dir: str, global_step: int, total_limit: int | None) -> Path:
+    """accelerate state into checkpoint-N.tmp, a completion marker last, then an atomic rename; older checkpoints
+    beyond `total_limit` are removed only after the new one is complete. Every process must call this."""
+    final = Path(output_dir) / f"checkpoint-{global_step}"
+    staging = Path(output_dir) / f".checkpoint-{global_step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (staging / CHECKPOINT_COMPLETE).write_text(json.dumps({"global_step": global_step}))
+        if final.exists():  # re-saving the same step (e.g. after a signal at a checkpoint step)
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        if total_limit is not None:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                logger.info("Removing checkpoint %s (--checkpoints_total_limit %d)", old, total_limit)
+                shutil.rmtree(old)
+        logger.info("Saved state to %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def lora_metadata(transformer: nn.Module) -> dict:
+    """peft config of the LoRA, so load_lora_weights restores alpha / rank without set_adapters."""
+    return {"transformer_lora_adapter_metadata": transformer.peft_config["default"].to_dict()}
+
+
+def save_lora(pipeline_cls, directory: str | os.PathLike, transformer: nn.Module, dtype: torch.dtype | None = None):
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(transformer)
+    if dtype is not None:
+        state = {key: value.to(dtype) for key, value in state.items()}
+    pipeline_cls.save_lora_weights(directory, transformer_lora_layers=state, **lora_metadata(transformer))
+
+
+def load_lora_into(pipeline_cls, directory: str | os.PathLike, transformer: nn.Module) -> None:
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    state = pipeline_cls.lora_state_dict(directory)
+    if isinstance(state, tuple):  # newer diffusers may return (state_dict, metadata)
+        state = state[0]
+    state = {k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")}
+    incompatible = set_peft_model_state_dict(transformer, convert_unet_state_dict_to_peft(state), adapter_name="default")
+    unexpected = getattr(incompatible, "unexpected_keys", None)
+    if unexpected:
+        raise RuntimeError(f"{directory}: LoRA keys that do not match this model: {unexpected[:5]}")
+
+
+def register_state_hooks(accelerator, pipeline_cls, transformer: nn.Module, projector: nn.Module | None) -> None:
+    """accelerate save/load_state writes the LoRA (diffusers format) and the CREPA projector, not the base model."""
+    from safetensors.torch import load_file, save_file
+
+    def kind(model):
+        model = accelerator.unwrap_model(model)
+        if model is accelerator.unwrap_model(transformer):
+            return "transformer"
+        if projector is not None and model is accelerator.unwrap_model(projector):
+            return "projector"
+        raise ValueError(f"unexpected model in checkpoint: {type(model).__name__}")
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for model in models:
+                if kind(model) == "transformer":
+                    save_lora(pipeline_cls, output_dir, accelerator.unwrap_model(model))
+                else:
+                    state = {k: v.detach().contiguous().cpu() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+                    save_file(state, os.path.join(output_dir, PROJECTOR_FILE))
+        while weights:
+            weights.pop()
+
+    def load_hook(models, input_dir):
+        while models:
+            model = models.pop()
+            if kind(model) == "transformer":
+                load_lora_into(pipeline_cls, input_dir, accelerator.unwrap_model(model))
+            else:
+                path = os.path.join(input_dir, PROJECTOR_FILE)
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"{path} is missing: this checkpoint was saved without CREPA.")
+                accelerator.unwrap_model(model).load_state_dict(load_file(path))
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Interruptions and non-finite losses
+
+
+class StopRequest:
+    """SIGTERM / SIGINT set a flag; the loop finishes its step, saves a checkpoint and exits."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:  # a second signal: stop now
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            raise KeyboardInterrupt
+        self.signal = signum
+        logger.warning("Received %s: finishing this step, saving a checkpoint, then exiting.", signal.Signals(signum).name)
+
+    def requested(self, accelerator) -> bool:
+        """True on every rank if any rank was signalled (a collective: call it on all ranks at the same step)."""
+        if accelerator.num_processes == 1:
+            return self.signal is not None
+        flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def nonfinite_message(steps: int, mixed_precision: str) -> str:
+    hint = (" fp16 overflows on CogVideoX-5B/1.5 and HunyuanVideo: use --mixed_precision bf16."
+            if mixed_precision == "fp16" else " Try a lower --learning_rate or a higher --max_grad_norm clip.")
+    return f"The loss was NaN/inf for {steps} optimizer steps in a row (each was skipped).{hint} " \
+           "The last complete checkpoint in --output_dir is intact: resume from it with --resume_from_checkpoint latest."
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics: summed on the device, read once per --logging_steps
+
+
+class MetricAccumulator:
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for key, value in values.items():
+            value = value.detach().float()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+        self.count += 1
+
+    def pop_means(self) -> dict[str, float]:
+        if not self.count:
+            return {}
+        keys = list(self.sums)
+        means = (torch.stack([self.sums[k] for k in keys]) / self.count).tolist()  # one host sync for all
+        self.sums, self.count = {}, 0
+        return dict(zip(keys, means))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation videos, model card, Hub
+
+
+def _tensorboard_gif_summary(tag: str, frames, fps: int):
+    import io
+
+    from PIL import Image
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    images = [Image.fromarray(frame) for frame in frames]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    height, width = frames[0].shape[:2]
+    image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=buffer.getvalue())
+    return Summary(value=[Summary.Value(tag=tag, image=image)])
+
+
+def log_validation_videos(accelerator, videos: list, prompts: list[str], output_dir: str, phase: str, step: int, fps: int) -> list[Path]:
+    """Each video (a list of PIL frames or uint8 arrays) to an mp4 in output_dir, and to wandb and tensorboard."""
+    import numpy as np
+    from diffusers.utils import export_to_video
+
+    paths = []
+    for i, (video, prompt) in enumerate(zip(videos, prompts)):
+        safe = re.sub(r"[^A-Za-z0-9_-]+", "_", prompt[:25]).strip("_") or "prompt"
+        path = Path(output_dir) / f"{phase}_video_{i}_{safe}.mp4"
+        export_to_video(video, str(path), fps=fps)
+        paths.append(path)
+        frames = [np.asarray(frame) for frame in video]
+        if frames and frames[0].dtype != np.uint8:
+            frames = [(np.clip(f, 0, 1) * 255).round().astype(np.uint8) for f in frames]
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                writer = tracker.writer
+                writer._get_file_writer().add_summary(_tensorboard_gif_summary(f"{phase}/video_{i}", frames, fps), step)
+                writer.add_text(f"{phase}/prompt_{i}", prompt, step)
+                writer.flush()
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({phase: [wandb.Video(str(path), caption=f"{i}: {prompt}", format="mp4")]}, step=step)
+    return paths
+
+
+def write_model_card(
+    output_dir: str,
+    *,
+    repo_id: str,
+    base_model: str,
+    model_tags: list[str],
+    pipeline_cls_name: str,
+    crepa_settings: dict,
+    training_settings: dict,
+    validation_prompts: list[str],
+    video_files: list[Path],
+    extra: str = "",
+) -> Path:
+    """README.md with YAML metadata that huggingface_hub.ModelCard parses."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    widget = [
+        {"text": prompt, "output": {"url": Path(video).name}} for prompt, video in zip(validation_prompts, video_files)
+    ]
+    data = ModelCardData(
+        base_model=base_model,
+        library_name="diffusers",
+        license="other",
+        tags=["text-to-video", "diffusers-training", "diffusers", "lora", "crepa", "template:sd-lora", *model_tags],
+        widget=widget or None,
+    )
+    data.crepa = crepa_settings
+    rows = "\n".join(f"| `{key}` | `{value}` |" for key, value in crepa_settings.items())
+    train_rows = "\n".join(f"| `{key}` | `{value}` |" for key, value in training_settings.items())
+    prompts = "\n".join(f"- {p}" for p in validation_prompts) or "- (none)"
+    videos = "\n".join(f"- [{Path(v).name}]({Path(v).name})" for v in video_files) or "- (none)"
+    body = f"""
+# {repo_id}
+
+A LoRA for [{base_model}](https://huggingface.co/{base_model}) trained with **CREPA** (Cross-frame Representation
+Alignment, [arXiv 2506.09229](https://arxiv.org/abs/2506.09229)) using
+[crepa-diffusers](https://github.com/) (`{pipeline_cls_name}`).
+
+## Use
+
+```python
+import torch
+from diffusers import {pipeline_cls_name}
+from diffusers.utils import export_to_video
+
+pipe = {pipeline_cls_name}.from_pretrained("{base_model}", torch_dtype=torch.bfloat16).to("cuda")
+pipe.load_lora_weights("{repo_id}", adapter_name="crepa-lora")  # the LoRA scale is stored in the file
+video = pipe("{validation_prompts[0] if validation_prompts else 'your prompt'}").frames[0]
+export_to_video(video, "output.mp4", fps=8)
+```
+
+## CREPA settings
+
+| setting | value |
+|---|---|
+{rows}
+
+## Training settings
+
+| setting | value |
+|---|---|
+{train_rows}
+
+## Validation prompts
+
+{prompts}
+
+## Validation videos
+
+{videos}
+{extra}
+"""
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+    path = Path(output_dir) / "README.md"
+    card.save(path)
+    return path
+
+
+def hub_repo_id(args: argparse.Namespace) -> str:
+    return args.hub_model_id or Path(args.output_dir).name
+
+
+def create_hub_repo(args: argparse.Namespace) -> str:
+    from huggingface_hub import create_repo
+
+    return create_repo(hub_repo_id(args), exist_ok=True, token=args.hub_token).repo_id
+
+
+def upload_output(args: argparse.Namespace, repo_id: str) -> None:
+    from huggingface_hub import upload_folder
+
+    upload_folder(
+        repo_id=repo_id,
+        folder_path=args.output_dir,
+        commit_message="End of training",
+        ignore_patterns=["step_*", "epoch_*", "checkpoint-*", ".checkpoint-*", "logs/*", "*.tmp"],
+        token=args.hub_token,
+    )
+
+
+def trainable_parameters(*modules: nn.Module | None) -> list[nn.Parameter]:
+    return [p for module in modules if module is not None for p in module.parameters() if p.requires_grad]
+
+
+def count_parameters(params: Iterable[nn.Parameter]) -> int:
+    return sum(p.numel() for p in params)
+
+
+def updates_per_epoch(num_batches: int, gradient_accumulation_steps: int) -> int:
+    return max(1, math.ceil(num_batches / gradient_accumulation_steps))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Accelerator, the CREPA term of a step, and the loop
+
+
+def make_accelerator(args: argparse.Namespace, default_mixed_precision: str | None = None):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    mixed_precision = args.mixed_precision or default_mixed_precision
+    project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir))
+    return Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=mixed_precision,
+        log_with=args.report_to,
+        project_config=project,
+        # Blocks after the CREPA block still get diffusion-loss gradients, but a "none" run never touches the
+        # projector: tolerate unused parameters rather than fail.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+
+
+def weight_dtype_of(accelerator) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+class CrepaTerm:
+    """The CREPA part of a training step: encoder features of the clean frames (computed before the transformer
+    forward), the block capture, the projector and the loss."""
+
+    def __init__(self, config, transformer: nn.Module, projector: nn.Module, encoder) -> None:
+        from .capture import HiddenStateCapture
+
+        self.config, self.projector, self.encoder = config, projector, encoder
+        self.capture = HiddenStateCapture(transformer, config.block_index)
+        self._features: torch.Tensor | None = None
+
+    def prepare(self, frames: torch.Tensor, token_grid: tuple[int, int], groups: list[list[int]]) -> None:
+        self._features = self.encoder(frames, token_grid, groups)
+        self.capture.arm(len(groups))
+
+    def loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        hidden = self.capture.pop()
+        features, self._features = self._features, None
+        return self.config.loss_and_stats(self.projector(hidden), features)
+
+
+def train(
+    *,
+    accelerator,
+    args: argparse.Namespace,
+    models: list[nn.Module],
+    optimizer,
+    lr_scheduler,
+    dataloader,
+    sampler: EpochShuffleSampler,
+    compute_loss: Callable[[dict, torch.Generator, int], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    validate: Callable[[str, int], None],
+    max_train_steps: int,
+    initial_global_step: int,
+    on_step_end: Callable[[int, dict[str, float]], None] | None = None,
+) -> tuple[int, bool]:
+    """The optimisation loop shared by both scripts. Returns (global_step, interrupted)."""
+    from tqdm.auto import tqdm
+
+    params = trainable_parameters(*models)
+    steps_per_epoch = updates_per_epoch(len(dataloader), args.gradient_accumulation_steps)
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    global_step = initial_global_step
+    first_epoch = global_step // steps_per_epoch
+    metrics = MetricAccumulator()
+    stop = StopRequest()
+    nonfinite_in_a_row = 0
+    progress = tqdm(range(max_train_steps), initial=global_step, desc="Steps",
+                    disable=not accelerator.is_local_main_process)
+    seed = args.seed if args.seed is not None else 0
+    interrupted = False
+    try:
+        for epoch in range(first_epoch, num_epochs):
+            for model in models:
+                model.train()
+            sampler.use_epoch(epoch)
+            loader = dataloader
+            skip = (global_step - epoch * steps_per_epoch) * args.gradient_accumulation_steps
+            if skip > 0:
+                loader = accelerator.skip_first_batches(dataloader, skip)
+            step_finite = torch.ones((), device=accelerator.device, dtype=torch.bool)
+            for batch in loader:
+                generator = step_generator(seed, global_step, accelerator.process_index, accelerator.device)
+                with accelerator.accumulate(*models):
+                    loss, values = compute_loss(batch, generator, global_step)
+                    finite = torch.isfinite(loss.detach())
+                    step_finite = step_finite & finite
+                    # Every rank runs backward (DDP needs it); a NaN/inf loss anywhere makes the whole optimizer
+                    # step (all accumulated micro-batches) a skip, so its gradients never reach the weights.
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        all_finite = accelerator.reduce(step_finite.float(), reduction="sum") == accelerator.num_processes
+                        if bool(all_finite):  # one host sync per optimizer step, needed to decide the skip
+                            accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                            optimizer.step()
+                            lr_scheduler.step()
+                            nonfinite_in_a_row = 0
+                        else:
+                            nonfinite_in_a_row += 1
+                            logger.warning("Step %d: non-finite loss, optimizer step skipped (%d in a row).",
+                                           global_step + 1, nonfinite_in_a_row)
+                        optimizer.zero_grad(set_to_none=True)
+                        step_finite = torch.ones((), device=accelerator.device, dtype=torch.bool)
+                    values = {"loss": loss.detach(), **values}
+                    metrics.add(values)
+
+                if not accelerator.sync_gradients:
+                    continue
+                global_step += 1
+                progress.update(1)
+                if nonfinite_in_a_row:
+                    accelerator.log({"skipped_nonfinite_steps": nonfinite_in_a_row}, step=global_step)
+                if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                    raise NonFiniteLossError(nonfinite_message(nonfinite_in_a_row, accelerator.mixed_precision))
+
+                if global_step % args.logging_steps == 0 or global_step == max_train_steps:
+                    logs = metrics.pop_means()
+                    logs["lr"] = lr_scheduler.get_last_lr()[0]
+                    progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "crepa_loss")})
+                    accelerator.log(logs, step=global_step)
+                    if on_step_end is not None:
+                        on_step_end(global_step, logs)
+
+                interrupted = stop.requested(accelerator)
+                if global_step % args.checkpointing_steps == 0 or interrupted:
+                    save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+                if interrupted:
+                    logger.warning("Stopped at step %d after a signal; resume with --resume_from_checkpoint latest.",
+                                   global_step)
+                    return global_step, True
+                if args.validation_steps and global_step % args.validation_steps == 0:
+                    validate("validation", global_step)
+                if global_step >= max_train_steps:
+                    break
+            if (epoch + 1) % args.validation_epochs == 0:
+                validate("validation", global_step)
+            if global_step >= max_train_steps:
+                break
+    finally:
+        stop.restore()
+        progress.close()
+    return global_step, interrupted
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End-of-training artefacts
+
+
+def crepa_card_settings(config) -> dict:
+    return {
+        "crepa_mode": config.mode,
+        "crepa_lambda": config.lambda_,
+        "crepa_block_index": config.block_index,
+        "crepa_adjacent_distance": config.effective_distance,
+        "crepa_adjacent_tau": config.tau,
+        "crepa_cumulative_neighbors": config.cumulative,
+        "crepa_normalize_by_frames": config.normalize_by_frames,
+        "crepa_encoder": config.encoder,
+        "crepa_projector_dim": config.projector_dim,
+    }
+
+
+def training_card_settings(args: argparse.Namespace, global_step: int, model_variant: str) -> dict:
+    return {
+        "model": model_variant,
+        "steps": global_step,
+        "rank": args.rank,
+        "lora_alpha": args.lora_alpha,
+        "learning_rate": args.learning_rate,
+        "train_batch_size": args.train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "resolution": f"{args.max_num_frames}x{args.height}x{args.width}",
+        "mixed_precision": args.mixed_precision or "accelerate default",
+        "optimizer": args.optimizer,
+        "seed": args.seed,
+    }
+
+
+def write_loss_plot(history: list[dict], output_dir: str) -> Path | None:
+    """loss.png: total / diffusion / CREPA losses and the similarities over steps (from the logged values)."""
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [row["step"] for row in history]
+    fig, (losses, sims) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in ("loss", "diffusion_loss", "crepa_loss"):
+        if key in history[0]:
+            losses.plot(steps, [row[key] for row in history], label=key)
+    for key in ("similarity_self", "similarity_neighbour"):
+        if key in history[0]:
+            sims.plot(steps, [row[key] for row in history], label=key)
+    losses.set_xlabel("step"), losses.set_title("losses"), losses.legend()
+    sims.set_xlabel("step"), sims.set_title("CREPA cosine similarity"), sims.legend() if sims.lines else None
+    fig.tight_layout()
+    path = Path(output_dir) / "loss.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    with open(Path(output_dir) / "training_log.json", "w") as handle:
+        json.dump(history, handle)
+    return path
