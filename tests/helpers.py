@@ -1,0 +1,90 @@
+"""Running the example scripts the way users do: `accelerate launch SCRIPT ...` in a subprocess, offline."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+COGVIDEOX_SCRIPT = ROOT / "examples" / "train_cogvideox_lora_crepa.py"
+HUNYUAN_SCRIPT = ROOT / "examples" / "train_hunyuan_lora_crepa.py"
+
+
+def offline_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline",
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def accelerate_config(directory: Path) -> Path:
+    from accelerate.utils import write_basic_config
+
+    path = directory / "accelerate_config.json"
+    if not path.exists():
+        write_basic_config(mixed_precision="no", save_location=str(path))
+    return path
+
+
+def launch(script: Path, args: list[str], tmp_path: Path, check: bool = True, env: dict | None = None,
+           timeout: int = 600) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config(tmp_path)),
+               str(script), *args]
+    result = subprocess.run(command, cwd=tmp_path, env=env or offline_env(), capture_output=True, text=True,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script.name} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+    return result
+
+
+def import_script(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def lora_state(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(directory) / "pytorch_lora_weights.safetensors"))
+
+
+def lora_metadata(directory: Path) -> dict:
+    with safe_open(str(Path(directory) / "pytorch_lora_weights.safetensors"), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    # diffusers stores {"transformer.r": ..., "transformer.lora_alpha": ...} under "lora_adapter_metadata".
+    stored = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    return {k[len("transformer."):]: v for k, v in stored.items() if k.startswith("transformer.")}
+
+
+def tensorboard_tags(log_dir: Path) -> dict[str, list[str]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: dict[str, list[str]] = {}
+    for event_file in Path(log_dir).rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(event_file), size_guidance={"images": 0, "scalars": 0})
+        accumulator.Reload()
+        for kind, names in accumulator.Tags().items():
+            if isinstance(names, list):
+                tags.setdefault(kind, []).extend(names)
+    return tags
+
+
+def tensorboard_images(log_dir: Path, tag: str):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    images = []
+    for event_file in Path(log_dir).rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(event_file), size_guidance={"images": 0})
+        accumulator.Reload()
+        if tag in accumulator.Tags()["images"]:
+            images.extend(accumulator.Images(tag))
+    return images

@@ -1,0 +1,205 @@
+"""End-to-end runs of examples/train_cogvideox_lora_crepa.py on tiny models and the real sample clips."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import (
+    COGVIDEOX_SCRIPT,
+    import_script,
+    launch,
+    lora_metadata,
+    lora_state,
+    tensorboard_images,
+    tensorboard_tags,
+)
+from safetensors.torch import load_file
+
+from crepa_diffusers import testing
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = testing.make_video_folder(tmp_path_factory.mktemp("cog_data"), num_videos=3)
+    prompts = (root / "prompts.txt").read_text().splitlines()
+    videos = (root / "videos.txt").read_text().splitlines()
+    with open(root / "metadata.csv", "w") as handle:
+        handle.write("caption,file\n" + "".join(f'"{p}",{v}\n' for p, v in zip(prompts, videos)))
+    with open(root / "metadata.jsonl", "w") as handle:
+        handle.writelines(json.dumps({"caption": p, "file": v}) + "\n" for p, v in zip(prompts, videos))
+    return root
+
+
+def base_args(model, dataset, output_dir, source="files", steps=2, extra=()):
+    data = {
+        "files": ["--instance_data_root", str(dataset), "--caption_column", "prompts.txt", "--video_column", "videos.txt"],
+        "csv": ["--dataset_name", str(dataset / "metadata.csv"), "--caption_column", "caption", "--video_column", "file"],
+        "jsonl": ["--dataset_name", str(dataset / "metadata.jsonl"), "--caption_column", "caption", "--video_column", "file"],
+    }[source]
+    return [
+        "--pretrained_model_name_or_path", str(model), *data,
+        "--crepa_encoder", str(model.parent / "dinov2"), "--crepa_block_index", "1", "--crepa_projector_dim", "16",
+        "--height", "32", "--width", "48", "--max_num_frames", "9", "--train_batch_size", "1",
+        "--max_train_steps", str(steps), "--checkpointing_steps", "100", "--rank", "4", "--lora_alpha", "8",
+        "--learning_rate", "1e-2", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--seed", "0",
+        "--mixed_precision", "no", "--logging_steps", "1", "--output_dir", str(output_dir), *extra,
+    ]
+
+
+def generate(pipe, seed=0):
+    return pipe("a bunny walks in a green meadow", num_frames=9, height=32, width=48, num_inference_steps=2,
+                max_sequence_length=16, output_type="np", generator=torch.Generator().manual_seed(seed)).frames
+
+
+VARIANT_SOURCE = {"2b": "files", "5b": "csv", "1.5": "jsonl"}
+
+
+@pytest.mark.parametrize("variant", ["2b", "5b", "1.5"])
+@pytest.mark.parametrize("mode", ["crepa", "repa", "none"])
+def test_end_to_end(tiny_models, dataset, tmp_path, variant, mode):
+    from diffusers import CogVideoXPipeline
+    from huggingface_hub import ModelCard
+
+    model = tiny_models[f"cogvideox-{variant}"]
+    out = tmp_path / "out"
+    validate = variant == "2b" and mode == "crepa"
+    extra = ["--crepa_mode", mode]
+    if validate:
+        extra += ["--validation_prompt", "a cat dances:::a bunny", "--validation_steps", "2",
+                  "--validation_num_inference_steps", "2", "--report_to", "tensorboard"]
+    launch(COGVIDEOX_SCRIPT, base_args(model, dataset, out, VARIANT_SOURCE[variant], extra=extra), tmp_path)
+
+    state = lora_state(out)
+    assert state and all(k.startswith("transformer.") and "lora" in k for k in state)
+    metadata = lora_metadata(out)
+    assert metadata["r"] == 4 and metadata["lora_alpha"] == 8
+
+    card = ModelCard.load(out / "README.md")
+    assert {"crepa", "cogvideox", "lora", "text-to-video"} <= set(card.data.tags)
+    settings = card.data.to_dict()["crepa"]
+    assert settings["crepa_mode"] == mode and settings["crepa_block_index"] == 1
+    assert settings["crepa_adjacent_distance"] == (0 if mode == "repa" else 1)
+    assert settings["crepa_lambda"] == 0.5 and settings["crepa_adjacent_tau"] == 1.0
+    assert "crepa_encoder" in settings and str(model) in card.data.base_model
+
+    log = json.loads((out / "training_log.json").read_text())
+    assert [row["step"] for row in log] == [1, 2]
+    assert all(np.isfinite(row["diffusion_loss"]) for row in log)
+    assert all(("crepa_loss" in row) == (mode != "none") for row in log)
+    if mode == "crepa":
+        assert all(-1.0 - 2 * np.exp(-1) <= row["crepa_loss"] <= 1.0 + 2 * np.exp(-1) for row in log)
+        assert all("similarity_neighbour" in row for row in log)
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    projector_files = list(out.glob("checkpoint-*/crepa_projector.safetensors"))
+    assert projector_files == [] or mode != "none"
+
+    base = CogVideoXPipeline.from_pretrained(model)
+    before = generate(base)
+    base.load_lora_weights(out, adapter_name="trained")
+    after = generate(base)
+    assert np.abs(after - before).max() > 1e-4, "the trained LoRA does not change the output"
+
+    if validate:
+        assert len(list(out.glob("validation_video_*.mp4"))) == 2
+        assert len(list(out.glob("test_video_*.mp4"))) == 2
+        assert "validation/video_0" in tensorboard_tags(out / "logs")["images"]
+        gif = tensorboard_images(out / "logs", "test/video_1")[0]
+        assert gif.encoded_image_string[:6] == b"GIF89a" and (gif.height, gif.width) == (32, 48)
+        scalars = tensorboard_tags(out / "logs")["scalars"]
+        assert {"loss", "diffusion_loss", "crepa_loss", "similarity_self", "similarity_neighbour", "lr"} <= set(scalars)
+        assert "test_video_0" in (out / "README.md").read_text()
+
+
+def test_lora_reloads_with_trained_scale(tiny_models, dataset, tmp_path):
+    """pipe.load_lora_weights must give the trained model's output (scale alpha/rank = 2) without set_adapters."""
+    from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+
+    model = tiny_models["cogvideox-5b"]
+    out = tmp_path / "out"
+    launch(COGVIDEOX_SCRIPT, base_args(model, dataset, out, extra=["--crepa_mode", "none"]), tmp_path)
+
+    # The trained model, rebuilt as it was in memory: base + LoRA(r=4, alpha=8) with the trained weights.
+    trained = CogVideoXTransformer3DModel.from_pretrained(model, subfolder="transformer")
+    trained.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    state = {k[len("transformer."):].replace(".lora_A.weight", ".lora_A.default.weight").replace(
+        ".lora_B.weight", ".lora_B.default.weight"): v for k, v in lora_state(out).items()}
+    missing = set_peft_model_state_dict(trained, {k.replace(".default", ""): v for k, v in state.items()})
+    assert not getattr(missing, "unexpected_keys", [])
+
+    pipe = CogVideoXPipeline.from_pretrained(model)
+    pipe.load_lora_weights(out)
+    torch.manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 3, 4, 4, 6), encoder_hidden_states=torch.randn(1, 16, 32),
+                  timestep=torch.tensor([500]), image_rotary_emb=pipe._prepare_rotary_positional_embeddings(
+                      32, 48, 3, torch.device("cpu")), return_dict=False)
+    with torch.no_grad():
+        expected = trained(**inputs)[0]
+        loaded = pipe.transformer(**inputs)[0]
+        pipe.transformer.disable_lora()
+        base = pipe.transformer(**inputs)[0]
+    assert (expected - base).abs().max() > 1e-4
+    torch.testing.assert_close(loaded, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_matches_uninterrupted_run_and_limits_checkpoints(tiny_models, dataset, tmp_path):
+    model = tiny_models["cogvideox-2b"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    launch(COGVIDEOX_SCRIPT, base_args(model, dataset, straight, steps=4, extra=[
+        "--checkpointing_steps", "1", "--checkpoints_total_limit", "2"]), tmp_path)
+    assert sorted(p.name for p in straight.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+
+    launch(COGVIDEOX_SCRIPT, base_args(model, dataset, resumed, steps=2, extra=["--checkpointing_steps", "2"]), tmp_path)
+    assert (resumed / "checkpoint-2").is_dir()
+    result = launch(COGVIDEOX_SCRIPT, base_args(model, dataset, resumed, steps=4, extra=[
+        "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"]), tmp_path)
+    assert "Resuming from" in result.stderr + result.stdout
+
+    a, b = lora_state(straight), lora_state(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    pa = load_file(str(straight / "checkpoint-4" / "crepa_projector.safetensors"))
+    pb = load_file(str(resumed / "checkpoint-4" / "crepa_projector.safetensors"))
+    for key in pa:
+        torch.testing.assert_close(pa[key], pb[key], rtol=1e-5, atol=1e-6)
+    # The checkpoint-2 LoRA differs from the final one: training went on after the resume.
+    assert any((lora_state(resumed / "checkpoint-2")[k] - b[k]).abs().max() > 0 for k in b)
+
+
+def test_push_to_hub_uploads_weights_and_card(tiny_models, dataset, tmp_path, monkeypatch):
+    import huggingface_hub
+    from accelerate.state import AcceleratorState
+
+    calls = {}
+
+    class Repo:
+        repo_id = "someone/tiny-crepa"
+
+    def fake_create_repo(repo_id, exist_ok=False, token=None, **kwargs):
+        calls["create"] = repo_id
+        return Repo()
+
+    def fake_upload_folder(repo_id, folder_path, **kwargs):
+        from pathlib import Path
+
+        calls["upload"] = (repo_id, sorted(p.name for p in Path(folder_path).iterdir()), kwargs)
+        assert (Path(folder_path) / "pytorch_lora_weights.safetensors").is_file()
+        assert "crepa" in (Path(folder_path) / "README.md").read_text()
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", fake_create_repo)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload_folder)
+    script = import_script(COGVIDEOX_SCRIPT)
+    args = script.parse_args(base_args(tiny_models["cogvideox-2b"], dataset, tmp_path / "tiny-crepa", steps=1, extra=[
+        "--push_to_hub", "--hub_model_id", "someone/tiny-crepa"]))
+    try:
+        script.main(args)
+    finally:
+        AcceleratorState._reset_state(True)
+    assert calls["create"] == "someone/tiny-crepa"
+    repo_id, files, kwargs = calls["upload"]
+    assert repo_id == "someone/tiny-crepa"
+    assert {"pytorch_lora_weights.safetensors", "README.md"} <= set(files)
+    assert any("checkpoint" in pattern for pattern in kwargs["ignore_patterns"])
