@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
-import os
 import sys
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
 
 from crepa_diffusers import training
-from crepa_diffusers.crepa import CrepaConfig, CrepaProjector, add_crepa_args
-from crepa_diffusers.data import VideoDataset, collate_videos, load_video_items, probe_videos
-from crepa_diffusers.features import DinoPatchFeatures, token_frame_groups
+from crepa_diffusers.crepa import CrepaConfig, add_crepa_args
+from crepa_diffusers.data import VideoDataset
+from crepa_diffusers.features import token_frame_groups
 
 logger = logging.getLogger("train_cogvideox_lora_crepa")
 
@@ -83,13 +80,7 @@ def pad_latent_frames(latents: torch.Tensor, patch_size_t: int | None) -> torch.
 
 
 def main(args: argparse.Namespace) -> Path:
-    from diffusers import (
-        AutoencoderKLCogVideoX,
-        CogVideoXDPMScheduler,
-        CogVideoXPipeline,
-        CogVideoXTransformer3DModel,
-    )
-    from diffusers.optimization import get_scheduler
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
     from transformers import AutoTokenizer, T5EncoderModel
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
@@ -99,44 +90,18 @@ def main(args: argparse.Namespace) -> Path:
     config = CogVideoXTransformer3DModel.load_config(args.pretrained_model_name_or_path, subfolder="transformer", **load)
     patch, patch_t = config["patch_size"], config.get("patch_size_t")
     is_large = config.get("use_rotary_positional_embeddings", False) or patch_t is not None  # 5B / 1.5
-    multiple = VAE_SPATIAL * patch
-    for flag, value in (("--height", args.height), ("--width", args.width)):
-        if value % multiple:
-            raise SystemExit(f"{flag} {value} is not a multiple of {multiple} (VAE x{VAE_SPATIAL} times patch size "
-                             f"{patch}): use {max(multiple, round(value / multiple) * multiple)}.")
+    training.check_spatial_size(args, VAE_SPATIAL * patch, f"VAE x{VAE_SPATIAL} times patch size {patch}")
     crepa = CrepaConfig.from_args(args)
-    if crepa.enabled and not 0 <= crepa.block_index < config["num_layers"]:
-        raise SystemExit(f"--crepa_block_index {crepa.block_index} is out of range: this CogVideoX has "
-                         f"{config['num_layers']} blocks (valid 0..{config['num_layers'] - 1}).")
+    training.check_block_index(crepa, config["num_layers"], "CogVideoX")
     resume_path = training.resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    items = load_video_items(args.instance_data_root, args.dataset_name, args.dataset_config_name,
-                             args.caption_column, args.video_column, args.cache_dir, args.id_token)
-    problems = probe_videos(items, args.max_num_frames + args.skip_frames_start + args.skip_frames_end)
-    if problems:
-        listing = "\n  ".join(problems)
-        if not args.skip_invalid_videos:
-            raise SystemExit(f"{len(problems)} of {len(items)} videos cannot be used:\n  {listing}\n"
-                             "Fix or remove them, lower --max_num_frames, or pass --skip_invalid_videos.")
-        logger.warning("Skipping %d invalid videos (--skip_invalid_videos):\n  %s", len(problems), listing)
-        bad = {p.split(": ")[0] for p in problems}
-        items = [item for item in items if str(item.path) not in bad]
-        if not items:
-            raise SystemExit("No usable videos left after --skip_invalid_videos.")
+    items = training.load_checked_items(args)
 
     accelerator = training.make_accelerator(args, default_mixed_precision="bf16" if is_large and torch.cuda.is_available() else None)
     if accelerator.mixed_precision == "fp16" and is_large:
         logger.warning("fp16 gives NaN losses on CogVideoX-5B / 1.5 (trained in bf16): use --mixed_precision bf16.")
-    if args.seed is not None:
-        from accelerate.utils import set_seed
+    repo_id = training.seed_and_output(accelerator, args)
 
-        set_seed(args.seed)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-    repo_id = training.create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-
-    # ---- Models
+    # ---- Models: frozen base in the training dtype, LoRA (fp32) on the attention projections.
     weight_dtype = training.weight_dtype_of(accelerator)
     device = accelerator.device
     tokenizer = AutoTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer", **load)
@@ -154,77 +119,23 @@ def main(args: argparse.Namespace) -> Path:
         module.to(device, dtype=weight_dtype)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    training.add_lora(transformer, args.rank, args.lora_alpha, ["to_k", "to_q", "to_v", "to_out.0"])
+    inner_dim = config["num_attention_heads"] * config["attention_head_dim"]
+    projector, term = training.build_crepa(crepa, transformer, inner_dim, device, args.cache_dir)
 
-    transformer.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights=True,
-                                       target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-    for param in transformer.parameters():
-        if param.requires_grad:  # LoRA weights train in fp32 over the frozen bf16/fp16 base
-            param.data = param.data.float()
-
-    projector = term = None
-    if crepa.enabled:
-        on_cuda = device.type == "cuda"
-        encoder = DinoPatchFeatures.from_pretrained(
-            crepa.encoder, dtype=torch.bfloat16 if on_cuda else torch.float32,
-            frames_per_chunk=crepa.encoder_frames_per_chunk, autocast_dtype=torch.bfloat16 if on_cuda else None,
-            cache_dir=args.cache_dir).to(device)
-        inner_dim = config["num_attention_heads"] * config["attention_head_dim"]
-        projector = CrepaProjector(inner_dim, encoder.hidden_size, crepa.projector_dim).to(device)
-        term = training.CrepaTerm(crepa, transformer, projector, encoder)
-
-    training.register_state_hooks(accelerator, CogVideoXPipeline, transformer, projector)
-
-    if args.scale_lr:
-        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    param_groups = [{"params": training.trainable_parameters(transformer), "lr": args.learning_rate}]
-    if projector is not None:
-        param_groups.append({"params": list(projector.parameters()), "lr": args.learning_rate})
-    optimizer = training.build_optimizer(args, param_groups)
-
-    # ---- Data: decoded lazily by the DataLoader workers; accelerate gives each rank its own shard.
     dataset = VideoDataset(items, args.height, args.width, args.max_num_frames, args.skip_frames_start,
                            args.skip_frames_end, args.video_reshape_mode, VAE_TEMPORAL)
-    sampler = training.EpochShuffleSampler(len(dataset), args.seed if args.seed is not None else 0)
-    dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
-                                             collate_fn=collate_videos, num_workers=args.dataloader_num_workers)
-
-    steps_per_epoch = training.updates_per_epoch(math.ceil(len(dataloader) / accelerator.num_processes),
-                                                 args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * steps_per_epoch
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes,
-                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
-    models = [transformer] + ([projector] if projector is not None else [])
-    prepared = accelerator.prepare(*models, optimizer, dataloader, lr_scheduler)
-    models, (optimizer, dataloader, lr_scheduler) = list(prepared[: len(models)]), prepared[len(models):]
-    transformer = models[0]
-    if term is not None:
-        term.projector = models[1]  # the DDP-wrapped projector, so its gradients are all-reduced
-    args.num_train_epochs = math.ceil(args.max_train_steps / training.updates_per_epoch(len(dataloader), args.gradient_accumulation_steps))
-
-    if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_name or "cogvideox-lora-crepa",
-                                  config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
-
-    initial_step = 0
-    if resume_path is not None:
-        logger.info("Resuming from %s", resume_path)
-        accelerator.load_state(str(resume_path))
-        initial_step = training.checkpoint_step(resume_path)
-
-    logger.info("***** Running training: %d videos, %d epochs, %d steps, %d processes; CREPA %s (lambda %s) *****",
-                len(dataset), args.num_train_epochs, args.max_train_steps, accelerator.num_processes, crepa.mode,
-                crepa.lambda_)
-
+    run = training.prepare_run(accelerator, args, transformer=transformer, projector=projector, term=term,
+                               dataset=dataset, pipeline_cls=CogVideoXPipeline, tracker_name="cogvideox-lora-crepa",
+                               resume_path=resume_path)
+    transformer = run.models[0]
     unwrapped = accelerator.unwrap_model(transformer)
     token_grid = (args.height // (VAE_SPATIAL * patch), args.width // (VAE_SPATIAL * patch))
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     max_text_len = unwrapped.config.max_text_seq_length
 
     def compute_loss(batch, generator, step):
-        frames = batch["frames"].to(device)
+        frames = batch["frames"].to(device)  # [B, F, 3, H, W] in [-1, 1]: the VAE's and the encoder's input
         if args.random_flip:
             frames = training.random_flip(frames, generator)
         with torch.no_grad():
@@ -246,72 +157,34 @@ def main(args: argparse.Namespace) -> Path:
         model_pred = scheduler.get_velocity(model_output.float(), noisy.float(), timesteps)
         weights = (1 / (1 - alphas_cumprod[timesteps])).view(-1, 1, 1, 1, 1)
         diffusion_loss = (weights * (model_pred - latents.float()) ** 2).reshape(batch_size, -1).mean(1).mean()
-        values = {"diffusion_loss": diffusion_loss.detach()}
-        loss = diffusion_loss
-        if term is not None:
-            crepa_loss, stats = term.loss()
-            loss = loss + crepa.lambda_ * crepa_loss
-            values.update(crepa_loss=crepa_loss.detach(), **stats)
-        return loss, values
+        return training.add_crepa_term(diffusion_loss, term)
 
     prompts = training.validation_prompts(args)
-    video_files: list[Path] = []
 
     def run_pipeline(pipe, phase: str, step: int) -> list[Path]:
         pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config)
-        pipe.set_progress_bar_config(disable=True)
-        videos, names = [], []
-        for prompt in prompts:
-            for i in range(args.num_validation_videos):
-                generator = torch.Generator(device=device).manual_seed((args.seed or 0) + i)
-                videos.append(pipe(prompt=prompt, guidance_scale=args.guidance_scale, use_dynamic_cfg=args.use_dynamic_cfg,
-                                   height=args.height, width=args.width, num_frames=args.max_num_frames,
-                                   num_inference_steps=args.validation_num_inference_steps, max_sequence_length=max_text_len,
-                                   generator=generator, output_type="np").frames[0])
-                names.append(prompt)
-        return training.log_validation_videos(accelerator, videos, names, args.output_dir, phase, step, args.fps)
+        return training.generate_validation_videos(
+            accelerator, args, pipe, prompts, phase, step,
+            dict(guidance_scale=args.guidance_scale, use_dynamic_cfg=args.use_dynamic_cfg,
+                 max_sequence_length=max_text_len))
 
     def validate(phase: str, step: int) -> None:
-        if not prompts or not accelerator.is_main_process:
-            return
-        logger.info("Running validation at step %d: %s", step, prompts)
-        pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=unwrapped,
-                                 scheduler=scheduler)
-        with torch.no_grad(), torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
-            run_pipeline(pipe, phase, step)
-        del pipe
+        if prompts and accelerator.is_main_process:
+            pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=unwrapped,
+                                     scheduler=scheduler)
+            with training.validation_autocast(device, weight_dtype):
+                run_pipeline(pipe, phase, step)
 
-    loss_history: list[dict] = []
-    global_step, interrupted = training.train(
-        accelerator=accelerator, args=args, models=models, optimizer=optimizer, lr_scheduler=lr_scheduler,
-        dataloader=dataloader, sampler=sampler, compute_loss=compute_loss, validate=validate,
-        max_train_steps=args.max_train_steps, initial_global_step=initial_step,
-        on_step_end=lambda step, logs: loss_history.append({"step": step, **logs}))
-    if interrupted:
-        accelerator.end_training()
-        return Path(args.output_dir)
+    def final_test(step: int) -> list[Path]:
+        pipe = CogVideoXPipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=weight_dtype, **load)
+        pipe.load_lora_weights(args.output_dir, adapter_name="cogvideox-lora-crepa")  # scale from the metadata
+        return run_pipeline(pipe.to(device), "test", step)
 
-    # ---- Final LoRA (with its adapter metadata), a check that it reloads, the model card, the Hub.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        training.save_lora(CogVideoXPipeline, args.output_dir, unwrapped)
-        training.write_loss_plot(loss_history, args.output_dir)
-        if prompts:
-            pipe = CogVideoXPipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=weight_dtype, **load)
-            pipe.load_lora_weights(args.output_dir, adapter_name="cogvideox-lora-crepa")
-            pipe.to(device)
-            video_files = run_pipeline(pipe, "test", global_step)
-            del pipe
-        variant = "CogVideoX 1.5" if patch_t else ("CogVideoX-5B" if is_large else "CogVideoX-2B")
-        training.write_model_card(
-            args.output_dir, repo_id=args.hub_model_id or Path(args.output_dir).name,
-            base_model=args.pretrained_model_name_or_path, model_tags=["cogvideox", "cogvideox-diffusers"],
-            pipeline_cls_name="CogVideoXPipeline", crepa_settings=training.crepa_card_settings(crepa),
-            training_settings=training.training_card_settings(args, global_step, variant),
-            validation_prompts=prompts, video_files=video_files)
-        if repo_id is not None:
-            training.upload_output(args, repo_id)
-    accelerator.end_training()
+    variant = "CogVideoX 1.5" if patch_t else ("CogVideoX-5B" if is_large else "CogVideoX-2B")
+    training.train_and_finish(
+        accelerator, args, run, compute_loss=compute_loss, validate=validate, final_test=final_test if prompts else None,
+        pipeline_cls=CogVideoXPipeline, unwrapped=unwrapped, crepa=crepa, model_variant=variant,
+        model_tags=["cogvideox", "cogvideox-diffusers"], repo_id=repo_id)
     return Path(args.output_dir)
 
 

@@ -88,3 +88,16 @@ def tensorboard_images(log_dir: Path, tag: str):
         if tag in accumulator.Tags()["images"]:
             images.extend(accumulator.Images(tag))
     return images
+
+
+def assert_same_trained_weights(run_a: Path, run_b: Path, checkpoint: str) -> None:
+    """Final LoRA and the checkpoint's CREPA projector are equal in two runs (e.g. straight vs resumed)."""
+    a, b = lora_state(run_a), lora_state(run_b)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    pa = load_file(str(Path(run_a) / checkpoint / "crepa_projector.safetensors"))
+    pb = load_file(str(Path(run_b) / checkpoint / "crepa_projector.safetensors"))
+    assert pa.keys() == pb.keys() and pa
+    for key in pa:
+        torch.testing.assert_close(pa[key], pb[key], rtol=1e-5, atol=1e-6)

@@ -132,22 +132,23 @@ def resize_and_crop(frames: torch.Tensor, height: int, width: int, mode: str = "
     return frames[..., top : top + height, left : left + width]
 
 
-def probe_videos(items: list[VideoItem], min_frames: int) -> list[str]:
-    """Every problem with the listed videos (missing, unreadable, too short), one message per file."""
+def probe_videos(items: list[VideoItem], min_frames: int) -> list[tuple[int, str]]:
+    """Every problem with the listed videos (missing, unreadable, too short): (item index, message naming the file)."""
     import decord
 
     problems = []
-    for item in items:
+    for index, item in enumerate(items):
         if not item.path.is_file():
-            problems.append(f"{item.path}: file not found")
+            problems.append((index, f"{item.path}: file not found"))
             continue
         try:
             num_frames = len(decord.VideoReader(str(item.path)))
         except Exception as error:  # decord raises its own DECORDError, and RuntimeError on corrupt headers
-            problems.append(f"{item.path}: cannot be decoded ({type(error).__name__}: {str(error).splitlines()[0][:120]})")
+            reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+            problems.append((index, f"{item.path}: cannot be decoded ({reason})"))
             continue
         if num_frames < min_frames:
-            problems.append(f"{item.path}: {num_frames} frames, fewer than the {min_frames} needed")
+            problems.append((index, f"{item.path}: {num_frames} frames, fewer than the {min_frames} needed"))
     return problems
 
 

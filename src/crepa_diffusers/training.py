@@ -148,13 +148,17 @@ def check_common_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
         parser.error("--report_to wandb with --hub_token would expose the token: log in with `hf auth login`.")
 
 
-def check_spatial_size(height: int, width: int, multiple: int, parser: argparse.ArgumentParser) -> None:
-    for flag, value in (("--height", height), ("--width", width)):
+def check_spatial_size(args: argparse.Namespace, multiple: int, why: str) -> None:
+    for flag, value in (("--height", args.height), ("--width", args.width)):
         if value <= 0 or value % multiple:
             near = max(multiple, round(value / multiple) * multiple)
-            parser.error(
-                f"{flag} {value} is not a multiple of {multiple} (VAE downsampling x patch size): use e.g. {near}."
-            )
+            raise SystemExit(f"{flag} {value} is not a multiple of {multiple} ({why}): use e.g. {near}.")
+
+
+def check_block_index(crepa, num_blocks: int, model_name: str) -> None:
+    if crepa.enabled and not 0 <= crepa.block_index < num_blocks:
+        raise SystemExit(f"--crepa_block_index {crepa.block_index} is out of range: this {model_name} has "
+                         f"{num_blocks} blocks (valid indices 0..{num_blocks - 1}).")
 
 
 def validation_prompts(args: argparse.Namespace) -> list[str]:
@@ -801,3 +805,192 @@ def write_loss_plot(history: list[dict], output_dir: str) -> Path | None:
     with open(Path(output_dir) / "training_log.json", "w") as handle:
         json.dump(history, handle)
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Set-up shared by both scripts
+
+
+def load_checked_items(args: argparse.Namespace):
+    """The run's (video, prompt) pairs; every missing, unreadable or too-short video reported at once (or skipped
+    with --skip_invalid_videos). Runs before any model loads."""
+    from .data import load_video_items, probe_videos
+
+    items = load_video_items(args.instance_data_root, args.dataset_name, args.dataset_config_name,
+                             args.caption_column, args.video_column, args.cache_dir, args.id_token)
+    needed = args.max_num_frames + args.skip_frames_start + args.skip_frames_end
+    problems = probe_videos(items, needed)
+    if not problems:
+        return items
+    listing = "\n  ".join(message for _, message in problems)
+    if not args.skip_invalid_videos:
+        raise SystemExit(f"{len(problems)} of {len(items)} videos cannot be used:\n  {listing}\n"
+                         "Fix or remove them, lower --max_num_frames / --skip_frames_*, or pass --skip_invalid_videos.")
+    logger.warning("Skipping %d invalid videos (--skip_invalid_videos):\n  %s", len(problems), listing)
+    bad = {index for index, _ in problems}
+    items = [item for index, item in enumerate(items) if index not in bad]
+    if not items:
+        raise SystemExit("No usable videos left after --skip_invalid_videos.")
+    return items
+
+
+def add_lora(transformer: nn.Module, rank: int, alpha: float, target_modules) -> None:
+    from peft import LoraConfig
+
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=target_modules))
+    for param in transformer.parameters():
+        if param.requires_grad:  # LoRA weights train in fp32 over the frozen bf16/fp16 base weights
+            param.data = param.data.float()
+
+
+def build_crepa(crepa, transformer: nn.Module, hidden_size: int, device: torch.device, cache_dir: str | None = None):
+    """(projector, term) for a CREPA/REPA run, (None, None) for --crepa_mode none. The encoder is frozen, in bf16
+    on GPUs (fp32 on CPU), and runs under bf16 autocast."""
+    if not crepa.enabled:
+        return None, None
+    from .crepa import CrepaProjector
+    from .features import DinoPatchFeatures
+
+    on_cuda = device.type == "cuda"
+    encoder = DinoPatchFeatures.from_pretrained(
+        crepa.encoder, dtype=torch.bfloat16 if on_cuda else torch.float32, frames_per_chunk=crepa.encoder_frames_per_chunk,
+        autocast_dtype=torch.bfloat16 if on_cuda else None, cache_dir=cache_dir).to(device)
+    projector = CrepaProjector(hidden_size, encoder.hidden_size, crepa.projector_dim).to(device)
+    return projector, CrepaTerm(crepa, transformer, projector, encoder)
+
+
+class Run:
+    """Everything accelerate prepared for the loop."""
+
+    def __init__(self, **kwargs) -> None:
+        self.__dict__.update(kwargs)
+
+
+def prepare_run(accelerator, args: argparse.Namespace, *, transformer: nn.Module, projector: nn.Module | None,
+                term: CrepaTerm | None, dataset, pipeline_cls, tracker_name: str, resume_path: Path | None) -> Run:
+    from diffusers.optimization import get_scheduler
+
+    from .data import collate_videos
+
+    register_state_hooks(accelerator, pipeline_cls, transformer, projector)
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    param_groups = [{"params": trainable_parameters(transformer), "lr": args.learning_rate}]
+    if projector is not None:
+        param_groups.append({"params": list(projector.parameters()), "lr": args.learning_rate})
+    optimizer = build_optimizer(args, param_groups)
+
+    # Videos are decoded lazily by the DataLoader workers; accelerate gives each rank its own shard.
+    sampler = EpochShuffleSampler(len(dataset), args.seed if args.seed is not None else 0)
+    dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
+                                             collate_fn=collate_videos, num_workers=args.dataloader_num_workers)
+    steps_per_epoch = updates_per_epoch(math.ceil(len(dataloader) / accelerator.num_processes),
+                                        args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes,
+                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
+    models = [transformer] + ([projector] if projector is not None else [])
+    prepared = accelerator.prepare(*models, optimizer, dataloader, lr_scheduler)
+    models, (optimizer, dataloader, lr_scheduler) = list(prepared[: len(models)]), prepared[len(models):]
+    if term is not None:
+        term.projector = models[1]  # the DDP-wrapped projector, so its gradients are all-reduced
+    args.num_train_epochs = math.ceil(args.max_train_steps / updates_per_epoch(len(dataloader), args.gradient_accumulation_steps))
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_name or tracker_name,
+                                  config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    initial_step = 0
+    if resume_path is not None:
+        logger.info("Resuming from %s", resume_path)
+        accelerator.load_state(str(resume_path))
+        initial_step = checkpoint_step(resume_path)
+    logger.info("***** Running training: %d videos, %d epochs, %d steps, %d processes (rank %d) *****",
+                len(dataset), args.num_train_epochs, args.max_train_steps, accelerator.num_processes,
+                accelerator.process_index)
+    return Run(models=models, optimizer=optimizer, dataloader=dataloader, lr_scheduler=lr_scheduler, sampler=sampler,
+               initial_step=initial_step)
+
+
+def seed_and_output(accelerator, args: argparse.Namespace) -> str | None:
+    """Seeds, creates the output folder, and (main process, --push_to_hub) the Hub repo, before training starts."""
+    if args.seed is not None:
+        from accelerate.utils import set_seed
+
+        set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inside the step, validation, and the end of training
+
+
+def add_crepa_term(diffusion_loss: torch.Tensor, term: CrepaTerm | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L = L_diffusion + lambda * L_align, and the values to log (device tensors)."""
+    values = {"diffusion_loss": diffusion_loss.detach()}
+    if term is None:
+        return diffusion_loss, values
+    align_loss, stats = term.loss()
+    values.update(crepa_loss=align_loss.detach(), **stats)
+    return diffusion_loss + term.config.lambda_ * align_loss, values
+
+
+def validation_autocast(device: torch.device, dtype: torch.dtype):
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.no_grad())
+    if dtype != torch.float32:
+        stack.enter_context(torch.autocast(device.type, dtype=dtype))
+    return stack
+
+
+def generate_validation_videos(accelerator, args: argparse.Namespace, pipe, prompts: list[str], phase: str, step: int,
+                               pipeline_kwargs: dict) -> list[Path]:
+    """--num_validation_videos per prompt, seeded, saved as mp4 and logged to the trackers."""
+    pipe.set_progress_bar_config(disable=True)
+    videos, names = [], []
+    for prompt in prompts:
+        for i in range(args.num_validation_videos):
+            generator = torch.Generator(device=accelerator.device).manual_seed((args.seed or 0) + i)
+            videos.append(pipe(prompt=prompt, height=args.height, width=args.width, num_frames=args.max_num_frames,
+                               num_inference_steps=args.validation_num_inference_steps, generator=generator,
+                               output_type="np", **pipeline_kwargs).frames[0])
+            names.append(prompt)
+    logger.info("Validation (%s, step %d): %d videos", phase, step, len(videos))
+    return log_validation_videos(accelerator, videos, names, args.output_dir, phase, step, args.fps)
+
+
+def train_and_finish(accelerator, args: argparse.Namespace, run: Run, *, compute_loss, validate, final_test,
+                     pipeline_cls, unwrapped: nn.Module, crepa, model_variant: str, model_tags: list[str],
+                     repo_id: str | None) -> int:
+    """The loop, then (main process) the LoRA with its metadata, the loss plot, the final videos from a fresh
+    pipeline with the saved LoRA loaded, the model card and the Hub upload."""
+    history: list[dict] = []
+    global_step, interrupted = train(
+        accelerator=accelerator, args=args, models=run.models, optimizer=run.optimizer, lr_scheduler=run.lr_scheduler,
+        dataloader=run.dataloader, sampler=run.sampler, compute_loss=compute_loss, validate=validate,
+        max_train_steps=args.max_train_steps, initial_global_step=run.initial_step,
+        on_step_end=lambda step, logs: history.append({"step": step, **logs}))
+    accelerator.wait_for_everyone()
+    if not interrupted and accelerator.is_main_process:
+        save_lora(pipeline_cls, args.output_dir, unwrapped)
+        write_loss_plot(history, args.output_dir)
+        videos = final_test(global_step) if final_test is not None else []
+        prompts = validation_prompts(args)
+        write_model_card(
+            args.output_dir, repo_id=repo_id or hub_repo_id(args), base_model=args.pretrained_model_name_or_path,
+            model_tags=model_tags, pipeline_cls_name=pipeline_cls.__name__, crepa_settings=crepa_card_settings(crepa),
+            training_settings=training_card_settings(args, global_step, model_variant),
+            validation_prompts=prompts, video_files=videos,
+            extra="\n## Training curves\n\n![losses](loss.png)\n" if history else "")
+        if repo_id is not None:
+            upload_output(args, repo_id)
+    accelerator.end_training()
+    return global_step
