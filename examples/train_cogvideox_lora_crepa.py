@@ -83,7 +83,7 @@ def main(args: argparse.Namespace) -> Path:
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
     from transformers import AutoTokenizer, T5EncoderModel
 
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    training.setup_logging()
     load = dict(revision=args.revision, cache_dir=args.cache_dir)
 
     # ---- Checks that need only configs and file headers: fail before any weights load.
@@ -93,6 +93,7 @@ def main(args: argparse.Namespace) -> Path:
     training.check_spatial_size(args, VAE_SPATIAL * patch, f"VAE x{VAE_SPATIAL} times patch size {patch}")
     crepa = CrepaConfig.from_args(args)
     training.check_block_index(crepa, config["num_layers"], "CogVideoX")
+    training.check_encoder(crepa, args.cache_dir)
     resume_path = training.resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     items = training.load_checked_items(args)
 

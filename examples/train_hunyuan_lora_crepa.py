@@ -95,7 +95,7 @@ def main(args: argparse.Namespace) -> Path:
     )
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, LlamaModel
 
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    training.setup_logging()
     base = args.pretrained_model_name_or_path
     load = dict(revision=args.revision, cache_dir=args.cache_dir)
 
@@ -108,6 +108,7 @@ def main(args: argparse.Namespace) -> Path:
     crepa = CrepaConfig.from_args(args)
     training.check_block_index(crepa, config["num_layers"] + config["num_single_layers"],
                                f"HunyuanVideo ({config['num_layers']} double- + {config['num_single_layers']} single-stream)")
+    training.check_encoder(crepa, args.cache_dir)
     resume_path = training.resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     items = training.load_checked_items(args)
 

@@ -155,6 +155,23 @@ def check_spatial_size(args: argparse.Namespace, multiple: int, why: str) -> Non
             raise SystemExit(f"{flag} {value} is not a multiple of {multiple} ({why}): use e.g. {near}.")
 
 
+def check_encoder(crepa, cache_dir: str | None = None) -> None:
+    """--crepa_encoder must be a DINOv2 with patch tokens: checked from its config, before any weights load."""
+    if not crepa.enabled:
+        return
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(crepa.encoder, cache_dir=cache_dir)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--crepa_encoder {crepa.encoder!r} could not be loaded: {error}\nGive a Hub id such as "
+                         "facebook/dinov2-giant or a local folder saved with save_pretrained.") from None
+    if config.model_type not in ("dinov2", "dinov2_with_registers"):
+        raise SystemExit(f"--crepa_encoder {crepa.encoder!r} is a {config.model_type!r} model, not DINOv2: CREPA "
+                         "aligns with DINOv2 patch tokens (facebook/dinov2-giant, facebook/dinov2-base, "
+                         "facebook/dinov2-with-registers-giant, ...).")
+
+
 def check_block_index(crepa, num_blocks: int, model_name: str) -> None:
     if crepa.enabled and not 0 <= crepa.block_index < num_blocks:
         raise SystemExit(f"--crepa_block_index {crepa.block_index} is out of range: this {model_name} has "
@@ -409,10 +426,11 @@ class NonFiniteLossError(RuntimeError):
 
 
 def nonfinite_message(steps: int, mixed_precision: str) -> str:
-    hint = (" fp16 overflows on CogVideoX-5B/1.5 and HunyuanVideo: use --mixed_precision bf16."
-            if mixed_precision == "fp16" else " Try a lower --learning_rate or a higher --max_grad_norm clip.")
-    return f"The loss was NaN/inf for {steps} optimizer steps in a row (each was skipped).{hint} " \
-           "The last complete checkpoint in --output_dir is intact: resume from it with --resume_from_checkpoint latest."
+    precision = f" You train in {mixed_precision}:" if mixed_precision == "fp16" else " If you train in fp16:"
+    return (f"The loss was NaN/inf for {steps} optimizer steps in a row (each was skipped, see "
+            f"--max_nonfinite_steps).{precision} fp16 overflows on CogVideoX-5B/1.5 and HunyuanVideo, use "
+            "--mixed_precision bf16. Otherwise try a lower --learning_rate. The last complete checkpoint in "
+            "--output_dir is intact: resume from it with --resume_from_checkpoint latest.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -684,6 +702,9 @@ def train(
             step_finite = torch.ones((), device=accelerator.device, dtype=torch.bool)
             for batch in loader:
                 generator = step_generator(seed, global_step, accelerator.process_index, accelerator.device)
+                if logger.isEnabledFor(logging.DEBUG):
+                    logger.debug("rank %d step %d samples %s", accelerator.process_index, global_step + 1,
+                                 batch["indices"].tolist())
                 with accelerator.accumulate(*models):
                     loss, values = compute_loss(batch, generator, global_step)
                     finite = torch.isfinite(loss.detach())
@@ -979,6 +1000,7 @@ def train_and_finish(accelerator, args: argparse.Namespace, run: Run, *, compute
         max_train_steps=args.max_train_steps, initial_global_step=run.initial_step,
         on_step_end=lambda step, logs: history.append({"step": step, **logs}))
     accelerator.wait_for_everyone()
+    check_ranks_agree(accelerator, run.models)
     if not interrupted and accelerator.is_main_process:
         save_lora(pipeline_cls, args.output_dir, unwrapped)
         write_loss_plot(history, args.output_dir)
@@ -994,3 +1016,25 @@ def train_and_finish(accelerator, args: argparse.Namespace, run: Run, *, compute
             upload_output(args, repo_id)
     accelerator.end_training()
     return global_step
+
+
+def check_ranks_agree(accelerator, models: list[nn.Module]) -> None:
+    """With several processes, every rank must end with the same LoRA and projector (DDP keeps them in step; a
+    rank that skipped a step alone would not): compare a checksum of the trained weights across ranks."""
+    if accelerator.num_processes == 1:
+        return
+    params = trainable_parameters(*models)
+    checksum = torch.stack([torch.stack([p.detach().double().sum() for p in params]).sum(),
+                            torch.stack([p.detach().double().abs().sum() for p in params]).sum()])
+    gathered = accelerator.gather(checksum.to(accelerator.device)[None]).cpu()
+    if not torch.allclose(gathered, gathered[:1].expand_as(gathered), rtol=1e-9, atol=0):
+        raise RuntimeError(f"The ranks ended with different trained weights: checksums {gathered.tolist()}")
+    logger.info("Trained weights identical on all %d ranks (checksum %.9g).", accelerator.num_processes,
+                gathered[0, 0].item())
+
+
+def setup_logging() -> None:
+    """INFO by default; CREPA_LOG_LEVEL=DEBUG also logs which samples each rank trains on at each step."""
+    level = os.environ.get("CREPA_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logging.getLogger("crepa_diffusers").setLevel(level)

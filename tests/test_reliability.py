@@ -1,0 +1,325 @@
+"""Bad input stops before training with a message naming the file/flag; interruptions and NaNs lose nothing;
+two processes really train as one."""
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from helpers import (
+    COGVIDEOX_SCRIPT,
+    HUNYUAN_SCRIPT,
+    assert_same_trained_weights,
+    import_script,
+    launch,
+    lora_state,
+    offline_env,
+)
+
+from crepa_diffusers import testing, training
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return testing.make_video_folder(tmp_path_factory.mktemp("rel_data"), num_videos=3)
+
+
+@pytest.fixture(scope="module")
+def cog():
+    return import_script(COGVIDEOX_SCRIPT)
+
+
+def args_for(model, dataset, output_dir, steps=2, extra=(), data=None):
+    data = data or ["--instance_data_root", str(dataset), "--caption_column", "prompts.txt",
+                    "--video_column", "videos.txt"]
+    return [
+        "--pretrained_model_name_or_path", str(model), *data,
+        "--crepa_encoder", str(model.parent / "dinov2"), "--crepa_block_index", "1", "--crepa_projector_dim", "16",
+        "--height", "32", "--width", "48", "--max_num_frames", "9", "--train_batch_size", "1",
+        "--max_train_steps", str(steps), "--checkpointing_steps", "100", "--rank", "4", "--lora_alpha", "4",
+        "--learning_rate", "1e-2", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--seed", "0",
+        "--mixed_precision", "no", "--logging_steps", "1", "--output_dir", str(output_dir), *extra,
+    ]
+
+
+def run_main(script, argv):
+    from accelerate.state import AcceleratorState
+
+    try:
+        return script.main(script.parse_args(argv))
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: one test per case, each stopping before any model weights load.
+
+
+def bad_dataset(tmp_path, dataset, **changes):
+    root = tmp_path / "bad"
+    shutil.copytree(dataset, root)
+    for name, text in changes.items():
+        (root / name.replace("_txt", ".txt")).write_text(text)
+    return root
+
+
+def test_missing_data_root(cog, tiny_models, tmp_path):
+    argv = args_for(tiny_models["cogvideox-2b"], tmp_path / "nowhere", tmp_path / "out")
+    with pytest.raises(ValueError, match=r"--instance_data_root .*nowhere is not a folder"):
+        run_main(cog, argv)
+
+
+def test_missing_column_file(cog, tiny_models, dataset, tmp_path):
+    root = bad_dataset(tmp_path, dataset)
+    (root / "prompts.txt").unlink()
+    with pytest.raises(ValueError, match=r"--caption_column: .*prompts\.txt does not exist"):
+        run_main(cog, args_for(tiny_models["cogvideox-2b"], root, tmp_path / "out"))
+
+
+def test_caption_and_video_counts_differ(cog, tiny_models, dataset, tmp_path):
+    root = bad_dataset(tmp_path, dataset, prompts_txt="only one prompt\n")
+    with pytest.raises(ValueError, match=r"1 prompts but 3 videos"):
+        run_main(cog, args_for(tiny_models["cogvideox-2b"], root, tmp_path / "out"))
+
+
+def test_every_bad_video_is_reported_at_once(tiny_models, dataset, tmp_path):
+    root = bad_dataset(tmp_path, dataset)
+    (root / "videos" / "broken.mp4").write_bytes(b"this is not a video" * 100)
+    frames = torch.randint(0, 255, (5, 32, 48, 3), dtype=torch.uint8).numpy()
+    testing.write_video(root / "videos" / "short.mp4", frames)
+    videos = (root / "videos.txt").read_text().splitlines()
+    (root / "videos.txt").write_text("\n".join(videos + ["videos/missing.mp4", "videos/broken.mp4", "videos/short.mp4"]))
+    (root / "prompts.txt").write_text("\n".join(["p"] * 6))
+    result = launch(COGVIDEOX_SCRIPT, args_for(tiny_models["cogvideox-2b"], root, tmp_path / "out"), tmp_path,
+                    check=False)
+    assert result.returncode != 0
+    message = result.stderr
+    assert "3 of 6 videos cannot be used" in message
+    assert re.search(r"missing\.mp4: file not found", message)
+    assert re.search(r"broken\.mp4: cannot be decoded", message)
+    assert re.search(r"short\.mp4: 5 frames, fewer than the 9 needed", message)
+    assert "--skip_invalid_videos" in message
+    assert not (tmp_path / "out").exists(), "nothing may be written before the data is valid"
+
+    skipped = launch(COGVIDEOX_SCRIPT, args_for(tiny_models["cogvideox-2b"], root, tmp_path / "out2",
+                                                extra=["--skip_invalid_videos", "--crepa_mode", "none"]), tmp_path)
+    assert "Skipping 3 invalid videos" in skipped.stderr
+    assert "3 videos" in skipped.stderr and (tmp_path / "out2" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--height", "40", r"--height 40 is not a multiple of 16"),
+    ("--width", "50", r"--width 50 is not a multiple of 16"),
+])
+def test_sizes_the_vae_and_patch_grid_cannot_take(cog, tiny_models, dataset, tmp_path, flag, value, message):
+    with pytest.raises(SystemExit, match=message):
+        run_main(cog, args_for(tiny_models["cogvideox-2b"], dataset, tmp_path / "out", extra=[flag, value]))
+
+
+def test_frame_count_the_vae_cannot_take(cog, tiny_models, dataset, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_main(cog, args_for(tiny_models["cogvideox-2b"], dataset, tmp_path / "out", extra=["--max_num_frames", "8"]))
+    assert "--max_num_frames 8: the video VAEs take 4k+1 frames" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script_path, model, index, blocks", [
+    (COGVIDEOX_SCRIPT, "cogvideox-2b", 3, 3), (HUNYUAN_SCRIPT, "hunyuan", 4, 4)])
+def test_block_index_beyond_the_model(tiny_models, dataset, tmp_path, script_path, model, index, blocks):
+    script = import_script(script_path)
+    argv = args_for(tiny_models[model], dataset, tmp_path / "out", extra=["--crepa_block_index", str(index)])
+    with pytest.raises(SystemExit, match=rf"--crepa_block_index {index} is out of range.* {blocks} blocks"):
+        run_main(script, argv)
+
+
+def test_encoder_that_is_not_dinov2(cog, tiny_models, dataset, tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(
+        tmp_path / "vit")
+    argv = args_for(tiny_models["cogvideox-2b"], dataset, tmp_path / "out") + ["--crepa_encoder", str(tmp_path / "vit")]
+    with pytest.raises(SystemExit, match=r"--crepa_encoder .*vit' is a 'vit' model, not DINOv2"):
+        run_main(cog, argv)
+
+
+def test_resume_checkpoint_that_does_not_exist(cog, tiny_models, dataset, tmp_path):
+    argv = args_for(tiny_models["cogvideox-2b"], dataset, tmp_path / "out",
+                    extra=["--resume_from_checkpoint", "checkpoint-99"])
+    with pytest.raises(FileNotFoundError, match=r"--resume_from_checkpoint checkpoint-99: no such folder"):
+        run_main(cog, argv)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--crepa_adjacent_tau", "-1"], "--crepa_adjacent_tau"),
+    (["--train_batch_size", "0"], "--train_batch_size must be >= 1"),
+])
+def test_invalid_flag_values(cog, tiny_models, dataset, tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        cog.parse_args(args_for(tiny_models["cogvideox-2b"], dataset, tmp_path / "out", extra=argv))
+    assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints that a crash interrupted
+
+
+class TinyModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(2, 2)
+
+
+def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    accelerator = Accelerator(cpu=True)
+    try:
+        accelerator.prepare(TinyModel())
+        training.save_checkpoint(accelerator, str(tmp_path), 2, total_limit=1)
+        original = accelerator.save_state
+
+        def crash_midway(output_dir, **kwargs):
+            original(output_dir, **kwargs)  # files written, then the machine dies before the marker and rename
+            raise KeyboardInterrupt("power cut")
+
+        monkeypatch.setattr(accelerator, "save_state", crash_midway)
+        with pytest.raises(KeyboardInterrupt):
+            training.save_checkpoint(accelerator, str(tmp_path), 4, total_limit=1)
+    finally:
+        AcceleratorState._reset_state(True)
+    assert (tmp_path / ".checkpoint-4.tmp").is_dir()
+    assert (tmp_path / "checkpoint-2").is_dir(), "the limit deleted the newest complete checkpoint"
+    # A checkpoint-N folder without the completion marker (e.g. copied half-way) is ignored too.
+    shutil.copytree(tmp_path / ".checkpoint-4.tmp", tmp_path / "checkpoint-6")
+    assert training.resolve_resume_checkpoint("latest", str(tmp_path)) == tmp_path / "checkpoint-2"
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        training.resolve_resume_checkpoint(str(tmp_path / "checkpoint-6"), str(tmp_path))
+
+
+def test_half_written_checkpoint_resumes_from_previous(tiny_models, dataset, tmp_path):
+    out = tmp_path / "out"
+    launch(COGVIDEOX_SCRIPT, args_for(tiny_models["cogvideox-2b"], dataset, out, steps=2,
+                                      extra=["--checkpointing_steps", "2"]), tmp_path)
+    shutil.copytree(out / "checkpoint-2", out / "checkpoint-3")
+    (out / "checkpoint-3" / training.CHECKPOINT_COMPLETE).unlink()
+    (out / "checkpoint-3" / "optimizer.bin").write_bytes(b"truncated")
+    result = launch(COGVIDEOX_SCRIPT, args_for(tiny_models["cogvideox-2b"], dataset, out, steps=3,
+                                               extra=["--resume_from_checkpoint", "latest"]), tmp_path)
+    assert re.search(r"Resuming from .*checkpoint-2\b", result.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SIGTERM (preemption)
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_matches(tiny_models, dataset, tmp_path):
+    model = tiny_models["cogvideox-2b"]
+    out = tmp_path / "interrupted"
+    argv = args_for(model, dataset, out, steps=500, extra=["--checkpointing_steps", "1000"])
+    process = subprocess.Popen([sys.executable, str(COGVIDEOX_SCRIPT), *argv], cwd=tmp_path, env=offline_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        seen += process.stderr.read(1)
+        if re.search(r"\| *[3-9]/500", seen):
+            break
+    process.send_signal(signal.SIGTERM)
+    rest = process.stderr.read()
+    assert process.wait(timeout=120) == 0, rest[-3000:]
+    stopped = re.search(r"Stopped at step (\d+) after a signal", rest)
+    assert stopped, rest[-3000:]
+    step = int(stopped.group(1))
+    assert 3 <= step < 500
+    assert (out / f"checkpoint-{step}" / training.CHECKPOINT_COMPLETE).is_file()
+    assert not (out / "pytorch_lora_weights.safetensors").exists(), "an interrupted run is not a finished LoRA"
+
+    launch(COGVIDEOX_SCRIPT, args_for(model, dataset, out, steps=step + 2, extra=[
+        "--checkpointing_steps", "1000", "--resume_from_checkpoint", "latest"]), tmp_path)
+    straight = tmp_path / "straight"
+    launch(COGVIDEOX_SCRIPT, args_for(model, dataset, straight, steps=step + 2, extra=[
+        "--checkpointing_steps", str(step)]), tmp_path)
+    a, b = lora_state(straight), lora_state(out)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Non-finite losses
+
+
+def test_nonfinite_losses_are_skipped_then_stop(cog, tiny_models, dataset, tmp_path, monkeypatch):
+    from diffusers import CogVideoXTransformer3DModel
+    from safetensors.torch import load_file
+
+    original = CogVideoXTransformer3DModel.forward
+    calls = {"n": 0}
+
+    def forward_with_nan_from_step_3(self, *args, **kwargs):
+        output = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] >= 3:
+            return (output[0] * float("nan"),)
+        return output
+
+    monkeypatch.setattr(CogVideoXTransformer3DModel, "forward", forward_with_nan_from_step_3)
+    out = tmp_path / "out"
+    argv = args_for(tiny_models["cogvideox-2b"], dataset, out, steps=10,
+                    extra=["--checkpointing_steps", "1", "--max_nonfinite_steps", "2"])
+    with pytest.raises(training.NonFiniteLossError, match=r"NaN/inf for 2 optimizer steps in a row.*--mixed_precision bf16"):
+        run_main(cog, argv)
+    assert calls["n"] == 4
+    good, skipped = out / "checkpoint-2", out / "checkpoint-3"
+    assert not (out / "checkpoint-4").exists()
+    for name in ("pytorch_lora_weights.safetensors", "crepa_projector.safetensors"):
+        a, b = load_file(str(good / name)), load_file(str(skipped / name))
+        for key in a:
+            assert torch.isfinite(a[key]).all()
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)  # the skipped step changed nothing
+    first = load_file(str(out / "checkpoint-1" / "pytorch_lora_weights.safetensors"))
+    assert any(not torch.equal(first[k], load_file(str(good / "pytorch_lora_weights.safetensors"))[k]) for k in first)
+
+
+def test_nonfinite_message_names_the_fp16_fix():
+    assert "--mixed_precision bf16" in training.nonfinite_message(3, "fp16")
+    assert "You train in fp16" in training.nonfinite_message(3, "fp16")
+    assert "--resume_from_checkpoint latest" in training.nonfinite_message(3, "no")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Two processes (gloo on CPU)
+
+
+@pytest.mark.parametrize("script_path, model, block", [(COGVIDEOX_SCRIPT, "cogvideox-5b", 1), (HUNYUAN_SCRIPT, "hunyuan", 2)])
+def test_two_process_run(tiny_models, dataset, tmp_path, script_path, model, block):
+    out = tmp_path / "out"
+    argv = args_for(tiny_models[model], dataset, out, steps=3, extra=["--crepa_block_index", str(block),
+                                                                      "--checkpointing_steps", "3"])
+    if script_path == HUNYUAN_SCRIPT:
+        argv += ["--max_sequence_length", "16"]
+    env = offline_env(ACCELERATE_USE_CPU="true", CREPA_LOG_LEVEL="DEBUG", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script_path), *argv],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-6000:]
+    assert "2 processes (rank 0)" in log and "2 processes (rank 1)" in log
+    samples = {rank: [json.loads(s) for s in re.findall(rf"rank {rank} step \d+ samples (\[[\d, ]*\])", log)]
+               for rank in (0, 1)}
+    assert len(samples[0]) == len(samples[1]) == 3
+    assert any(a != b for a, b in zip(samples[0], samples[1])), samples
+    assert log.count("Trained weights identical on all 2 ranks") == 2
+    state = lora_state(out)
+    assert state and all(torch.isfinite(v).all() for v in state.values())
+    assert (out / "checkpoint-3" / "crepa_projector.safetensors").is_file()
+    pipeline_cls = "CogVideoXPipeline" if script_path == COGVIDEOX_SCRIPT else "HunyuanVideoPipeline"
+    import diffusers
+
+    pipe = getattr(diffusers, pipeline_cls).from_pretrained(tiny_models[model])
+    pipe.load_lora_weights(out)
+    assert any("lora" in name for name, _ in pipe.transformer.named_parameters())
