@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -79,6 +80,64 @@ def pad_latent_frames(latents: torch.Tensor, patch_size_t: int | None) -> torch.
     return torch.cat([latents[:, :1].expand(-1, padding, -1, -1, -1), latents], dim=1)
 
 
+@dataclass
+class Parts:
+    """What one CogVideoX training step needs (built by main(), or by the benchmark from configs)."""
+
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    transformer: torch.nn.Module  # as prepared by accelerate (DDP-wrapped with several processes)
+    config: object  # the transformer's config
+    scheduler: object
+    weight_dtype: torch.dtype
+    device: torch.device
+    height: int
+    width: int
+    random_flip: bool = False
+    cache: training.ConditionCache | None = None
+    video_paths: list[Path] | None = None  # dataset index -> video file, for cache keys
+
+
+def training_loss(batch: dict, generator: torch.Generator, parts: Parts, term: training.CrepaTerm | None = None,
+                  timer=training.NO_TIMER) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One step's loss: diffusers' v-prediction loss (+ lambda * L_align), and the values to log."""
+    device, dtype, config = parts.device, parts.weight_dtype, parts.config
+    patch_t = config.patch_size_t
+    frames = batch["frames"].to(device)  # [B, F, 3, H, W] in [-1, 1]: the VAE's and the encoder's input
+    if parts.random_flip:
+        frames = training.random_flip(frames, generator)
+    videos = [parts.video_paths[i] for i in batch["indices"].tolist()] if parts.cache is not None else None
+    with timer("text_vae_encoding"), torch.no_grad():
+        latent_dist = parts.vae.encode(frames.permute(0, 2, 1, 3, 4).to(dtype)).latent_dist
+        latents = latent_dist.sample(generator=generator) * parts.vae.config.scaling_factor
+        latents = pad_latent_frames(latents.permute(0, 2, 1, 3, 4).to(dtype), patch_t)  # [B, F, C, h, w]
+        prompt_embeds = training.cached(parts.cache, "t5", batch["prompts"], lambda: encode_prompts(
+            parts.tokenizer, parts.text_encoder, batch["prompts"], config.max_text_seq_length, device), device)
+    batch_size = latents.shape[0]
+    timesteps = torch.randint(0, parts.scheduler.config.num_train_timesteps, (batch_size,), device=device,
+                              generator=generator)
+    noise = torch.randn(latents.shape, device=device, dtype=latents.dtype, generator=generator)
+    noisy = parts.scheduler.add_noise(latents, noise, timesteps)
+    rotary = rotary_embeddings(config, parts.height, parts.width, latents.shape[1], device)
+    if term is not None:
+        with timer("encoder_features"):
+            groups = token_frame_groups(frames.shape[1], VAE_TEMPORAL, patch_t or 1)
+            grid = (parts.height // (VAE_SPATIAL * config.patch_size), parts.width // (VAE_SPATIAL * config.patch_size))
+            keys = [parts.cache.video_key("dino", path) for path in videos] if videos else None
+            term.prepare(frames, grid, groups, keys)
+    with timer("transformer_forward"):
+        model_output = parts.transformer(hidden_states=noisy, encoder_hidden_states=prompt_embeds.to(dtype),
+                                         timestep=timesteps, image_rotary_emb=rotary, return_dict=False)[0]
+    with timer("loss_and_projector"):
+        # v-prediction, as diffusers' example: x0 predictions weighted by 1/(1 - alpha_bar_t) (= MSE on v).
+        model_pred = parts.scheduler.get_velocity(model_output.float(), noisy.float(), timesteps)
+        alphas_cumprod = parts.scheduler.alphas_cumprod.to(device)
+        weights = (1 / (1 - alphas_cumprod[timesteps])).view(-1, 1, 1, 1, 1)
+        diffusion_loss = (weights * (model_pred - latents.float()) ** 2).reshape(batch_size, -1).mean(1).mean()
+        return training.add_crepa_term(diffusion_loss, term)
+
+
 def main(args: argparse.Namespace) -> Path:
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
     from transformers import AutoTokenizer, T5EncoderModel
@@ -131,34 +190,14 @@ def main(args: argparse.Namespace) -> Path:
                                resume_path=resume_path)
     transformer = run.models[0]
     unwrapped = accelerator.unwrap_model(transformer)
-    token_grid = (args.height // (VAE_SPATIAL * patch), args.width // (VAE_SPATIAL * patch))
-    alphas_cumprod = scheduler.alphas_cumprod.to(device)
     max_text_len = unwrapped.config.max_text_seq_length
+    parts = Parts(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                  config=unwrapped.config, scheduler=scheduler, weight_dtype=weight_dtype, device=device,
+                  height=args.height, width=args.width, random_flip=args.random_flip,
+                  cache=training.make_condition_cache(args, term), video_paths=[item.path for item in items])
 
     def compute_loss(batch, generator, step):
-        frames = batch["frames"].to(device)  # [B, F, 3, H, W] in [-1, 1]: the VAE's and the encoder's input
-        if args.random_flip:
-            frames = training.random_flip(frames, generator)
-        with torch.no_grad():
-            latent_dist = vae.encode(frames.permute(0, 2, 1, 3, 4).to(weight_dtype)).latent_dist
-            latents = latent_dist.sample(generator=generator) * vae.config.scaling_factor
-        latents = pad_latent_frames(latents.permute(0, 2, 1, 3, 4).to(weight_dtype), patch_t)  # [B, F, C, h, w]
-        prompt_embeds = encode_prompts(tokenizer, text_encoder, batch["prompts"], max_text_len, device)
-        batch_size = latents.shape[0]
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), device=device,
-                                  generator=generator)
-        noise = torch.randn(latents.shape, device=device, dtype=latents.dtype, generator=generator)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        rotary = rotary_embeddings(unwrapped.config, args.height, args.width, latents.shape[1], device)
-        if term is not None:
-            term.prepare(frames, token_grid, token_frame_groups(frames.shape[1], VAE_TEMPORAL, patch_t or 1))
-        model_output = transformer(hidden_states=noisy, encoder_hidden_states=prompt_embeds.to(weight_dtype),
-                                   timestep=timesteps, image_rotary_emb=rotary, return_dict=False)[0]
-        # v-prediction, as diffusers' example: compare x0 predictions weighted by 1/(1 - alpha_bar_t) (= MSE on v).
-        model_pred = scheduler.get_velocity(model_output.float(), noisy.float(), timesteps)
-        weights = (1 / (1 - alphas_cumprod[timesteps])).view(-1, 1, 1, 1, 1)
-        diffusion_loss = (weights * (model_pred - latents.float()) ** 2).reshape(batch_size, -1).mean(1).mean()
-        return training.add_crepa_term(diffusion_loss, term)
+        return training_loss(batch, generator, parts, term)
 
     prompts = training.validation_prompts(args)
 

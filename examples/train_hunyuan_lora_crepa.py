@@ -18,6 +18,7 @@ import logging
 import math
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -84,6 +85,57 @@ def sample_flow_sigmas(args, scheduler, batch_size: int, generator: torch.Genera
             u = 1 - u - args.flow_mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
     index = (u * scheduler.config.num_train_timesteps).long().clamp(0, len(scheduler.sigmas) - 1).cpu()
     return scheduler.sigmas[index].to(device), scheduler.timesteps[index].to(device)
+
+
+@dataclass
+class Parts:
+    """What one HunyuanVideo training step needs (built by main(), or by the benchmark from configs)."""
+
+    pipe: object  # HunyuanVideoPipeline: encode_prompt is the text path; vae for the latents
+    transformer: torch.nn.Module  # as prepared by accelerate (DDP-wrapped with several processes)
+    scheduler: object  # the training scheduler (its shifted sigmas)
+    weight_dtype: torch.dtype
+    device: torch.device
+    height: int
+    width: int
+    patch_size: int
+    args: argparse.Namespace  # flow_*, guidance_scale, max_sequence_length, random_flip
+    cache: training.ConditionCache | None = None
+    video_paths: list[Path] | None = None
+
+
+def training_loss(batch: dict, generator: torch.Generator, parts: Parts, term: training.CrepaTerm | None = None,
+                  timer=training.NO_TIMER) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One step's loss: flow matching (target noise - x0) (+ lambda * L_align), and the values to log."""
+    args, device, dtype, vae = parts.args, parts.device, parts.weight_dtype, parts.pipe.vae
+    frames = batch["frames"].to(device)  # [B, F, 3, H, W] in [-1, 1]: the VAE's and the encoder's input
+    if args.random_flip:
+        frames = training.random_flip(frames, generator)
+    videos = [parts.video_paths[i] for i in batch["indices"].tolist()] if parts.cache is not None else None
+    with timer("text_vae_encoding"), torch.no_grad():
+        latent_dist = vae.encode(frames.permute(0, 2, 1, 3, 4).to(dtype)).latent_dist
+        latents = (latent_dist.sample(generator=generator) * vae.config.scaling_factor).float()  # [B, C, F, h, w]
+        prompt_embeds, pooled, attention_mask = training.cached(parts.cache, "llama_clip", batch["prompts"], lambda: (
+            parts.pipe.encode_prompt(batch["prompts"], device=device, dtype=dtype,
+                                     max_sequence_length=args.max_sequence_length)), device)
+    batch_size = latents.shape[0]
+    sigmas, timesteps = sample_flow_sigmas(args, parts.scheduler, batch_size, generator, device)
+    noise = torch.randn(latents.shape, device=device, dtype=latents.dtype, generator=generator)
+    sigma = sigmas.view(-1, 1, 1, 1, 1)
+    noisy = (1 - sigma) * latents + sigma * noise
+    guidance = torch.full((batch_size,), args.guidance_scale * 1000.0, device=device, dtype=dtype)
+    if term is not None:
+        with timer("encoder_features"):
+            grid = (parts.height // (VAE_SPATIAL * parts.patch_size), parts.width // (VAE_SPATIAL * parts.patch_size))
+            keys = [parts.cache.video_key("dino", path) for path in videos] if videos else None
+            term.prepare(frames, grid, token_frame_groups(frames.shape[1], VAE_TEMPORAL), keys)
+    with timer("transformer_forward"):
+        model_pred = parts.transformer(hidden_states=noisy.to(dtype), timestep=timesteps,
+                                       encoder_hidden_states=prompt_embeds, encoder_attention_mask=attention_mask,
+                                       pooled_projections=pooled, guidance=guidance, return_dict=False)[0]
+    with timer("loss_and_projector"):
+        diffusion_loss = ((model_pred.float() - (noise - latents)) ** 2).reshape(batch_size, -1).mean(1).mean()
+        return training.add_crepa_term(diffusion_loss, term)
 
 
 def main(args: argparse.Namespace) -> Path:
@@ -154,30 +206,12 @@ def main(args: argparse.Namespace) -> Path:
     pipe = HunyuanVideoPipeline(text_encoder=text_encoder, tokenizer=tokenizer, transformer=unwrapped, vae=vae,
                                 scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler.config),
                                 text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
-    token_grid = (args.height // (VAE_SPATIAL * patch), args.width // (VAE_SPATIAL * patch))
+    parts = Parts(pipe=pipe, transformer=transformer, scheduler=scheduler, weight_dtype=weight_dtype, device=device,
+                  height=args.height, width=args.width, patch_size=patch, args=args,
+                  cache=training.make_condition_cache(args, term), video_paths=[item.path for item in items])
 
     def compute_loss(batch, generator, step):
-        frames = batch["frames"].to(device)  # [B, F, 3, H, W] in [-1, 1]: the VAE's and the encoder's input
-        if args.random_flip:
-            frames = training.random_flip(frames, generator)
-        with torch.no_grad():
-            latent_dist = vae.encode(frames.permute(0, 2, 1, 3, 4).to(weight_dtype)).latent_dist
-            latents = (latent_dist.sample(generator=generator) * vae.config.scaling_factor).float()  # [B, C, F, h, w]
-            prompt_embeds, pooled, attention_mask = pipe.encode_prompt(
-                batch["prompts"], device=device, dtype=weight_dtype, max_sequence_length=args.max_sequence_length)
-        batch_size = latents.shape[0]
-        sigmas, timesteps = sample_flow_sigmas(args, scheduler, batch_size, generator, device)
-        noise = torch.randn(latents.shape, device=device, dtype=latents.dtype, generator=generator)
-        sigma = sigmas.view(-1, 1, 1, 1, 1)
-        noisy = (1 - sigma) * latents + sigma * noise
-        guidance = torch.full((batch_size,), args.guidance_scale * 1000.0, device=device, dtype=weight_dtype)
-        if term is not None:
-            term.prepare(frames, token_grid, token_frame_groups(frames.shape[1], VAE_TEMPORAL))
-        model_pred = transformer(hidden_states=noisy.to(weight_dtype), timestep=timesteps,
-                                 encoder_hidden_states=prompt_embeds, encoder_attention_mask=attention_mask,
-                                 pooled_projections=pooled, guidance=guidance, return_dict=False)[0]
-        diffusion_loss = ((model_pred.float() - (noise - latents)) ** 2).reshape(batch_size, -1).mean(1).mean()
-        return training.add_crepa_term(diffusion_loss, term)
+        return training_loss(batch, generator, parts, term)
 
     prompts = training.validation_prompts(args)
 

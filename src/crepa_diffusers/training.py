@@ -104,6 +104,11 @@ def add_common_args(
     train.add_argument("--lr_power", type=float, default=1.0)
     train.add_argument("--enable_slicing", action="store_true", help="VAE slicing.")
     train.add_argument("--enable_tiling", action="store_true", help="VAE tiling.")
+    train.add_argument("--cache_conditions", action="store_true",
+                       help="Compute the DINOv2 features of each clip and the embedding of each prompt once and reuse "
+                       "them in later epochs (saved under --condition_cache_dir).")
+    train.add_argument("--condition_cache_dir", type=str, default=None,
+                       help="Where --cache_conditions keeps its files (default: OUTPUT_DIR/condition_cache).")
     train.add_argument("--max_nonfinite_steps", type=int, default=5,
                        help="Stop after this many optimizer steps in a row with a NaN/inf loss (each is skipped).")
     train.add_argument("--logging_steps", type=int, default=10,
@@ -144,6 +149,9 @@ def check_common_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}.")
+    if args.cache_conditions and (args.random_flip or args.video_reshape_mode == "random"):
+        parser.error("--cache_conditions reuses each clip's features, so the clip must not change between epochs: "
+                     "drop --random_flip / --video_reshape_mode random, or the cache.")
     if args.report_to in ("wandb", "all") and args.hub_token is not None:
         parser.error("--report_to wandb with --hub_token would expose the token: log in with `hf auth login`.")
 
@@ -649,9 +657,18 @@ class CrepaTerm:
         self.config, self.projector, self.encoder = config, projector, encoder
         self.capture = HiddenStateCapture(transformer, config.block_index)
         self._features: torch.Tensor | None = None
+        self.cache: ConditionCache | None = None
 
-    def prepare(self, frames: torch.Tensor, token_grid: tuple[int, int], groups: list[list[int]]) -> None:
-        self._features = self.encoder(frames, token_grid, groups)
+    def prepare(self, frames: torch.Tensor, token_grid: tuple[int, int], groups: list[list[int]],
+                cache_keys: list[str] | None = None) -> None:
+        """Encoder features of the clean frames (from the cache when given keys), then arm the block capture."""
+        def compute() -> torch.Tensor:
+            return self.encoder(frames, token_grid, groups)
+
+        if self.cache is not None and cache_keys is not None:
+            self._features = self.cache.load_or_compute(cache_keys, compute, frames.device)
+        else:
+            self._features = compute()
         self.capture.arm(len(groups))
 
     def loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -1038,3 +1055,104 @@ def setup_logging() -> None:
     level = os.environ.get("CREPA_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logging.getLogger("crepa_diffusers").setLevel(level)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Benchmark timing hooks and the on-disk condition cache
+
+
+class PhaseTimer:
+    """Accumulates wall time per named phase, synchronising the device at each boundary (benchmarks only: the
+    training loop uses NO_TIMER, which adds no sync)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.totals = device, {}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, name: str):
+        import contextlib
+        import time
+
+        @contextlib.contextmanager
+        def phase():
+            self._sync()
+            start = time.perf_counter()
+            yield
+            self._sync()
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
+
+        return phase()
+
+
+def NO_TIMER(name: str):
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+class ConditionCache:
+    """Per-sample tensors (DINOv2 features, text embeddings) on disk, computed once and reused across epochs.
+
+    A file's name is a hash of everything its content depends on (the video file's path, size and mtime, the frame
+    sampling and resolution flags, the encoder or text model), so a changed flag or video never reuses a stale entry.
+    """
+
+    def __init__(self, directory: str | os.PathLike, salt: dict) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.salt = json.dumps(salt, sort_keys=True, default=str)
+        self.hits = self.misses = 0
+
+    def key(self, kind: str, *parts) -> str:
+        import hashlib
+
+        return kind + "-" + hashlib.sha1(json.dumps([self.salt, kind, parts], default=str).encode()).hexdigest()[:20]
+
+    def video_key(self, kind: str, path: Path, *parts) -> str:
+        stat = Path(path).stat()
+        return self.key(kind, str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, *parts)
+
+    def load_or_compute(self, keys: list[str], compute: Callable[[], torch.Tensor | tuple], device: torch.device):
+        """The batch's tensors (stacked on dim 0) from disk when every sample is cached, else `compute()` for the
+        batch and each sample's slice written atomically."""
+        from safetensors.torch import load_file, save_file
+
+        paths = [self.directory / f"{key}.safetensors" for key in keys]
+        if all(path.is_file() for path in paths):
+            self.hits += len(paths)
+            loaded = [load_file(str(path), device=str(device)) for path in paths]
+            out = tuple(torch.stack([sample[str(i)] for sample in loaded]) for i in range(len(loaded[0])))
+            return out if len(out) > 1 else out[0]
+        self.misses += len(paths)
+        result = compute()
+        tensors = result if isinstance(result, tuple) else (result,)
+        for sample, path in enumerate(paths):
+            staging = path.with_suffix(f".tmp{os.getpid()}")
+            save_file({str(i): t[sample].detach().contiguous().cpu() for i, t in enumerate(tensors)}, str(staging))
+            os.replace(staging, path)
+        return result
+
+
+def make_condition_cache(args: argparse.Namespace, term: CrepaTerm | None) -> ConditionCache | None:
+    """The --cache_conditions cache (also handed to the CREPA term), keyed by every flag the clips depend on."""
+    if not args.cache_conditions:
+        return None
+    salt = {name: getattr(args, name) for name in (
+        "pretrained_model_name_or_path", "revision", "height", "width", "max_num_frames", "skip_frames_start",
+        "skip_frames_end", "video_reshape_mode", "crepa_encoder", "max_sequence_length")
+        if hasattr(args, name)}
+    cache = ConditionCache(args.condition_cache_dir or Path(args.output_dir) / "condition_cache", salt)
+    if term is not None:
+        term.cache = cache
+    return cache
+
+
+def cached(cache: ConditionCache | None, kind: str, names: list, compute: Callable, device: torch.device):
+    """compute() through the cache, one key per sample (prompt text or video path)."""
+    if cache is None:
+        return compute()
+    keys = [cache.video_key(kind, name) if isinstance(name, Path) else cache.key(kind, name) for name in names]
+    return cache.load_or_compute(keys, compute, device)
