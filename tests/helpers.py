@@ -49,6 +49,7 @@ def launch(script: Path, args: list[str], tmp_path: Path, check: bool = True, en
 def import_script(path: Path):
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(module)
     return module
 

@@ -1,0 +1,340 @@
+#!/usr/bin/env python
+"""What CREPA costs over plain LoRA training, measured on the scripts' own training step.
+
+    python benchmarks/bench_crepa.py --preset tiny                   # seconds, CPU (CI smoke test)
+    python benchmarks/bench_crepa.py --preset cpu-mid                # a few minutes, CPU
+    python benchmarks/bench_crepa.py --preset cogvideox-5b --encoder dinov2-g   # GPU, full size, random weights
+
+Each mode runs `training_loss` from examples/train_*_lora_crepa.py (VAE + text encoding, encoder features, the
+transformer with the block hook, projector and loss), then backward, gradient clipping and the optimizer step, with
+the data already on the device. Modes are interleaved after warm-up:
+- none: plain LoRA; repa: REPA* (self term); crepa: this project's CREPA (grid-exact features of the batch's frames);
+- crepa-decode: the decode-based anchor (SimpleTuner's approach): VAE-decode the clean latents, DINOv2 on every
+  pixel frame at 518x518, linspace subsampling to the token frames and bilinear token interpolation.
+Reported: median step time (unsynchronised steps, one sync per step boundary), the phase split (a second pass with a
+device sync at each phase boundary), peak memory (CUDA), and the ratios to `none`. Full-size presets use the real
+model configs with random weights (nothing is downloaded), bf16 and gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from crepa_diffusers import training  # noqa: E402
+from crepa_diffusers.crepa import CrepaConfig, CrepaProjector  # noqa: E402
+from crepa_diffusers.features import IMAGENET_MEAN, IMAGENET_STD, DinoPatchFeatures  # noqa: E402
+
+
+@dataclass
+class Preset:
+    model: str  # cogvideox | hunyuan
+    frames: int
+    height: int
+    width: int
+    block_index: int
+    dtype: torch.dtype
+    gradient_checkpointing: bool
+    encoders: tuple[str, ...]
+
+
+PRESETS = {
+    "tiny": Preset("cogvideox", 9, 32, 48, 1, torch.float32, False, ("tiny",)),
+    "cpu-mid": Preset("cogvideox", 17, 96, 144, 2, torch.float32, True, ("dinov2-s",)),
+    "cogvideox-2b": Preset("cogvideox", 49, 480, 720, 8, torch.bfloat16, True, ("dinov2-g", "dinov2-b")),
+    "cogvideox-5b": Preset("cogvideox", 49, 480, 720, 8, torch.bfloat16, True, ("dinov2-g", "dinov2-b")),
+    "hunyuan": Preset("hunyuan", 49, 512, 768, 8, torch.bfloat16, True, ("dinov2-g", "dinov2-b")),
+}
+
+
+def load_script(name: str):
+    path = ROOT / "examples" / f"train_{name}_lora_crepa.py"
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models from configs (random weights)
+
+
+def build_encoder(name: str):
+    from transformers import Dinov2Config, Dinov2Model
+
+    from crepa_diffusers.testing import build_tiny_dinov2
+
+    if name == "tiny":
+        return build_tiny_dinov2(registers=True)
+    configs = {  # the released facebook/dinov2-* configs
+        "dinov2-s": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6),
+        "dinov2-b": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12),
+        "dinov2-g": dict(hidden_size=1536, num_hidden_layers=40, num_attention_heads=24, use_swiglu_ffn=True),
+    }
+    return Dinov2Model(Dinov2Config(patch_size=14, image_size=518, mlp_ratio=4, **configs[name])).eval()
+
+
+def build_cogvideox(preset_name: str):
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from crepa_diffusers.testing import build_tiny_cogvideox_pipeline
+
+    if preset_name == "tiny":
+        pipe = build_tiny_cogvideox_pipeline("5b")
+        return pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.transformer, pipe.scheduler
+    tiny = build_tiny_cogvideox_pipeline("5b")
+    if preset_name == "cpu-mid":
+        transformer = CogVideoXTransformer3DModel(
+            num_attention_heads=4, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=128,
+            text_embed_dim=256, num_layers=6, sample_width=18, sample_height=12, sample_frames=17, patch_size=2,
+            max_text_seq_length=32, use_rotary_positional_embeddings=True)
+        vae = AutoencoderKLCogVideoX(block_out_channels=(32, 32, 64, 64), latent_channels=16, layers_per_block=1,
+                                     norm_num_groups=8)
+        text_encoder = T5EncoderModel(T5Config(vocab_size=len(tiny.tokenizer), d_model=256, d_ff=512, d_kv=32,
+                                               num_layers=2, num_heads=8))
+    else:  # the released CogVideoX-2B / 5B configs
+        large = preset_name == "cogvideox-5b"
+        transformer = CogVideoXTransformer3DModel(
+            num_attention_heads=48 if large else 30, attention_head_dim=64, in_channels=16, out_channels=16,
+            time_embed_dim=512, text_embed_dim=4096, num_layers=42 if large else 30, sample_width=90,
+            sample_height=60, sample_frames=49, patch_size=2, max_text_seq_length=226,
+            use_rotary_positional_embeddings=large)
+        vae = AutoencoderKLCogVideoX()  # the default config is the released one
+        text_encoder = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_layers=24,
+                                               num_heads=64, feed_forward_proj="gated-gelu"))
+    scheduler = CogVideoXDDIMScheduler(**tiny.scheduler.config)
+    return tiny.tokenizer, text_encoder, vae, transformer, scheduler
+
+
+def build_hunyuan():
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+    from diffusers import HunyuanVideoTransformer3DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    from crepa_diffusers.testing import build_tiny_hunyuan_pipeline
+
+    tiny = build_tiny_hunyuan_pipeline()
+    text_encoder = LlamaModel(LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128320))
+    text_encoder_2 = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                                  num_attention_heads=12, projection_dim=768, vocab_size=49408))
+    return HunyuanVideoPipeline(text_encoder=text_encoder, tokenizer=tiny.tokenizer,
+                                transformer=HunyuanVideoTransformer3DModel(), vae=AutoencoderKLHunyuanVideo(),
+                                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=text_encoder_2,
+                                tokenizer_2=tiny.tokenizer_2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The decode-based anchor
+
+
+class DecodeAnchorTerm(training.CrepaTerm):
+    """Features from VAE-decoded clean latents at 518x518, linspace in time, tokens interpolated to the DiT grid."""
+
+    def __init__(self, config, transformer, projector, encoder: DinoPatchFeatures, vae, stash: dict, latent_layout: str):
+        super().__init__(config, transformer, projector, encoder)
+        self.vae, self.stash, self.latent_layout = vae, stash, latent_layout
+
+    @torch.no_grad()
+    def prepare(self, frames, token_grid, groups, cache_keys=None):
+        latents = self.stash["latent_dist"].mode()  # [B, C, F, h, w], as SimpleTuner decodes the clean latents
+        pixels = self.vae.decode(latents).sample.clamp(-1, 1)  # [B, 3, F, H, W]
+        batch, _, num_frames = pixels.shape[:3]
+        pixels = pixels.permute(0, 2, 1, 3, 4).flatten(0, 1)
+        encoder, size = self.encoder, 518
+        grid = size // encoder.patch_size
+        features = []
+        for chunk in pixels.split(encoder.frames_per_chunk):
+            chunk = F.interpolate((chunk.float() + 1) / 2, size=(size, size), mode="bilinear", align_corners=False)
+            chunk = (chunk - encoder.mean) / encoder.std
+            with encoder._autocast(chunk.device):
+                out = encoder.encoder(pixel_values=chunk.to(encoder.encoder.dtype)).last_hidden_state
+            features.append(out[:, encoder.num_prefix_tokens:].float())
+        features = torch.cat(features).unflatten(0, (batch, num_frames))  # [B, F, grid^2, D]
+        index = torch.linspace(0, num_frames - 1, len(groups)).long().to(features.device)
+        features = features[:, index].flatten(0, 1).transpose(1, 2).unflatten(2, (grid, grid))
+        features = F.interpolate(features, size=token_grid, mode="bilinear", align_corners=False)
+        self._features = features.flatten(2).transpose(1, 2).unflatten(0, (batch, len(groups)))
+        self.capture.arm(len(groups))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run(preset_name: str, encoder_name: str, steps: int, warmup: int, batch_size: int, device: torch.device) -> dict:
+    preset = PRESETS[preset_name]
+    dtype = preset.dtype if device.type == "cuda" else torch.float32
+    script = load_script("cogvideox" if preset.model == "cogvideox" else "hunyuan")
+    torch.manual_seed(0)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build full-size models directly in bf16 on the GPU (fp32 would not fit)
+    try:
+        with torch.device(device):
+            if preset.model == "cogvideox":
+                tokenizer, text_encoder, vae, transformer, scheduler = build_cogvideox(preset_name)
+            else:
+                pipe = build_hunyuan()
+                vae, transformer = pipe.vae, pipe.transformer
+            encoder_model = build_encoder(encoder_name)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    modules = [vae, transformer] + ([text_encoder] if preset.model == "cogvideox" else [pipe.text_encoder, pipe.text_encoder_2])
+    for module in modules:
+        module.requires_grad_(False).to(device, dtype=dtype)
+    if preset.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    training.add_lora(transformer, 128 if preset_name not in ("tiny", "cpu-mid") else 16, 128, ["to_k", "to_q", "to_v", "to_out.0"])
+
+    encoder = DinoPatchFeatures(encoder_model.to(device, dtype=dtype), frames_per_chunk=16,
+                                autocast_dtype=torch.bfloat16 if device.type == "cuda" else None).to(device)
+    hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    projector = CrepaProjector(hidden, encoder.hidden_size, 2048 if preset_name not in ("tiny", "cpu-mid") else 256).to(device)
+    stash: dict = {}
+    original_encode = vae.encode
+
+    def encode_and_stash(x, *args, **kwargs):
+        out = original_encode(x, *args, **kwargs)
+        stash["latent_dist"] = out.latent_dist
+        return out
+
+    vae.encode = encode_and_stash
+    terms = {"none": None}
+    for mode in ("repa", "crepa"):
+        config = CrepaConfig(mode=mode, lambda_=0.5, block_index=preset.block_index)
+        terms[mode] = training.CrepaTerm(config, transformer, projector, encoder)
+    terms["crepa-decode"] = DecodeAnchorTerm(CrepaConfig(mode="crepa", lambda_=0.5, block_index=preset.block_index),
+                                             transformer, projector, encoder, vae, stash, preset.model)
+    if preset.model == "cogvideox":
+        parts = script.Parts(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                             config=transformer.config, scheduler=scheduler, weight_dtype=dtype, device=device,
+                             height=preset.height, width=preset.width)
+    else:
+        args = argparse.Namespace(random_flip=False, max_sequence_length=256, guidance_scale=1.0,
+                                  flow_weighting_scheme="none", flow_logit_mean=0.0, flow_logit_std=1.0,
+                                  flow_mode_scale=1.29)
+        parts = script.Parts(pipe=pipe, transformer=transformer, scheduler=pipe.scheduler, weight_dtype=dtype,
+                             device=device, height=preset.height, width=preset.width,
+                             patch_size=transformer.config.patch_size, args=args)
+
+    lora_params = training.trainable_parameters(transformer)
+    params = lora_params + list(projector.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    batch = {"frames": (torch.rand(batch_size, preset.frames, 3, preset.height, preset.width, device=device) * 2 - 1),
+             "prompts": ["a panda playing a guitar in a bamboo forest, cinematic"] * batch_size,
+             "indices": torch.arange(batch_size)}
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def step(mode: str, timer=training.NO_TIMER):
+        generator = training.step_generator(0, 0, 0, device)
+        loss, _ = script.training_loss(batch, generator, parts, terms[mode], timer)
+        with timer("backward"):
+            loss.backward()
+        with timer("optimizer"):
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    modes = list(terms)
+    for _ in range(warmup):
+        for mode in modes:
+            step(mode)
+    times = {mode: [] for mode in modes}
+    peaks = {mode: 0 for mode in modes}
+    for _ in range(steps):
+        for mode in modes:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            sync()
+            start = time.perf_counter()
+            step(mode)
+            sync()
+            times[mode].append(time.perf_counter() - start)
+            if device.type == "cuda":
+                peaks[mode] = max(peaks[mode], torch.cuda.max_memory_allocated(device))
+    splits = {}
+    for mode in modes:
+        timer = training.PhaseTimer(device)
+        for _ in range(steps):
+            step(mode, timer)
+        splits[mode] = {name: total / steps for name, total in timer.totals.items()}
+
+    median = {mode: statistics.median(values) for mode, values in times.items()}
+    encoder_bytes = sum(p.numel() * p.element_size() for p in encoder.parameters())
+    return {
+        "preset": preset_name,
+        "encoder": encoder_name,
+        "clip": f"{preset.frames}x{preset.height}x{preset.width}",
+        "batch_size": batch_size,
+        "dtype": str(dtype).replace("torch.", ""),
+        "gradient_checkpointing": preset.gradient_checkpointing,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "date": datetime.date.today().isoformat(),
+        "steps_timed": steps,
+        "median_step_s": median,
+        "ratio_to_none": {mode: median[mode] / median["none"] for mode in modes},
+        "phase_split_s": splits,
+        "peak_memory_gib": {m: peaks[m] / 2**30 for m in modes} if device.type == "cuda" else None,
+        "encoder_weights_gib": encoder_bytes / 2**30,
+    }
+
+
+def markdown(result: dict) -> str:
+    phases = ["text_vae_encoding", "encoder_features", "transformer_forward", "loss_and_projector", "backward", "optimizer"]
+    lines = [f"**{result['preset']}** ({result['clip']}, batch {result['batch_size']}, {result['dtype']}, "
+             f"encoder {result['encoder']}, gradient checkpointing {'on' if result['gradient_checkpointing'] else 'off'}) "
+             f"on {result['device']}, {result['date']}, median of {result['steps_timed']} steps",
+             "", "| mode | step (s) | ratio to none | " + " | ".join(phases) + " | peak memory (GiB) |",
+             "|---" * (4 + len(phases)) + "|"]
+    for mode, seconds in result["median_step_s"].items():
+        split = result["phase_split_s"][mode]
+        peak = f"{result['peak_memory_gib'][mode]:.2f}" if result["peak_memory_gib"] else "n/a (CPU)"
+        lines.append(f"| {mode} | {seconds:.4f} | {result['ratio_to_none'][mode]:.3f} | "
+                     + " | ".join(f"{split.get(p, 0.0):.4f}" for p in phases) + f" | {peak} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--encoder", action="append", help="dinov2-g, dinov2-b, dinov2-s or tiny (default: the preset's)")
+    parser.add_argument("--steps", type=int, default=5, help="Timed steps per mode.")
+    parser.add_argument("--warmup", type=int, default=2, help="Untimed steps per mode first.")
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--output", type=str, default=None, help="Write the results as JSON here.")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.preset not in ("tiny", "cpu-mid") and device.type != "cuda":
+        parser.error(f"--preset {args.preset} is full size: it needs a GPU.")
+    results = []
+    for encoder_name in args.encoder or PRESETS[args.preset].encoders:
+        result = run(args.preset, encoder_name, args.steps, args.warmup, args.batch_size, device)
+        print(markdown(result), "\n", flush=True)
+        results.append(result)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

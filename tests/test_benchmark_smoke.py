@@ -1,0 +1,21 @@
+"""The tiny benchmark preset runs (a smoke test: it asserts what ran, never a time)."""
+
+import json
+
+from helpers import ROOT, import_script
+
+
+def test_tiny_benchmark_runs_every_mode(tmp_path):
+    bench = import_script(ROOT / "benchmarks" / "bench_crepa.py")
+    results = bench.main(["--preset", "tiny", "--steps", "1", "--warmup", "1", "--output", str(tmp_path / "r.json")])
+    assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(results))
+    (result,) = results
+    modes = {"none", "repa", "crepa", "crepa-decode"}
+    assert set(result["median_step_s"]) == modes == set(result["phase_split_s"])
+    assert result["ratio_to_none"]["none"] == 1.0
+    assert all(seconds > 0 for seconds in result["median_step_s"].values())
+    # Only the CREPA modes compute encoder features; every mode runs the transformer and the optimizer.
+    assert "encoder_features" not in result["phase_split_s"]["none"]
+    assert all("encoder_features" in result["phase_split_s"][m] for m in modes - {"none"})
+    assert all({"transformer_forward", "backward", "optimizer"} <= set(result["phase_split_s"][m]) for m in modes)
+    assert "| crepa-decode |" in bench.markdown(result)
