@@ -8,7 +8,8 @@
 Each mode runs `training_loss` from examples/train_*_lora_crepa.py (VAE + text encoding, encoder features, the
 transformer with the block hook, projector and loss), then backward, gradient clipping and the optimizer step, with
 the data already on the device. Modes are interleaved after warm-up:
-- none: plain LoRA; repa: REPA* (self term); crepa: this project's CREPA (grid-exact features of the batch's frames);
+- none: plain LoRA; repa: REPA* (self term); crepa: this project's CREPA (grid-exact features of the batch's frames,
+  mean over the 4 frames of each latent frame); crepa-center: the same with --crepa_frame_pooling center (one frame);
 - crepa-decode: the decode-based anchor (SimpleTuner's approach): VAE-decode the clean latents, DINOv2 on every
   pixel frame at 518x518, linspace subsampling to the token frames and bilinear token interpolation.
 Reported: median step time (unsynchronised steps, one sync per step boundary), the phase split (a second pass with a
@@ -218,6 +219,9 @@ def run(preset_name: str, encoder_name: str, steps: int, warmup: int, batch_size
     for mode in ("repa", "crepa"):
         config = CrepaConfig(mode=mode, lambda_=0.5, block_index=preset.block_index)
         terms[mode] = training.CrepaTerm(config, transformer, projector, encoder)
+    terms["crepa-center"] = training.CrepaTerm(
+        CrepaConfig(mode="crepa", lambda_=0.5, block_index=preset.block_index, frame_pooling="center"),
+        transformer, projector, encoder)
     terms["crepa-decode"] = DecodeAnchorTerm(CrepaConfig(mode="crepa", lambda_=0.5, block_index=preset.block_index),
                                              transformer, projector, encoder, vae, stash, preset.model)
     if preset.model == "cogvideox":

@@ -10,7 +10,7 @@ def test_tiny_benchmark_runs_every_mode(tmp_path):
     results = bench.main(["--preset", "tiny", "--steps", "1", "--warmup", "1", "--output", str(tmp_path / "r.json")])
     assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(results))
     (result,) = results
-    modes = {"none", "repa", "crepa", "crepa-decode"}
+    modes = {"none", "repa", "crepa", "crepa-center", "crepa-decode"}
     assert set(result["median_step_s"]) == modes == set(result["phase_split_s"])
     assert result["ratio_to_none"]["none"] == 1.0
     assert all(seconds > 0 for seconds in result["median_step_s"].values())

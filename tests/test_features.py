@@ -108,3 +108,22 @@ def test_from_pretrained_loads_local_folder_and_rejects_other_models(tiny_models
         DinoPatchFeatures.from_pretrained(tmp_path / "vit")
     with pytest.raises(ValueError, match="could not be loaded"):
         DinoPatchFeatures.from_pretrained(tmp_path / "missing")
+
+
+def test_center_pooling_encodes_one_frame_per_token_frame():
+    from crepa_diffusers.features import select_frames
+
+    groups = token_frame_groups(9)
+    assert select_frames(groups, "center") == [[0], [3], [7]]
+    assert select_frames(groups, "mean") is groups
+    with pytest.raises(ValueError, match="--crepa_frame_pooling"):
+        select_frames(groups, "max")
+    encoder = build_tiny_dinov2()
+    calls = []
+    encoder.register_forward_hook(lambda module, args, kwargs_or_out: calls.append(1))
+    extractor = DinoPatchFeatures(encoder, frames_per_chunk=1)
+    frames = torch.rand(1, 9, 3, 28, 28) * 2 - 1
+    centred = extractor(frames, (2, 2), select_frames(groups, "center"))
+    assert len(calls) == 3  # only frames 0, 3 and 7 went through the encoder
+    per_frame = extractor(frames, (2, 2), [[i] for i in range(9)])
+    torch.testing.assert_close(centred, per_frame[:, [0, 3, 7]])

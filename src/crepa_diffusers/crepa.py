@@ -126,6 +126,7 @@ class CrepaConfig:
     encoder: str = "facebook/dinov2-giant"
     projector_dim: int = 2048
     encoder_frames_per_chunk: int = 16
+    frame_pooling: str = "mean"
 
     @property
     def enabled(self) -> bool:
@@ -149,6 +150,7 @@ class CrepaConfig:
             encoder=args.crepa_encoder,
             projector_dim=args.crepa_projector_dim,
             encoder_frames_per_chunk=args.crepa_encoder_frames_per_chunk,
+            frame_pooling=args.crepa_frame_pooling,
         )
 
     def loss_and_stats(self, projected: torch.Tensor, features: torch.Tensor):
@@ -235,6 +237,13 @@ def add_crepa_args(
         type=_checked(int, lambda v: v > 0, "> 0"),
         default=2048,
         help="Hidden width of the projector MLP (REPA uses 2048).",
+    )
+    group.add_argument(
+        "--crepa_frame_pooling",
+        choices=("mean", "center"),
+        default="mean",
+        help="mean: the features of a token frame are the mean over its pixel frames (4 per latent frame); center: "
+        "only its middle frame is encoded (4x less encoder compute).",
     )
     group.add_argument(
         "--crepa_encoder_frames_per_chunk",

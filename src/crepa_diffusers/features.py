@@ -35,6 +35,16 @@ def token_frame_groups(num_frames: int, temporal_compression: int = 4, patch_siz
     ]
 
 
+def select_frames(groups: list[list[int]], pooling: str = "mean") -> list[list[int]]:
+    """mean: every frame of a token frame, averaged; center: only its middle frame (a quarter of the encoder
+    cost at temporal compression 4)."""
+    if pooling == "mean":
+        return groups
+    if pooling == "center":
+        return [[group[len(group) // 2]] for group in groups]
+    raise ValueError(f"--crepa_frame_pooling must be mean or center, got {pooling!r}")
+
+
 def pooling_matrix(groups: list[list[int]], num_frames: int) -> torch.Tensor:
     """[T, F] rows that average each group's frames: features[T] = matrix @ frame_features[F]."""
     matrix = torch.zeros(len(groups), num_frames)
@@ -110,10 +120,15 @@ class DinoPatchFeatures(nn.Module):
     ) -> torch.Tensor:
         if frames.ndim != 5 or frames.shape[2] != 3:
             raise ValueError(f"expected frames [B, F, 3, H, W], got {tuple(frames.shape)}")
-        batch, num_frames = frames.shape[:2]
+        batch = frames.shape[0]
+        # Encode only the frames some token frame uses, then renumber the groups over those.
+        used = sorted({frame for group in groups for frame in group})
+        position = {frame: i for i, frame in enumerate(used)}
+        groups = [[position[frame] for frame in group] for group in groups]
+        num_frames = len(used)
         h_tok, w_tok = token_grid
         size = (h_tok * self.patch_size, w_tok * self.patch_size)
-        pixels = frames.flatten(0, 1)
+        pixels = frames[:, used].flatten(0, 1)
         features = []
         for chunk in pixels.split(self.frames_per_chunk):
             chunk = chunk.to(self.mean.device, torch.float32)

@@ -662,6 +662,10 @@ class CrepaTerm:
     def prepare(self, frames: torch.Tensor, token_grid: tuple[int, int], groups: list[list[int]],
                 cache_keys: list[str] | None = None) -> None:
         """Encoder features of the clean frames (from the cache when given keys), then arm the block capture."""
+        from .features import select_frames
+
+        groups = select_frames(groups, self.config.frame_pooling)
+
         def compute() -> torch.Tensor:
             return self.encoder(frames, token_grid, groups)
 
@@ -798,6 +802,7 @@ def crepa_card_settings(config) -> dict:
         "crepa_normalize_by_frames": config.normalize_by_frames,
         "crepa_encoder": config.encoder,
         "crepa_projector_dim": config.projector_dim,
+        "crepa_frame_pooling": config.frame_pooling,
     }
 
 
@@ -1142,7 +1147,7 @@ def make_condition_cache(args: argparse.Namespace, term: CrepaTerm | None) -> Co
         return None
     salt = {name: getattr(args, name) for name in (
         "pretrained_model_name_or_path", "revision", "height", "width", "max_num_frames", "skip_frames_start",
-        "skip_frames_end", "video_reshape_mode", "crepa_encoder", "max_sequence_length")
+        "skip_frames_end", "video_reshape_mode", "crepa_encoder", "crepa_frame_pooling", "max_sequence_length")
         if hasattr(args, name)}
     cache = ConditionCache(args.condition_cache_dir or Path(args.output_dir) / "condition_cache", salt)
     if term is not None:
