@@ -6,7 +6,7 @@
     python benchmarks/bench_crepa.py --preset cogvideox-5b --encoder dinov2-g   # GPU, full size, random weights
 
 Each mode runs `training_loss` from examples/train_*_lora_crepa.py (VAE + text encoding, encoder features, the
-transformer with the block hook, projector and loss), then backward, gradient clipping and the optimizer step, with
+transformer with the block hook and the projector (one module, as trained), the loss), then backward, gradient clipping and the optimizer step, with
 the data already on the device. Modes are interleaved after warm-up:
 - none: plain LoRA; repa: REPA* (self term); crepa: this project's CREPA (grid-exact features of the batch's frames,
   mean over the 4 frames of each latent frame); crepa-center: the same with --crepa_frame_pooling center (one frame);
@@ -20,6 +20,7 @@ model configs with random weights (nothing is downloaded), bf16 and gradient che
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib.util
 import json
@@ -225,14 +226,14 @@ def run(preset_name: str, encoder_name: str, steps: int, warmup: int, batch_size
     terms["crepa-decode"] = DecodeAnchorTerm(CrepaConfig(mode="crepa", lambda_=0.5, block_index=preset.block_index),
                                              transformer, projector, encoder, vae, stash, preset.model)
     if preset.model == "cogvideox":
-        parts = script.Parts(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+        parts = script.Parts(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, model=transformer,
                              config=transformer.config, scheduler=scheduler, weight_dtype=dtype, device=device,
                              height=preset.height, width=preset.width)
     else:
         args = argparse.Namespace(random_flip=False, max_sequence_length=256, guidance_scale=1.0,
                                   flow_weighting_scheme="none", flow_logit_mean=0.0, flow_logit_std=1.0,
                                   flow_mode_scale=1.29)
-        parts = script.Parts(pipe=pipe, transformer=transformer, scheduler=pipe.scheduler, weight_dtype=dtype,
+        parts = script.Parts(pipe=pipe, model=transformer, scheduler=pipe.scheduler, weight_dtype=dtype,
                              device=device, height=preset.height, width=preset.width,
                              patch_size=transformer.config.patch_size, args=args)
 
@@ -247,9 +248,13 @@ def run(preset_name: str, encoder_name: str, steps: int, warmup: int, batch_size
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    # One TransformerWithProjector per mode (as the scripts train), sharing the transformer and the projector.
+    models = {mode: training.TransformerWithProjector(transformer, term) for mode, term in terms.items()}
+
     def step(mode: str, timer=training.NO_TIMER):
         generator = training.step_generator(0, 0, 0, device)
-        loss, _ = script.training_loss(batch, generator, parts, terms[mode], timer)
+        mode_parts = dataclasses.replace(parts, model=models[mode])
+        loss, _ = script.training_loss(batch, generator, mode_parts, terms[mode], timer)
         with timer("backward"):
             loss.backward()
         with timer("optimizer"):
@@ -302,7 +307,7 @@ def run(preset_name: str, encoder_name: str, steps: int, warmup: int, batch_size
 
 
 def markdown(result: dict) -> str:
-    phases = ["text_vae_encoding", "encoder_features", "transformer_forward", "loss_and_projector", "backward", "optimizer"]
+    phases = ["text_vae_encoding", "encoder_features", "transformer_forward", "loss", "backward", "optimizer"]
     lines = [f"**{result['preset']}** ({result['clip']}, batch {result['batch_size']}, {result['dtype']}, "
              f"encoder {result['encoder']}, gradient checkpointing {'on' if result['gradient_checkpointing'] else 'off'}) "
              f"on {result['device']}, {result['date']}, median of {result['steps_timed']} steps",

@@ -87,7 +87,7 @@ class Parts:
     tokenizer: object
     text_encoder: torch.nn.Module
     vae: torch.nn.Module
-    transformer: torch.nn.Module  # as prepared by accelerate (DDP-wrapped with several processes)
+    model: torch.nn.Module  # training.TransformerWithProjector, as prepared by accelerate (DDP/DeepSpeed-wrapped)
     config: object  # the transformer's config
     scheduler: object
     weight_dtype: torch.dtype
@@ -127,15 +127,16 @@ def training_loss(batch: dict, generator: torch.Generator, parts: Parts, term: t
             keys = [parts.cache.video_key("dino", path) for path in videos] if videos else None
             term.prepare(frames, grid, groups, keys)
     with timer("transformer_forward"):
-        model_output = parts.transformer(hidden_states=noisy, encoder_hidden_states=prompt_embeds.to(dtype),
-                                         timestep=timesteps, image_rotary_emb=rotary, return_dict=False)[0]
-    with timer("loss_and_projector"):
+        output, projected = parts.model(hidden_states=noisy, encoder_hidden_states=prompt_embeds.to(dtype),
+                                        timestep=timesteps, image_rotary_emb=rotary, return_dict=False)
+        model_output = output[0]
+    with timer("loss"):
         # v-prediction, as diffusers' example: x0 predictions weighted by 1/(1 - alpha_bar_t) (= MSE on v).
         model_pred = parts.scheduler.get_velocity(model_output.float(), noisy.float(), timesteps)
         alphas_cumprod = parts.scheduler.alphas_cumprod.to(device)
         weights = (1 / (1 - alphas_cumprod[timesteps])).view(-1, 1, 1, 1, 1)
         diffusion_loss = (weights * (model_pred - latents.float()) ** 2).reshape(batch_size, -1).mean(1).mean()
-        return training.add_crepa_term(diffusion_loss, term)
+        return training.add_crepa_term(diffusion_loss, term, projected)
 
 
 def main(args: argparse.Namespace) -> Path:
@@ -188,10 +189,9 @@ def main(args: argparse.Namespace) -> Path:
     run = training.prepare_run(accelerator, args, transformer=transformer, projector=projector, term=term,
                                dataset=dataset, pipeline_cls=CogVideoXPipeline, tracker_name="cogvideox-lora-crepa",
                                resume_path=resume_path)
-    transformer = run.models[0]
-    unwrapped = accelerator.unwrap_model(transformer)
+    unwrapped = accelerator.unwrap_model(run.models[0]).transformer
     max_text_len = unwrapped.config.max_text_seq_length
-    parts = Parts(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+    parts = Parts(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, model=run.models[0],
                   config=unwrapped.config, scheduler=scheduler, weight_dtype=weight_dtype, device=device,
                   height=args.height, width=args.width, random_flip=args.random_flip,
                   cache=training.make_condition_cache(args, term), video_paths=[item.path for item in items])

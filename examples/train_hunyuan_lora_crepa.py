@@ -92,7 +92,7 @@ class Parts:
     """What one HunyuanVideo training step needs (built by main(), or by the benchmark from configs)."""
 
     pipe: object  # HunyuanVideoPipeline: encode_prompt is the text path; vae for the latents
-    transformer: torch.nn.Module  # as prepared by accelerate (DDP-wrapped with several processes)
+    model: torch.nn.Module  # training.TransformerWithProjector, as prepared by accelerate (DDP/DeepSpeed-wrapped)
     scheduler: object  # the training scheduler (its shifted sigmas)
     weight_dtype: torch.dtype
     device: torch.device
@@ -130,12 +130,13 @@ def training_loss(batch: dict, generator: torch.Generator, parts: Parts, term: t
             keys = [parts.cache.video_key("dino", path) for path in videos] if videos else None
             term.prepare(frames, grid, token_frame_groups(frames.shape[1], VAE_TEMPORAL), keys)
     with timer("transformer_forward"):
-        model_pred = parts.transformer(hidden_states=noisy.to(dtype), timestep=timesteps,
-                                       encoder_hidden_states=prompt_embeds, encoder_attention_mask=attention_mask,
-                                       pooled_projections=pooled, guidance=guidance, return_dict=False)[0]
-    with timer("loss_and_projector"):
+        output, projected = parts.model(hidden_states=noisy.to(dtype), timestep=timesteps,
+                                        encoder_hidden_states=prompt_embeds, encoder_attention_mask=attention_mask,
+                                        pooled_projections=pooled, guidance=guidance, return_dict=False)
+        model_pred = output[0]
+    with timer("loss"):
         diffusion_loss = ((model_pred.float() - (noise - latents)) ** 2).reshape(batch_size, -1).mean(1).mean()
-        return training.add_crepa_term(diffusion_loss, term)
+        return training.add_crepa_term(diffusion_loss, term, projected)
 
 
 def main(args: argparse.Namespace) -> Path:
@@ -199,14 +200,13 @@ def main(args: argparse.Namespace) -> Path:
     run = training.prepare_run(accelerator, args, transformer=transformer, projector=projector, term=term,
                                dataset=dataset, pipeline_cls=HunyuanVideoPipeline, tracker_name="hunyuan-lora-crepa",
                                resume_path=resume_path)
-    transformer = run.models[0]
-    unwrapped = accelerator.unwrap_model(transformer)
+    unwrapped = accelerator.unwrap_model(run.models[0]).transformer
     # One pipeline object: its encode_prompt is the text path of training, and it renders the validation videos
     # (with its own scheduler: set_timesteps would rewrite the training sigmas).
     pipe = HunyuanVideoPipeline(text_encoder=text_encoder, tokenizer=tokenizer, transformer=unwrapped, vae=vae,
                                 scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler.config),
                                 text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
-    parts = Parts(pipe=pipe, transformer=transformer, scheduler=scheduler, weight_dtype=weight_dtype, device=device,
+    parts = Parts(pipe=pipe, model=run.models[0], scheduler=scheduler, weight_dtype=weight_dtype, device=device,
                   height=args.height, width=args.width, patch_size=patch, args=args,
                   cache=training.make_condition_cache(args, term), video_paths=[item.path for item in items])
 

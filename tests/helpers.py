@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -39,8 +40,16 @@ def launch(script: Path, args: list[str], tmp_path: Path, check: bool = True, en
            timeout: int = 600) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config(tmp_path)),
                str(script), *args]
-    result = subprocess.run(command, cwd=tmp_path, env=env or offline_env(), capture_output=True, text=True,
-                            timeout=timeout)
+    # A session of its own, so that on a timeout the launcher's children die with it.
+    process = subprocess.Popen(command, cwd=tmp_path, env=env or offline_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"{script.name} timed out after {timeout} s:\n{stderr[-8000:]}") from None
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if check and result.returncode != 0:
         raise AssertionError(f"{script.name} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
     return result
@@ -102,3 +111,20 @@ def assert_same_trained_weights(run_a: Path, run_b: Path, checkpoint: str) -> No
     assert pa.keys() == pb.keys() and pa
     for key in pa:
         torch.testing.assert_close(pa[key], pb[key], rtol=1e-5, atol=1e-6)
+
+
+def text_file_data(dataset: Path) -> list[str]:
+    return ["--instance_data_root", str(dataset), "--caption_column", "prompts.txt", "--video_column", "videos.txt"]
+
+
+def tiny_train_args(model: Path, dataset: Path, output_dir: Path, *, steps: int = 2, data: list[str] | None = None,
+                    encoder: str = "dinov2", extra=()) -> list[str]:
+    """Flags of a few-step run on a tiny model from `tiny_models` (its DINOv2 sits beside it) and 9x32x48 clips."""
+    return [
+        "--pretrained_model_name_or_path", str(model), *(data or text_file_data(dataset)),
+        "--crepa_encoder", str(Path(model).parent / encoder), "--crepa_block_index", "1", "--crepa_projector_dim", "16",
+        "--height", "32", "--width", "48", "--max_num_frames", "9", "--train_batch_size", "1",
+        "--max_train_steps", str(steps), "--checkpointing_steps", "100", "--rank", "4", "--lora_alpha", "8",
+        "--learning_rate", "1e-2", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--seed", "0",
+        "--mixed_precision", "no", "--logging_steps", "1", "--output_dir", str(output_dir), *extra,
+    ]

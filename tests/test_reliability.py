@@ -2,6 +2,7 @@
 two processes really train as one."""
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -19,6 +20,7 @@ from helpers import (
     launch,
     lora_state,
     offline_env,
+    tiny_train_args,
 )
 
 from crepa_diffusers import testing, training
@@ -34,17 +36,8 @@ def cog():
     return import_script(COGVIDEOX_SCRIPT)
 
 
-def args_for(model, dataset, output_dir, steps=2, extra=(), data=None):
-    data = data or ["--instance_data_root", str(dataset), "--caption_column", "prompts.txt",
-                    "--video_column", "videos.txt"]
-    return [
-        "--pretrained_model_name_or_path", str(model), *data,
-        "--crepa_encoder", str(model.parent / "dinov2"), "--crepa_block_index", "1", "--crepa_projector_dim", "16",
-        "--height", "32", "--width", "48", "--max_num_frames", "9", "--train_batch_size", "1",
-        "--max_train_steps", str(steps), "--checkpointing_steps", "100", "--rank", "4", "--lora_alpha", "4",
-        "--learning_rate", "1e-2", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--seed", "0",
-        "--mixed_precision", "no", "--logging_steps", "1", "--output_dir", str(output_dir), *extra,
-    ]
+def args_for(model, dataset, output_dir, steps=2, extra=()):
+    return tiny_train_args(model, dataset, output_dir, steps=steps, extra=extra)
 
 
 def run_main(script, argv):
@@ -303,11 +296,17 @@ def test_two_process_run(tiny_models, dataset, tmp_path, script_path, model, blo
     if script_path == HUNYUAN_SCRIPT:
         argv += ["--max_sequence_length", "16"]
     env = offline_env(ACCELERATE_USE_CPU="true", CREPA_LOG_LEVEL="DEBUG", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(script_path), *argv],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-6000:]
+    # Its own process group, so that a hang is killed with every rank (not only torchrun, leaving ranks behind).
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                                str(script_path), *argv], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        log, _ = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        log, _ = process.communicate()
+        raise AssertionError(f"2-process run hung:\n{log[-6000:]}") from None
+    assert process.returncode == 0, log[-6000:]
     assert "2 processes (rank 0)" in log and "2 processes (rank 1)" in log
     samples = {rank: [json.loads(s) for s in re.findall(rf"rank {rank} step \d+ samples (\[[\d, ]*\])", log)]
                for rank in (0, 1)}

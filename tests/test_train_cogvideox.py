@@ -14,6 +14,7 @@ from helpers import (
     lora_state,
     tensorboard_images,
     tensorboard_tags,
+    tiny_train_args,
 )
 
 from crepa_diffusers import testing
@@ -33,18 +34,11 @@ def dataset(tmp_path_factory):
 
 def base_args(model, dataset, output_dir, source="files", steps=2, extra=()):
     data = {
-        "files": ["--instance_data_root", str(dataset), "--caption_column", "prompts.txt", "--video_column", "videos.txt"],
+        "files": None,
         "csv": ["--dataset_name", str(dataset / "metadata.csv"), "--caption_column", "caption", "--video_column", "file"],
         "jsonl": ["--dataset_name", str(dataset / "metadata.jsonl"), "--caption_column", "caption", "--video_column", "file"],
     }[source]
-    return [
-        "--pretrained_model_name_or_path", str(model), *data,
-        "--crepa_encoder", str(model.parent / "dinov2"), "--crepa_block_index", "1", "--crepa_projector_dim", "16",
-        "--height", "32", "--width", "48", "--max_num_frames", "9", "--train_batch_size", "1",
-        "--max_train_steps", str(steps), "--checkpointing_steps", "100", "--rank", "4", "--lora_alpha", "8",
-        "--learning_rate", "1e-2", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--seed", "0",
-        "--mixed_precision", "no", "--logging_steps", "1", "--output_dir", str(output_dir), *extra,
-    ]
+    return tiny_train_args(model, dataset, output_dir, steps=steps, data=data, extra=extra)
 
 
 def generate(pipe, seed=0):

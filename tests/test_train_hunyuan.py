@@ -5,7 +5,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import HUNYUAN_SCRIPT, assert_same_trained_weights, import_script, launch, lora_metadata, lora_state
+from helpers import (
+    HUNYUAN_SCRIPT,
+    assert_same_trained_weights,
+    import_script,
+    launch,
+    lora_metadata,
+    lora_state,
+    tiny_train_args,
+)
 
 from crepa_diffusers import testing
 from crepa_diffusers.data import VideoDataset, load_video_items
@@ -18,16 +26,8 @@ def dataset(tmp_path_factory):
 
 
 def base_args(model, dataset, output_dir, steps=2, extra=()):
-    return [
-        "--pretrained_model_name_or_path", str(model), "--instance_data_root", str(dataset),
-        "--caption_column", "prompts.txt", "--video_column", "videos.txt",
-        "--crepa_encoder", str(model.parent / "dinov2-registers"), "--crepa_projector_dim", "16",
-        "--height", "32", "--width", "48", "--max_num_frames", "9", "--max_sequence_length", "16",
-        "--train_batch_size", "1", "--max_train_steps", str(steps), "--checkpointing_steps", "100",
-        "--rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2", "--lr_scheduler", "constant",
-        "--lr_warmup_steps", "0", "--seed", "0", "--mixed_precision", "no", "--logging_steps", "1",
-        "--output_dir", str(output_dir), *extra,
-    ]
+    return tiny_train_args(model, dataset, output_dir, steps=steps, encoder="dinov2-registers",
+                           extra=["--max_sequence_length", "16", *extra])
 
 
 def generate(pipe):

@@ -359,39 +359,31 @@ def load_lora_into(pipeline_cls, directory: str | os.PathLike, transformer: nn.M
         raise RuntimeError(f"{directory}: LoRA keys that do not match this model: {unexpected[:5]}")
 
 
-def register_state_hooks(accelerator, pipeline_cls, transformer: nn.Module, projector: nn.Module | None) -> None:
-    """accelerate save/load_state writes the LoRA (diffusers format) and the CREPA projector, not the base model."""
+def register_state_hooks(accelerator, pipeline_cls) -> None:
+    """accelerate save/load_state writes the LoRA (diffusers format) and the CREPA projector of the
+    TransformerWithProjector, not the frozen base model."""
     from safetensors.torch import load_file, save_file
-
-    def kind(model):
-        model = accelerator.unwrap_model(model)
-        if model is accelerator.unwrap_model(transformer):
-            return "transformer"
-        if projector is not None and model is accelerator.unwrap_model(projector):
-            return "projector"
-        raise ValueError(f"unexpected model in checkpoint: {type(model).__name__}")
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for model in models:
-                if kind(model) == "transformer":
-                    save_lora(pipeline_cls, output_dir, accelerator.unwrap_model(model))
-                else:
-                    state = {k: v.detach().contiguous().cpu() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+                model = accelerator.unwrap_model(model)
+                save_lora(pipeline_cls, output_dir, model.transformer)
+                if model.projector is not None:
+                    state = {k: v.detach().contiguous().cpu() for k, v in model.projector.state_dict().items()}
                     save_file(state, os.path.join(output_dir, PROJECTOR_FILE))
         while weights:
             weights.pop()
 
     def load_hook(models, input_dir):
         while models:
-            model = models.pop()
-            if kind(model) == "transformer":
-                load_lora_into(pipeline_cls, input_dir, accelerator.unwrap_model(model))
-            else:
+            model = accelerator.unwrap_model(models.pop())
+            load_lora_into(pipeline_cls, input_dir, model.transformer)
+            if model.projector is not None:
                 path = os.path.join(input_dir, PROJECTOR_FILE)
                 if not os.path.isfile(path):
                     raise FileNotFoundError(f"{path} is missing: this checkpoint was saved without CREPA.")
-                accelerator.unwrap_model(model).load_state_dict(load_file(path))
+                model.projector.load_state_dict(load_file(path))
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -649,7 +641,7 @@ def weight_dtype_of(accelerator) -> torch.dtype:
 
 class CrepaTerm:
     """The CREPA part of a training step: encoder features of the clean frames (computed before the transformer
-    forward), the block capture, the projector and the loss."""
+    forward) and the block capture; the projector runs inside `TransformerWithProjector.forward`."""
 
     def __init__(self, config, transformer: nn.Module, projector: nn.Module, encoder) -> None:
         from .capture import HiddenStateCapture
@@ -675,10 +667,27 @@ class CrepaTerm:
             self._features = compute()
         self.capture.arm(len(groups))
 
-    def loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        hidden = self.capture.pop()
+    def loss(self, projected: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         features, self._features = self._features, None
-        return self.config.loss_and_stats(self.projector(hidden), features)
+        return self.config.loss_and_stats(projected, features)
+
+
+class TransformerWithProjector(nn.Module):
+    """The transformer and the CREPA projector as one trained module, so that DDP, DeepSpeed (one model per
+    engine) and FSDP wrap a single model whose forward runs both: forward(...) -> (transformer output, projected
+    block tokens or None)."""
+
+    def __init__(self, transformer: nn.Module, term: CrepaTerm | None = None) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.projector = term.projector if term is not None else None
+        self._capture = term.capture if term is not None else None
+
+    def forward(self, *args, **kwargs):
+        output = self.transformer(*args, **kwargs)
+        if self.projector is None:
+            return output, None
+        return output, self.projector(self._capture.pop())
 
 
 def train(
@@ -915,7 +924,7 @@ def prepare_run(accelerator, args: argparse.Namespace, *, transformer: nn.Module
 
     from .data import collate_videos
 
-    register_state_hooks(accelerator, pipeline_cls, transformer, projector)
+    register_state_hooks(accelerator, pipeline_cls)
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     param_groups = [{"params": trainable_parameters(transformer), "lr": args.learning_rate}]
@@ -935,11 +944,9 @@ def prepare_run(accelerator, args: argparse.Namespace, *, transformer: nn.Module
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes,
                                  num_cycles=args.lr_num_cycles, power=args.lr_power)
-    models = [transformer] + ([projector] if projector is not None else [])
-    prepared = accelerator.prepare(*models, optimizer, dataloader, lr_scheduler)
-    models, (optimizer, dataloader, lr_scheduler) = list(prepared[: len(models)]), prepared[len(models):]
-    if term is not None:
-        term.projector = models[1]  # the DDP-wrapped projector, so its gradients are all-reduced
+    model, optimizer, dataloader, lr_scheduler = accelerator.prepare(
+        TransformerWithProjector(transformer, term), optimizer, dataloader, lr_scheduler)
+    models = [model]
     args.num_train_epochs = math.ceil(args.max_train_steps / updates_per_epoch(len(dataloader), args.gradient_accumulation_steps))
 
     if accelerator.is_main_process:
@@ -974,12 +981,13 @@ def seed_and_output(accelerator, args: argparse.Namespace) -> str | None:
 # Inside the step, validation, and the end of training
 
 
-def add_crepa_term(diffusion_loss: torch.Tensor, term: CrepaTerm | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def add_crepa_term(diffusion_loss: torch.Tensor, term: CrepaTerm | None,
+                   projected: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L = L_diffusion + lambda * L_align, and the values to log (device tensors)."""
     values = {"diffusion_loss": diffusion_loss.detach()}
     if term is None:
         return diffusion_loss, values
-    align_loss, stats = term.loss()
+    align_loss, stats = term.loss(projected)
     values.update(crepa_loss=align_loss.detach(), **stats)
     return diffusion_loss + term.config.lambda_ * align_loss, values
 
@@ -1021,8 +1029,8 @@ def train_and_finish(accelerator, args: argparse.Namespace, run: Run, *, compute
         dataloader=run.dataloader, sampler=run.sampler, compute_loss=compute_loss, validate=validate,
         max_train_steps=args.max_train_steps, initial_global_step=run.initial_step,
         on_step_end=lambda step, logs: history.append({"step": step, **logs}))
-    accelerator.wait_for_everyone()
     check_ranks_agree(accelerator, run.models)
+    accelerator.wait_for_everyone()
     if not interrupted and accelerator.is_main_process:
         save_lora(pipeline_cls, args.output_dir, unwrapped)
         write_loss_plot(history, args.output_dir)
@@ -1036,6 +1044,10 @@ def train_and_finish(accelerator, args: argparse.Namespace, run: Run, *, compute
             extra="\n## Training curves\n\n![losses](loss.png)\n" if history else "")
         if repo_id is not None:
             upload_output(args, repo_id)
+    # Every rank waits here until the main one has written everything: a rank that exits early tears down its
+    # process group while gloo's worker threads may still be releasing the last collective's tensors (a GIL
+    # deadlock in ~ProcessGroupGloo), and the run must not look finished before its files exist.
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return global_step
 
