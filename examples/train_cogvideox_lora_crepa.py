@@ -32,7 +32,7 @@ VAE_SPATIAL, VAE_TEMPORAL = 8, 4
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="CogVideoX LoRA training with CREPA.")
-    training.add_common_args(parser, output_dir="cogvideox-lora-crepa", height=480, width=720, guidance_scale=6.0)
+    training.add_common_args(parser, output_dir="cogvideox-lora", height=480, width=720, guidance_scale=6.0)
     parser.add_argument("--use_dynamic_cfg", action="store_true", help="Dynamic CFG in validation (CogVideoX-5B).")
     add_crepa_args(parser, default_lambda=0.5,
                    block_index_help="CogVideoX-2B has 30 blocks (0..29), 5B and 1.5 have 42 (0..41).")

@@ -191,3 +191,19 @@ def test_push_to_hub_uploads_weights_and_card(tiny_models, dataset, tmp_path, mo
     assert repo_id == "someone/tiny-crepa"
     assert {"pytorch_lora_weights.safetensors", "README.md"} <= set(files)
     assert any("checkpoint" in pattern for pattern in kwargs["ignore_patterns"])
+
+
+def test_validation_videos_reach_wandb_offline(tiny_models, dataset, tmp_path):
+    """--report_to wandb logs the validation and final videos (offline mode: the run is written locally)."""
+    from helpers import offline_env
+
+    out, wandb_dir = tmp_path / "out", tmp_path / "wandb_dir"
+    wandb_dir.mkdir()
+    launch(COGVIDEOX_SCRIPT, base_args(tiny_models["cogvideox-2b"], dataset, out, extra=[
+        "--validation_prompt", "a cat dances", "--validation_steps", "2", "--validation_num_inference_steps", "2",
+        "--report_to", "wandb"]), tmp_path, env=offline_env(WANDB_MODE="offline", WANDB_DIR=str(wandb_dir)))
+    runs = list((wandb_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    videos = sorted(p.name.split("_")[0] for p in (runs[0] / "files" / "media" / "videos").glob("*.mp4"))
+    assert videos == ["test", "validation"]
+    assert list(out.glob("validation_video_0_*.mp4")) and list(out.glob("test_video_0_*.mp4"))
