@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from crepa_diffusers import training  # noqa: E402
 from crepa_diffusers.crepa import CrepaConfig, CrepaProjector  # noqa: E402
-from crepa_diffusers.features import IMAGENET_MEAN, IMAGENET_STD, DinoPatchFeatures  # noqa: E402
+from crepa_diffusers.features import DinoPatchFeatures  # noqa: E402
 
 
 @dataclass

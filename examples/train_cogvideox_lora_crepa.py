@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from crepa_diffusers import training
+from crepa_diffusers import checkpoints, training
+from crepa_diffusers.cache import ConditionCache, cached, make_condition_cache
 from crepa_diffusers.crepa import CrepaConfig, add_crepa_args
 from crepa_diffusers.data import VideoDataset
 from crepa_diffusers.features import token_frame_groups
@@ -95,7 +96,7 @@ class Parts:
     height: int
     width: int
     random_flip: bool = False
-    cache: training.ConditionCache | None = None
+    cache: ConditionCache | None = None
     video_paths: list[Path] | None = None  # dataset index -> video file, for cache keys
 
 
@@ -112,7 +113,7 @@ def training_loss(batch: dict, generator: torch.Generator, parts: Parts, term: t
         latent_dist = parts.vae.encode(frames.permute(0, 2, 1, 3, 4).to(dtype)).latent_dist
         latents = latent_dist.sample(generator=generator) * parts.vae.config.scaling_factor
         latents = pad_latent_frames(latents.permute(0, 2, 1, 3, 4).to(dtype), patch_t)  # [B, F, C, h, w]
-        prompt_embeds = training.cached(parts.cache, "t5", batch["prompts"], lambda: encode_prompts(
+        prompt_embeds = cached(parts.cache, "t5", batch["prompts"], lambda: encode_prompts(
             parts.tokenizer, parts.text_encoder, batch["prompts"], config.max_text_seq_length, device), device)
     batch_size = latents.shape[0]
     timesteps = torch.randint(0, parts.scheduler.config.num_train_timesteps, (batch_size,), device=device,
@@ -154,7 +155,7 @@ def main(args: argparse.Namespace) -> Path:
     crepa = CrepaConfig.from_args(args)
     training.check_block_index(crepa, config["num_layers"], "CogVideoX")
     training.check_encoder(crepa, args.cache_dir)
-    resume_path = training.resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    resume_path = checkpoints.resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     items = training.load_checked_items(args)
 
     accelerator = training.make_accelerator(args, default_mixed_precision="bf16" if is_large and torch.cuda.is_available() else None)
@@ -194,7 +195,7 @@ def main(args: argparse.Namespace) -> Path:
     parts = Parts(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, model=run.models[0],
                   config=unwrapped.config, scheduler=scheduler, weight_dtype=weight_dtype, device=device,
                   height=args.height, width=args.width, random_flip=args.random_flip,
-                  cache=training.make_condition_cache(args, term), video_paths=[item.path for item in items])
+                  cache=make_condition_cache(args, term), video_paths=[item.path for item in items])
 
     def compute_loss(batch, generator, step):
         return training_loss(batch, generator, parts, term)

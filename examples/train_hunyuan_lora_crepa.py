@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from crepa_diffusers import training
+from crepa_diffusers import checkpoints, training
+from crepa_diffusers.cache import ConditionCache, cached, make_condition_cache
 from crepa_diffusers.crepa import CrepaConfig, add_crepa_args
 from crepa_diffusers.data import VideoDataset
 from crepa_diffusers.features import token_frame_groups
@@ -100,7 +101,7 @@ class Parts:
     width: int
     patch_size: int
     args: argparse.Namespace  # flow_*, guidance_scale, max_sequence_length, random_flip
-    cache: training.ConditionCache | None = None
+    cache: ConditionCache | None = None
     video_paths: list[Path] | None = None
 
 
@@ -115,7 +116,7 @@ def training_loss(batch: dict, generator: torch.Generator, parts: Parts, term: t
     with timer("text_vae_encoding"), torch.no_grad():
         latent_dist = vae.encode(frames.permute(0, 2, 1, 3, 4).to(dtype)).latent_dist
         latents = (latent_dist.sample(generator=generator) * vae.config.scaling_factor).float()  # [B, C, F, h, w]
-        prompt_embeds, pooled, attention_mask = training.cached(parts.cache, "llama_clip", batch["prompts"], lambda: (
+        prompt_embeds, pooled, attention_mask = cached(parts.cache, "llama_clip", batch["prompts"], lambda: (
             parts.pipe.encode_prompt(batch["prompts"], device=device, dtype=dtype,
                                      max_sequence_length=args.max_sequence_length)), device)
     batch_size = latents.shape[0]
@@ -162,7 +163,7 @@ def main(args: argparse.Namespace) -> Path:
     training.check_block_index(crepa, config["num_layers"] + config["num_single_layers"],
                                f"HunyuanVideo ({config['num_layers']} double- + {config['num_single_layers']} single-stream)")
     training.check_encoder(crepa, args.cache_dir)
-    resume_path = training.resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    resume_path = checkpoints.resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     items = training.load_checked_items(args)
 
     accelerator = training.make_accelerator(args, default_mixed_precision="bf16" if torch.cuda.is_available() else None)
@@ -208,7 +209,7 @@ def main(args: argparse.Namespace) -> Path:
                                 text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
     parts = Parts(pipe=pipe, model=run.models[0], scheduler=scheduler, weight_dtype=weight_dtype, device=device,
                   height=args.height, width=args.width, patch_size=patch, args=args,
-                  cache=training.make_condition_cache(args, term), video_paths=[item.path for item in items])
+                  cache=make_condition_cache(args, term), video_paths=[item.path for item in items])
 
     def compute_loss(batch, generator, step):
         return training_loss(batch, generator, parts, term)

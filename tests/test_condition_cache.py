@@ -8,7 +8,7 @@ import torch
 from helpers import COGVIDEOX_SCRIPT, launch, lora_state
 from test_train_cogvideox import base_args, dataset  # noqa: F401  (module fixture)
 
-from crepa_diffusers.training import ConditionCache
+from crepa_diffusers.cache import ConditionCache
 
 
 def test_cached_run_equals_uncached_run(tiny_models, dataset, tmp_path):  # noqa: F811

@@ -15,7 +15,6 @@ import torch
 from helpers import (
     COGVIDEOX_SCRIPT,
     HUNYUAN_SCRIPT,
-    assert_same_trained_weights,
     import_script,
     launch,
     lora_state,
@@ -23,7 +22,7 @@ from helpers import (
     tiny_train_args,
 )
 
-from crepa_diffusers import testing, training
+from crepa_diffusers import checkpoints, testing, training
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +172,7 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     accelerator = Accelerator(cpu=True)
     try:
         accelerator.prepare(TinyModel())
-        training.save_checkpoint(accelerator, str(tmp_path), 2, total_limit=1)
+        checkpoints.save_checkpoint(accelerator, str(tmp_path), 2, total_limit=1)
         original = accelerator.save_state
 
         def crash_midway(output_dir, **kwargs):
@@ -182,16 +181,16 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
         monkeypatch.setattr(accelerator, "save_state", crash_midway)
         with pytest.raises(KeyboardInterrupt):
-            training.save_checkpoint(accelerator, str(tmp_path), 4, total_limit=1)
+            checkpoints.save_checkpoint(accelerator, str(tmp_path), 4, total_limit=1)
     finally:
         AcceleratorState._reset_state(True)
     assert (tmp_path / ".checkpoint-4.tmp").is_dir()
     assert (tmp_path / "checkpoint-2").is_dir(), "the limit deleted the newest complete checkpoint"
     # A checkpoint-N folder without the completion marker (e.g. copied half-way) is ignored too.
     shutil.copytree(tmp_path / ".checkpoint-4.tmp", tmp_path / "checkpoint-6")
-    assert training.resolve_resume_checkpoint("latest", str(tmp_path)) == tmp_path / "checkpoint-2"
+    assert checkpoints.resolve_resume_checkpoint("latest", str(tmp_path)) == tmp_path / "checkpoint-2"
     with pytest.raises(FileNotFoundError, match="incomplete"):
-        training.resolve_resume_checkpoint(str(tmp_path / "checkpoint-6"), str(tmp_path))
+        checkpoints.resolve_resume_checkpoint(str(tmp_path / "checkpoint-6"), str(tmp_path))
 
 
 def test_half_written_checkpoint_resumes_from_previous(tiny_models, dataset, tmp_path):
@@ -199,7 +198,7 @@ def test_half_written_checkpoint_resumes_from_previous(tiny_models, dataset, tmp
     launch(COGVIDEOX_SCRIPT, args_for(tiny_models["cogvideox-2b"], dataset, out, steps=2,
                                       extra=["--checkpointing_steps", "2"]), tmp_path)
     shutil.copytree(out / "checkpoint-2", out / "checkpoint-3")
-    (out / "checkpoint-3" / training.CHECKPOINT_COMPLETE).unlink()
+    (out / "checkpoint-3" / checkpoints.CHECKPOINT_COMPLETE).unlink()
     (out / "checkpoint-3" / "optimizer.bin").write_bytes(b"truncated")
     result = launch(COGVIDEOX_SCRIPT, args_for(tiny_models["cogvideox-2b"], dataset, out, steps=3,
                                                extra=["--resume_from_checkpoint", "latest"]), tmp_path)
@@ -229,7 +228,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches(tiny_models, dataset, tmp
     assert stopped, rest[-3000:]
     step = int(stopped.group(1))
     assert 3 <= step < 500
-    assert (out / f"checkpoint-{step}" / training.CHECKPOINT_COMPLETE).is_file()
+    assert (out / f"checkpoint-{step}" / checkpoints.CHECKPOINT_COMPLETE).is_file()
     assert not (out / "pytorch_lora_weights.safetensors").exists(), "an interrupted run is not a finished LoRA"
 
     launch(COGVIDEOX_SCRIPT, args_for(model, dataset, out, steps=step + 2, extra=[

@@ -1,28 +1,34 @@
-"""What both training scripts need and is not model-specific: flags, optimizer, seeded data order and noise,
-atomic checkpoints, LoRA/projector state hooks, metrics, validation video logging, model card, Hub upload."""
+"""What both training scripts need and is not model-specific: flags, checks, optimizer, seeded data order and
+noise, the CREPA term and the trained module, the optimisation loop, and the end of training (checkpoints:
+`checkpoints.py`; videos, card and Hub: `reporting.py`; the condition cache: `cache.py`)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
-import re
-import shutil
 import signal
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import nn
 
-logger = logging.getLogger(__name__)
+from .cache import ConditionCache
+from .checkpoints import checkpoint_step, register_state_hooks, save_checkpoint, save_lora
+from .reporting import (
+    create_hub_repo,
+    crepa_card_settings,
+    hub_repo_id,
+    log_validation_videos,
+    training_card_settings,
+    upload_output,
+    write_loss_plot,
+    write_model_card,
+)
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-CHECKPOINT_COMPLETE = "checkpoint_complete.json"
-PROJECTOR_FILE = "crepa_projector.safetensors"
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -263,133 +269,6 @@ def random_flip(frames: torch.Tensor, generator: torch.Generator) -> torch.Tenso
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: checkpoint-N folders, written atomically
-
-
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoint-N folders, oldest first (a folder without the completion marker is ignored)."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = [
-        (int(match.group(1)), path)
-        for path in root.iterdir()
-        if path.is_dir() and (match := CHECKPOINT_PATTERN.match(path.name)) and (path / CHECKPOINT_COMPLETE).is_file()
-    ]
-    return [path for _, path in sorted(found)]
-
-
-def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str) -> Path | None:
-    if resume_from_checkpoint is None:
-        return None
-    if resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        if not checkpoints:
-            logger.warning("--resume_from_checkpoint latest: no complete checkpoint in %s, starting a new run.", output_dir)
-            return None
-        return checkpoints[-1]
-    path = Path(resume_from_checkpoint)
-    if not path.is_absolute() and not path.exists():
-        path = Path(output_dir) / path
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"--resume_from_checkpoint {resume_from_checkpoint}: no such folder (looked in {path}). Use \"latest\" "
-            f"or one of: {[p.name for p in list_checkpoints(output_dir)] or 'none found'}."
-        )
-    if not (path / CHECKPOINT_COMPLETE).is_file():
-        raise FileNotFoundError(
-            f"--resume_from_checkpoint {path} is incomplete (no {CHECKPOINT_COMPLETE}; the save was interrupted)."
-        )
-    return path
-
-
-def checkpoint_step(path: Path) -> int:
-    return json.loads((path / CHECKPOINT_COMPLETE).read_text())["global_step"]
-
-
-def save_checkpoint(accelerator, output_dir: str, global_step: int, total_limit: int | None) -> Path:
-    """accelerate state into checkpoint-N.tmp, a completion marker last, then an atomic rename; older checkpoints
-    beyond `total_limit` are removed only after the new one is complete. Every process must call this."""
-    final = Path(output_dir) / f"checkpoint-{global_step}"
-    staging = Path(output_dir) / f".checkpoint-{global_step}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (staging / CHECKPOINT_COMPLETE).write_text(json.dumps({"global_step": global_step}))
-        if final.exists():  # re-saving the same step (e.g. after a signal at a checkpoint step)
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        if total_limit is not None:
-            for old in list_checkpoints(output_dir)[:-total_limit]:
-                logger.info("Removing checkpoint %s (--checkpoints_total_limit %d)", old, total_limit)
-                shutil.rmtree(old)
-        logger.info("Saved state to %s", final)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def lora_metadata(transformer: nn.Module) -> dict:
-    """peft config of the LoRA, so load_lora_weights restores alpha / rank without set_adapters."""
-    return {"transformer_lora_adapter_metadata": transformer.peft_config["default"].to_dict()}
-
-
-def save_lora(pipeline_cls, directory: str | os.PathLike, transformer: nn.Module, dtype: torch.dtype | None = None):
-    from peft.utils import get_peft_model_state_dict
-
-    state = get_peft_model_state_dict(transformer)
-    if dtype is not None:
-        state = {key: value.to(dtype) for key, value in state.items()}
-    pipeline_cls.save_lora_weights(directory, transformer_lora_layers=state, **lora_metadata(transformer))
-
-
-def load_lora_into(pipeline_cls, directory: str | os.PathLike, transformer: nn.Module) -> None:
-    from diffusers.utils import convert_unet_state_dict_to_peft
-    from peft.utils import set_peft_model_state_dict
-
-    state = pipeline_cls.lora_state_dict(directory)
-    if isinstance(state, tuple):  # newer diffusers may return (state_dict, metadata)
-        state = state[0]
-    state = {k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")}
-    incompatible = set_peft_model_state_dict(transformer, convert_unet_state_dict_to_peft(state), adapter_name="default")
-    unexpected = getattr(incompatible, "unexpected_keys", None)
-    if unexpected:
-        raise RuntimeError(f"{directory}: LoRA keys that do not match this model: {unexpected[:5]}")
-
-
-def register_state_hooks(accelerator, pipeline_cls) -> None:
-    """accelerate save/load_state writes the LoRA (diffusers format) and the CREPA projector of the
-    TransformerWithProjector, not the frozen base model."""
-    from safetensors.torch import load_file, save_file
-
-    def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            for model in models:
-                model = accelerator.unwrap_model(model)
-                save_lora(pipeline_cls, output_dir, model.transformer)
-                if model.projector is not None:
-                    state = {k: v.detach().contiguous().cpu() for k, v in model.projector.state_dict().items()}
-                    save_file(state, os.path.join(output_dir, PROJECTOR_FILE))
-        while weights:
-            weights.pop()
-
-    def load_hook(models, input_dir):
-        while models:
-            model = accelerator.unwrap_model(models.pop())
-            load_lora_into(pipeline_cls, input_dir, model.transformer)
-            if model.projector is not None:
-                path = os.path.join(input_dir, PROJECTOR_FILE)
-                if not os.path.isfile(path):
-                    raise FileNotFoundError(f"{path} is missing: this checkpoint was saved without CREPA.")
-                model.projector.load_state_dict(load_file(path))
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Interruptions and non-finite losses
 
 
@@ -461,153 +340,8 @@ class MetricAccumulator:
 # Validation videos, model card, Hub
 
 
-def _tensorboard_gif_summary(tag: str, frames, fps: int):
-    import io
-
-    from PIL import Image
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
-    images = [Image.fromarray(frame) for frame in frames]
-    buffer = io.BytesIO()
-    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-    height, width = frames[0].shape[:2]
-    image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=buffer.getvalue())
-    return Summary(value=[Summary.Value(tag=tag, image=image)])
-
-
-def log_validation_videos(accelerator, videos: list, prompts: list[str], output_dir: str, phase: str, step: int, fps: int) -> list[Path]:
-    """Each video (a list of PIL frames or uint8 arrays) to an mp4 in output_dir, and to wandb and tensorboard."""
-    import numpy as np
-    from diffusers.utils import export_to_video
-
-    paths = []
-    for i, (video, prompt) in enumerate(zip(videos, prompts)):
-        safe = re.sub(r"[^A-Za-z0-9_-]+", "_", prompt[:25]).strip("_") or "prompt"
-        path = Path(output_dir) / f"{phase}_video_{i}_{safe}.mp4"
-        export_to_video(video, str(path), fps=fps)
-        paths.append(path)
-        frames = [np.asarray(frame) for frame in video]
-        if frames and frames[0].dtype != np.uint8:
-            frames = [(np.clip(f, 0, 1) * 255).round().astype(np.uint8) for f in frames]
-        for tracker in accelerator.trackers:
-            if tracker.name == "tensorboard":
-                writer = tracker.writer
-                writer._get_file_writer().add_summary(_tensorboard_gif_summary(f"{phase}/video_{i}", frames, fps), step)
-                writer.add_text(f"{phase}/prompt_{i}", prompt, step)
-                writer.flush()
-            elif tracker.name == "wandb":
-                import wandb
-
-                tracker.log({phase: [wandb.Video(str(path), caption=f"{i}: {prompt}", format="mp4")]}, step=step)
-    return paths
-
-
-def write_model_card(
-    output_dir: str,
-    *,
-    repo_id: str,
-    base_model: str,
-    model_tags: list[str],
-    pipeline_cls_name: str,
-    crepa_settings: dict,
-    training_settings: dict,
-    validation_prompts: list[str],
-    video_files: list[Path],
-    extra: str = "",
-) -> Path:
-    """README.md with YAML metadata that huggingface_hub.ModelCard parses."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    widget = [
-        {"text": prompt, "output": {"url": Path(video).name}} for prompt, video in zip(validation_prompts, video_files)
-    ]
-    data = ModelCardData(
-        base_model=base_model,
-        library_name="diffusers",
-        license="other",
-        tags=["text-to-video", "diffusers-training", "diffusers", "lora", "crepa", "template:sd-lora", *model_tags],
-        widget=widget or None,
-    )
-    data.crepa = crepa_settings
-    rows = "\n".join(f"| `{key}` | `{value}` |" for key, value in crepa_settings.items())
-    train_rows = "\n".join(f"| `{key}` | `{value}` |" for key, value in training_settings.items())
-    prompts = "\n".join(f"- {p}" for p in validation_prompts) or "- (none)"
-    videos = "\n".join(f"- [{Path(v).name}]({Path(v).name})" for v in video_files) or "- (none)"
-    body = f"""
-# {repo_id}
-
-A LoRA for [{base_model}](https://huggingface.co/{base_model}) trained with **CREPA** (Cross-frame Representation
-Alignment, [arXiv 2506.09229](https://arxiv.org/abs/2506.09229)) using
-[crepa-diffusers](https://github.com/) (`{pipeline_cls_name}`).
-
-## Use
-
-```python
-import torch
-from diffusers import {pipeline_cls_name}
-from diffusers.utils import export_to_video
-
-pipe = {pipeline_cls_name}.from_pretrained("{base_model}", torch_dtype=torch.bfloat16).to("cuda")
-pipe.load_lora_weights("{repo_id}", adapter_name="crepa-lora")  # the LoRA scale is stored in the file
-video = pipe("{validation_prompts[0] if validation_prompts else 'your prompt'}").frames[0]
-export_to_video(video, "output.mp4", fps=8)
-```
-
-## CREPA settings
-
-| setting | value |
-|---|---|
-{rows}
-
-## Training settings
-
-| setting | value |
-|---|---|
-{train_rows}
-
-## Validation prompts
-
-{prompts}
-
-## Validation videos
-
-{videos}
-{extra}
-"""
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
-    path = Path(output_dir) / "README.md"
-    card.save(path)
-    return path
-
-
-def hub_repo_id(args: argparse.Namespace) -> str:
-    return args.hub_model_id or Path(args.output_dir).name
-
-
-def create_hub_repo(args: argparse.Namespace) -> str:
-    from huggingface_hub import create_repo
-
-    return create_repo(hub_repo_id(args), exist_ok=True, token=args.hub_token).repo_id
-
-
-def upload_output(args: argparse.Namespace, repo_id: str) -> None:
-    from huggingface_hub import upload_folder
-
-    upload_folder(
-        repo_id=repo_id,
-        folder_path=args.output_dir,
-        commit_message="End of training",
-        ignore_patterns=["step_*", "epoch_*", "checkpoint-*", ".checkpoint-*", "logs/*", "*.tmp"],
-        token=args.hub_token,
-    )
-
-
 def trainable_parameters(*modules: nn.Module | None) -> list[nn.Parameter]:
     return [p for module in modules if module is not None for p in module.parameters() if p.requires_grad]
-
-
-def count_parameters(params: Iterable[nn.Parameter]) -> int:
-    return sum(p.numel() for p in params)
 
 
 def updates_per_epoch(num_batches: int, gradient_accumulation_steps: int) -> int:
@@ -794,69 +528,6 @@ def train(
         stop.restore()
         progress.close()
     return global_step, interrupted
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# End-of-training artefacts
-
-
-def crepa_card_settings(config) -> dict:
-    return {
-        "crepa_mode": config.mode,
-        "crepa_lambda": config.lambda_,
-        "crepa_block_index": config.block_index,
-        "crepa_adjacent_distance": config.effective_distance,
-        "crepa_adjacent_tau": config.tau,
-        "crepa_cumulative_neighbors": config.cumulative,
-        "crepa_normalize_by_frames": config.normalize_by_frames,
-        "crepa_encoder": config.encoder,
-        "crepa_projector_dim": config.projector_dim,
-        "crepa_frame_pooling": config.frame_pooling,
-    }
-
-
-def training_card_settings(args: argparse.Namespace, global_step: int, model_variant: str) -> dict:
-    return {
-        "model": model_variant,
-        "steps": global_step,
-        "rank": args.rank,
-        "lora_alpha": args.lora_alpha,
-        "learning_rate": args.learning_rate,
-        "train_batch_size": args.train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "resolution": f"{args.max_num_frames}x{args.height}x{args.width}",
-        "mixed_precision": args.mixed_precision or "accelerate default",
-        "optimizer": args.optimizer,
-        "seed": args.seed,
-    }
-
-
-def write_loss_plot(history: list[dict], output_dir: str) -> Path | None:
-    """loss.png: total / diffusion / CREPA losses and the similarities over steps (from the logged values)."""
-    if not history:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [row["step"] for row in history]
-    fig, (losses, sims) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in ("loss", "diffusion_loss", "crepa_loss"):
-        if key in history[0]:
-            losses.plot(steps, [row[key] for row in history], label=key)
-    for key in ("similarity_self", "similarity_neighbour"):
-        if key in history[0]:
-            sims.plot(steps, [row[key] for row in history], label=key)
-    losses.set_xlabel("step"), losses.set_title("losses"), losses.legend()
-    sims.set_xlabel("step"), sims.set_title("CREPA cosine similarity"), sims.legend() if sims.lines else None
-    fig.tight_layout()
-    path = Path(output_dir) / "loss.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    with open(Path(output_dir) / "training_log.json", "w") as handle:
-        json.dump(history, handle)
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1110,66 +781,3 @@ def NO_TIMER(name: str):
     return contextlib.nullcontext()
 
 
-class ConditionCache:
-    """Per-sample tensors (DINOv2 features, text embeddings) on disk, computed once and reused across epochs.
-
-    A file's name is a hash of everything its content depends on (the video file's path, size and mtime, the frame
-    sampling and resolution flags, the encoder or text model), so a changed flag or video never reuses a stale entry.
-    """
-
-    def __init__(self, directory: str | os.PathLike, salt: dict) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.salt = json.dumps(salt, sort_keys=True, default=str)
-        self.hits = self.misses = 0
-
-    def key(self, kind: str, *parts) -> str:
-        import hashlib
-
-        return kind + "-" + hashlib.sha1(json.dumps([self.salt, kind, parts], default=str).encode()).hexdigest()[:20]
-
-    def video_key(self, kind: str, path: Path, *parts) -> str:
-        stat = Path(path).stat()
-        return self.key(kind, str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, *parts)
-
-    def load_or_compute(self, keys: list[str], compute: Callable[[], torch.Tensor | tuple], device: torch.device):
-        """The batch's tensors (stacked on dim 0) from disk when every sample is cached, else `compute()` for the
-        batch and each sample's slice written atomically."""
-        from safetensors.torch import load_file, save_file
-
-        paths = [self.directory / f"{key}.safetensors" for key in keys]
-        if all(path.is_file() for path in paths):
-            self.hits += len(paths)
-            loaded = [load_file(str(path), device=str(device)) for path in paths]
-            out = tuple(torch.stack([sample[str(i)] for sample in loaded]) for i in range(len(loaded[0])))
-            return out if len(out) > 1 else out[0]
-        self.misses += len(paths)
-        result = compute()
-        tensors = result if isinstance(result, tuple) else (result,)
-        for sample, path in enumerate(paths):
-            staging = path.with_suffix(f".tmp{os.getpid()}")
-            save_file({str(i): t[sample].detach().contiguous().cpu() for i, t in enumerate(tensors)}, str(staging))
-            os.replace(staging, path)
-        return result
-
-
-def make_condition_cache(args: argparse.Namespace, term: CrepaTerm | None) -> ConditionCache | None:
-    """The --cache_conditions cache (also handed to the CREPA term), keyed by every flag the clips depend on."""
-    if not args.cache_conditions:
-        return None
-    salt = {name: getattr(args, name) for name in (
-        "pretrained_model_name_or_path", "revision", "height", "width", "max_num_frames", "skip_frames_start",
-        "skip_frames_end", "video_reshape_mode", "crepa_encoder", "crepa_frame_pooling", "max_sequence_length")
-        if hasattr(args, name)}
-    cache = ConditionCache(args.condition_cache_dir or Path(args.output_dir) / "condition_cache", salt)
-    if term is not None:
-        term.cache = cache
-    return cache
-
-
-def cached(cache: ConditionCache | None, kind: str, names: list, compute: Callable, device: torch.device):
-    """compute() through the cache, one key per sample (prompt text or video path)."""
-    if cache is None:
-        return compute()
-    keys = [cache.video_key(kind, name) if isinstance(name, Path) else cache.key(kind, name) for name in names]
-    return cache.load_or_compute(keys, compute, device)
