@@ -207,3 +207,32 @@ def test_validation_videos_reach_wandb_offline(tiny_models, dataset, tmp_path):
     videos = sorted(p.name.split("_")[0] for p in (runs[0] / "files" / "media" / "videos").glob("*.mp4"))
     assert videos == ["test", "validation"]
     assert list(out.glob("validation_video_0_*.mp4")) and list(out.glob("test_video_0_*.mp4"))
+
+
+@pytest.mark.parametrize("extra", [
+    ["--optimizer", "AdamW", "--gradient_checkpointing", "--gradient_accumulation_steps", "2",
+     "--lr_scheduler", "cosine", "--lr_warmup_steps", "1", "--max_grad_norm", "0.5", "--scale_lr"],
+    ["--optimizer", "prodigy", "--learning_rate", "1.0", "--prodigy_safeguard_warmup", "--enable_slicing",
+     "--enable_tiling", "--random_flip", "--video_reshape_mode", "random", "--dataloader_num_workers", "2"],
+], ids=["adamw-ckpt-accumulate-cosine", "prodigy-flip-workers"])
+def test_training_options_run(tiny_models, dataset, tmp_path, extra):
+    out = tmp_path / "out"
+    launch(COGVIDEOX_SCRIPT, base_args(tiny_models["cogvideox-5b"], dataset, out, extra=extra), tmp_path)
+    log = json.loads((out / "training_log.json").read_text())
+    assert [row["step"] for row in log] == [1, 2]
+    assert all(np.isfinite(row["loss"]) and np.isfinite(row["crepa_loss"]) for row in log)
+    if "cosine" in extra:  # a 1-step warm-up, then cosine decay
+        assert log[0]["lr"] > log[1]["lr"] >= 0
+    assert any(v.abs().max() > 0 for k, v in lora_state(out).items() if "lora_B" in k)
+
+
+def test_8bit_adam_without_bitsandbytes_is_a_clear_error(tiny_models, dataset, tmp_path):
+    try:
+        import bitsandbytes  # noqa: F401
+
+        pytest.skip("bitsandbytes is installed here")
+    except ImportError:
+        pass
+    result = launch(COGVIDEOX_SCRIPT, base_args(tiny_models["cogvideox-2b"], dataset, tmp_path / "o", extra=[
+        "--use_8bit_adam"]), tmp_path, check=False)
+    assert result.returncode != 0 and "--use_8bit_adam needs `pip install bitsandbytes`" in result.stderr
