@@ -287,11 +287,15 @@ def test_nonfinite_message_names_the_fp16_fix():
 # Two processes (gloo on CPU)
 
 
-@pytest.mark.parametrize("script_path, model, block", [(COGVIDEOX_SCRIPT, "cogvideox-5b", 1), (HUNYUAN_SCRIPT, "hunyuan", 2)])
-def test_two_process_run(tiny_models, dataset, tmp_path, script_path, model, block):
+@pytest.mark.parametrize("script_path, model, block, extra, micro_batches", [
+    # The multi-GPU configuration most users run: gradient checkpointing and accumulation under DDP.
+    (COGVIDEOX_SCRIPT, "cogvideox-5b", 1, ["--gradient_checkpointing", "--gradient_accumulation_steps", "2"], 6),
+    (HUNYUAN_SCRIPT, "hunyuan", 2, [], 3),
+])
+def test_two_process_run(tiny_models, dataset, tmp_path, script_path, model, block, extra, micro_batches):
     out = tmp_path / "out"
     argv = args_for(tiny_models[model], dataset, out, steps=3, extra=["--crepa_block_index", str(block),
-                                                                      "--checkpointing_steps", "3"])
+                                                                      "--checkpointing_steps", "3", *extra])
     if script_path == HUNYUAN_SCRIPT:
         argv += ["--max_sequence_length", "16"]
     env = offline_env(ACCELERATE_USE_CPU="true", CREPA_LOG_LEVEL="DEBUG", OMP_NUM_THREADS="1")
@@ -309,7 +313,7 @@ def test_two_process_run(tiny_models, dataset, tmp_path, script_path, model, blo
     assert "2 processes (rank 0)" in log and "2 processes (rank 1)" in log
     samples = {rank: [json.loads(s) for s in re.findall(rf"rank {rank} step \d+ samples (\[[\d, ]*\])", log)]
                for rank in (0, 1)}
-    assert len(samples[0]) == len(samples[1]) == 3
+    assert len(samples[0]) == len(samples[1]) == micro_batches
     assert any(a != b for a, b in zip(samples[0], samples[1])), samples
     assert log.count("Trained weights identical on all 2 ranks") == 2
     state = lora_state(out)
