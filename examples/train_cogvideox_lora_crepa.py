@@ -221,7 +221,8 @@ def main(args: argparse.Namespace) -> Path:
         pipe.load_lora_weights(args.output_dir, adapter_name="cogvideox-lora-crepa")  # scale from the metadata
         return run_pipeline(pipe.to(device), "test", step)
 
-    variant = "CogVideoX 1.5" if patch_t else ("CogVideoX-5B" if is_large else "CogVideoX-2B")
+    variant = ("CogVideoX 1.5 (patch_size_t=2)" if patch_t else
+               "CogVideoX 5B-style (rotary positions)" if is_large else "CogVideoX 2B-style (sin-cos positions)")
     training.train_and_finish(
         accelerator, args, run, compute_loss=compute_loss, validate=validate, final_test=final_test if prompts else None,
         pipeline_cls=CogVideoXPipeline, unwrapped=unwrapped, crepa=crepa, model_variant=variant,

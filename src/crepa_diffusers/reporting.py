@@ -65,11 +65,14 @@ def write_model_card(
     """README.md with YAML metadata that huggingface_hub.ModelCard parses."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    # A Hub id ("org/name") links to its page; a local folder is named as it is.
+    on_hub = not Path(base_model).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", base_model) is not None
+    base_link = f"[{base_model}](https://huggingface.co/{base_model})" if on_hub else f"the local model `{base_model}`"
     widget = [
         {"text": prompt, "output": {"url": Path(video).name}} for prompt, video in zip(validation_prompts, video_files)
     ]
     data = ModelCardData(
-        base_model=base_model,
+        base_model=base_model if on_hub else None,  # the Hub rejects a local path as base_model metadata
         library_name="diffusers",
         license="other",
         tags=["text-to-video", "diffusers-training", "diffusers", "lora", "crepa", "template:sd-lora", *model_tags],
@@ -83,9 +86,8 @@ def write_model_card(
     body = f"""
 # {repo_id}
 
-A LoRA for [{base_model}](https://huggingface.co/{base_model}) trained with **CREPA** (Cross-frame Representation
-Alignment, [arXiv 2506.09229](https://arxiv.org/abs/2506.09229)) using
-[crepa-diffusers](https://github.com/) (`{pipeline_cls_name}`).
+A LoRA for {base_link} trained with **CREPA** (Cross-frame Representation Alignment,
+[arXiv 2506.09229](https://arxiv.org/abs/2506.09229)) with crepa-diffusers (`{pipeline_cls_name}`).
 
 ## Use
 
