@@ -116,6 +116,8 @@ def test_args_defaults_and_config():
     assert repa.effective_distance == 0 and repa.enabled
     assert not CrepaConfig.from_args(make_parser().parse_args(["--crepa_mode", "none"])).enabled
     assert not CrepaConfig.from_args(make_parser().parse_args(["--no-crepa_normalize_by_frames"])).normalize_by_frames
+    _, stats = repa.loss_and_stats(torch.randn(1, 3, 2, 4), torch.randn(1, 3, 2, 4))
+    assert set(stats) == {"similarity_self"}
 
 
 @pytest.mark.parametrize(

@@ -86,6 +86,8 @@ def test_end_to_end(tiny_models, dataset, tmp_path, variant, mode):
     if mode == "crepa":
         assert all(-1.0 - 2 * np.exp(-1) <= row["crepa_loss"] <= 1.0 + 2 * np.exp(-1) for row in log)
         assert all("similarity_neighbour" in row for row in log)
+    if mode == "repa":
+        assert all("similarity_neighbour" not in row and "similarity_self" in row for row in log)
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     projector_files = list(out.glob("checkpoint-*/crepa_projector.safetensors"))
     assert projector_files == [] or mode != "none"

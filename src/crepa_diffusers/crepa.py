@@ -154,9 +154,12 @@ class CrepaConfig:
         )
 
     def loss_and_stats(self, projected: torch.Tensor, features: torch.Tensor):
-        return crepa_loss_and_stats(
+        loss, stats = crepa_loss_and_stats(
             projected, features, self.effective_distance, self.tau, self.cumulative, self.normalize_by_frames
         )
+        if self.effective_distance == 0:  # REPA*: no neighbour pairs, so nothing to log for them
+            del stats["similarity_neighbour"]
+        return loss, stats
 
 
 def _checked(kind: type, test, requirement: str):
