@@ -306,6 +306,106 @@ def run(preset_name: str, encoder_name: str, steps: int, warmup: int, batch_size
     }
 
 
+class FlopPhases:
+    """Stands in for the phase timer: FLOPs counted per phase (torch.utils.flop_counter) instead of seconds."""
+
+    def __init__(self, counter) -> None:
+        self.counter, self.totals = counter, {}
+
+    def __call__(self, name: str):
+        import contextlib
+
+        @contextlib.contextmanager
+        def phase():
+            before = self.counter.get_total_flops()
+            yield
+            self.totals[name] = self.totals.get(name, 0) + self.counter.get_total_flops() - before
+
+        return phase()
+
+
+def count_flops(preset_name: str, encoder_name: str, batch_size: int = 1) -> dict:
+    """FLOPs of one training step per mode at full size, on the meta device (shapes only: no memory, no GPU)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    preset = PRESETS[preset_name]
+    device = torch.device("meta")
+    script = load_script("cogvideox" if preset.model == "cogvideox" else "hunyuan")
+    with torch.device(device):
+        if preset.model == "cogvideox":
+            tokenizer, text_encoder, vae, transformer, scheduler = build_cogvideox(preset_name)
+        else:
+            pipe = build_hunyuan()
+            vae, transformer = pipe.vae, pipe.transformer
+        encoder_model = build_encoder(encoder_name)
+    for module in ([vae, transformer] + ([text_encoder] if preset.model == "cogvideox"
+                                         else [pipe.text_encoder, pipe.text_encoder_2])):
+        module.requires_grad_(False)
+    if preset.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    with torch.device(device):
+        training.add_lora(transformer, 128, 128, ["to_k", "to_q", "to_v", "to_out.0"])
+        encoder = DinoPatchFeatures(encoder_model, frames_per_chunk=16)
+        hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        projector = CrepaProjector(hidden, encoder.hidden_size, 2048)
+    stash: dict = {}
+    original_encode = vae.encode
+
+    def encode_and_stash(x, *args, **kwargs):
+        out = original_encode(x, *args, **kwargs)
+        stash["latent_dist"] = out.latent_dist
+        return out
+
+    vae.encode = encode_and_stash
+    terms = {"none": None}
+    for mode, pooling in (("repa", "mean"), ("crepa", "mean"), ("crepa-center", "center")):
+        config = CrepaConfig(mode=mode.split("-")[0], lambda_=0.5, block_index=preset.block_index, frame_pooling=pooling)
+        terms[mode] = training.CrepaTerm(config, transformer, projector, encoder)
+    terms["crepa-decode"] = DecodeAnchorTerm(CrepaConfig(mode="crepa", lambda_=0.5, block_index=preset.block_index),
+                                             transformer, projector, encoder, vae, stash, preset.model)
+    if preset.model == "cogvideox":
+        parts = script.Parts(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, model=transformer,
+                             config=transformer.config, scheduler=scheduler, weight_dtype=torch.float32, device=device,
+                             height=preset.height, width=preset.width)
+    else:
+        args = argparse.Namespace(random_flip=False, max_sequence_length=256, guidance_scale=1.0,
+                                  flow_weighting_scheme="none", flow_logit_mean=0.0, flow_logit_std=1.0,
+                                  flow_mode_scale=1.29)
+        parts = script.Parts(pipe=pipe, model=transformer, scheduler=pipe.scheduler, weight_dtype=torch.float32,
+                             device=device, height=preset.height, width=preset.width,
+                             patch_size=transformer.config.patch_size, args=args)
+    batch = {"frames": torch.empty(batch_size, preset.frames, 3, preset.height, preset.width, device=device),
+             "prompts": ["a panda playing a guitar in a bamboo forest, cinematic"] * batch_size,
+             "indices": torch.arange(batch_size)}
+    flops = {}
+    for mode, term in terms.items():
+        model = training.TransformerWithProjector(transformer, term)
+        with FlopCounterMode(display=False) as counter:
+            phases = FlopPhases(counter)
+            loss, _ = script.training_loss(batch, None, dataclasses.replace(parts, model=model), term, phases)
+            with phases("backward"):
+                loss.backward()
+        flops[mode] = {"total": counter.get_total_flops(), **phases.totals}
+    return {
+        "preset": preset_name, "encoder": encoder_name, "clip": f"{preset.frames}x{preset.height}x{preset.width}",
+        "batch_size": batch_size, "gradient_checkpointing": preset.gradient_checkpointing,
+        "date": datetime.date.today().isoformat(), "tflops": {m: {k: v / 1e12 for k, v in f.items()} for m, f in flops.items()},
+        "ratio_to_none": {m: f["total"] / flops["none"]["total"] for m, f in flops.items()},
+    }
+
+
+def flops_markdown(result: dict) -> str:
+    phases = ["text_vae_encoding", "encoder_features", "transformer_forward", "loss", "backward"]
+    lines = [f"**{result['preset']}** ({result['clip']}, batch {result['batch_size']}, encoder {result['encoder']}, "
+             f"gradient checkpointing {'on' if result['gradient_checkpointing'] else 'off'}): TFLOP per training step, "
+             f"counted on the meta device, {result['date']}",
+             "", "| mode | total | ratio to none | " + " | ".join(phases) + " |", "|---" * (3 + len(phases)) + "|"]
+    for mode, split in result["tflops"].items():
+        lines.append(f"| {mode} | {split['total']:.1f} | {result['ratio_to_none'][mode]:.3f} | "
+                     + " | ".join(f"{split.get(p, 0.0):.1f}" for p in phases) + " |")
+    return "\n".join(lines)
+
+
 def markdown(result: dict) -> str:
     phases = ["text_vae_encoding", "encoder_features", "transformer_forward", "loss", "backward", "optimizer"]
     lines = [f"**{result['preset']}** ({result['clip']}, batch {result['batch_size']}, {result['dtype']}, "
@@ -329,7 +429,17 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=2, help="Untimed steps per mode first.")
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--output", type=str, default=None, help="Write the results as JSON here.")
+    parser.add_argument("--count_flops", action="store_true",
+                        help="Count the FLOPs of one step per mode on the meta device instead of timing (any preset, "
+                        "no GPU or memory needed).")
     args = parser.parse_args(argv)
+    if args.count_flops:
+        results = [count_flops(args.preset, name, args.batch_size) for name in args.encoder or PRESETS[args.preset].encoders]
+        for result in results:
+            print(flops_markdown(result), "\n", flush=True)
+        if args.output:
+            Path(args.output).write_text(json.dumps(results, indent=2))
+        return results
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.preset not in ("tiny", "cpu-mid") and device.type != "cuda":
         parser.error(f"--preset {args.preset} is full size: it needs a GPU.")

@@ -135,3 +135,14 @@ def test_invalid_values_name_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit):
         make_parser().parse_args(argv)
     assert flag in capsys.readouterr().err
+
+
+def test_loss_and_stats_never_read_device_values():
+    """No data-dependent op (boolean indexing -> nonzero, .item(), ...): on a GPU those are host syncs each step.
+    The meta device has no data, so any such op fails there."""
+    projected = torch.randn(2, 5, 3, 8, device="meta", requires_grad=True)
+    features = torch.randn(2, 5, 3, 8, device="meta")
+    for distance, cumulative in ((0, False), (1, False), (2, True)):
+        loss, stats = crepa_loss_and_stats(projected, features, distance=distance, cumulative=cumulative)
+        loss.backward()
+        assert loss.shape == () and all(value.shape == () for value in stats.values())
