@@ -374,6 +374,17 @@ def count_flops(preset_name: str, encoder_name: str, batch_size: int = 1) -> dic
         parts = script.Parts(pipe=pipe, model=transformer, scheduler=pipe.scheduler, weight_dtype=torch.float32,
                              device=device, height=preset.height, width=preset.width,
                              patch_size=transformer.config.patch_size, args=args)
+
+        def encode_prompt_on_meta(prompts, device=None, dtype=None, max_sequence_length=256):
+            # diffusers' encode_prompt reads token values (.item()), which the meta device cannot: run the same two
+            # encoders on inputs of the same length (template crop 95 + max_sequence_length; CLIP 77 tokens).
+            crop, size = 95, len(prompts)
+            ids = torch.zeros(size, max_sequence_length + crop, dtype=torch.long, device="meta")
+            states = pipe.text_encoder(input_ids=ids, output_hidden_states=True).hidden_states[-3][:, crop:]
+            pooled = pipe.text_encoder_2(torch.zeros(size, 77, dtype=torch.long, device="meta")).pooler_output
+            return states, pooled, torch.ones(size, max_sequence_length, dtype=torch.long, device="meta")
+
+        pipe.encode_prompt = encode_prompt_on_meta
     batch = {"frames": torch.empty(batch_size, preset.frames, 3, preset.height, preset.width, device=device),
              "prompts": ["a panda playing a guitar in a bamboo forest, cinematic"] * batch_size,
              "indices": torch.arange(batch_size)}

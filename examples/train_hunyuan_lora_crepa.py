@@ -84,8 +84,10 @@ def sample_flow_sigmas(args, scheduler, batch_size: int, generator: torch.Genera
         u = torch.rand(batch_size, generator=generator, device=device)
         if args.flow_weighting_scheme == "mode":
             u = 1 - u - args.flow_mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
-    index = (u * scheduler.config.num_train_timesteps).long().clamp(0, len(scheduler.sigmas) - 1).cpu()
-    return scheduler.sigmas[index].to(device), scheduler.timesteps[index].to(device)
+    if scheduler.sigmas.device != u.device:  # once: indexing CPU tables with a device index would sync every step
+        scheduler.sigmas, scheduler.timesteps = scheduler.sigmas.to(u.device), scheduler.timesteps.to(u.device)
+    index = (u * scheduler.config.num_train_timesteps).long().clamp(0, len(scheduler.sigmas) - 1)
+    return scheduler.sigmas[index], scheduler.timesteps[index]
 
 
 @dataclass
