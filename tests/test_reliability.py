@@ -325,3 +325,24 @@ def test_two_process_run(tiny_models, dataset, tmp_path, script_path, model, blo
     pipe = getattr(diffusers, pipeline_cls).from_pretrained(tiny_models[model])
     pipe.load_lora_weights(out)
     assert any("lora" in name for name, _ in pipe.transformer.named_parameters())
+
+
+def test_micro_batches_of_a_step_draw_different_noise():
+    a = training.step_generator(0, 5, 0, torch.device("cpu"), micro_batch=0)
+    b = training.step_generator(0, 5, 0, torch.device("cpu"), micro_batch=1)
+    again = training.step_generator(0, 5, 0, torch.device("cpu"), micro_batch=1)
+    assert not torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))
+    assert torch.equal(torch.rand(4, generator=training.step_generator(0, 5, 0, torch.device("cpu"), 1)),
+                       torch.rand(4, generator=again))
+
+
+def test_resuming_a_finished_run_trains_no_further(tiny_models, dataset, tmp_path):
+    out = tmp_path / "out"
+    launch(COGVIDEOX_SCRIPT, args_for(tiny_models["cogvideox-2b"], dataset, out, steps=2,
+                                      extra=["--checkpointing_steps", "2"]), tmp_path)
+    first = lora_state(out)
+    result = launch(COGVIDEOX_SCRIPT, args_for(tiny_models["cogvideox-2b"], dataset, out, steps=2, extra=[
+        "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"]), tmp_path)
+    assert "Resuming from" in result.stderr
+    for key, value in lora_state(out).items():
+        assert torch.equal(value, first[key])

@@ -253,11 +253,12 @@ class EpochShuffleSampler(torch.utils.data.Sampler[int]):
         return self.length
 
 
-def step_generator(seed: int, step: int, process_index: int, device: torch.device) -> torch.Generator:
-    """The random stream of one optimizer step on one rank: noise, timesteps and VAE samples are a function of the
-    step, so resuming from a checkpoint reproduces them exactly."""
+def step_generator(seed: int, step: int, process_index: int, device: torch.device,
+                   micro_batch: int = 0) -> torch.Generator:
+    """The random stream of one micro-batch of one optimizer step on one rank: noise, timesteps and VAE samples are a
+    function of (seed, step, micro-batch, rank), so resuming from a checkpoint reproduces them exactly."""
     generator = torch.Generator(device=device)
-    generator.manual_seed((seed * 1_000_003 + step) * 1_009 + process_index)
+    generator.manual_seed(((seed * 1_000_003 + step) * 1_009 + process_index) * 101 + micro_batch)
     return generator
 
 
@@ -454,6 +455,11 @@ def train(
                     disable=not accelerator.is_local_main_process)
     seed = args.seed if args.seed is not None else 0
     interrupted = False
+    micro_batch = 0  # position inside the current gradient-accumulation window
+    if global_step >= max_train_steps:  # resumed from a checkpoint of a finished run
+        progress.close()
+        stop.restore()
+        return global_step, False
     try:
         for epoch in range(first_epoch, num_epochs):
             for model in models:
@@ -465,7 +471,8 @@ def train(
                 loader = accelerator.skip_first_batches(dataloader, skip)
             step_finite = torch.ones((), device=accelerator.device, dtype=torch.bool)
             for batch in loader:
-                generator = step_generator(seed, global_step, accelerator.process_index, accelerator.device)
+                generator = step_generator(seed, global_step, accelerator.process_index, accelerator.device,
+                                           micro_batch)
                 if logger.isEnabledFor(logging.DEBUG):
                     logger.debug("rank %d step %d samples %s", accelerator.process_index, global_step + 1,
                                  batch["indices"].tolist())
@@ -493,7 +500,9 @@ def train(
                     metrics.add(values)
 
                 if not accelerator.sync_gradients:
+                    micro_batch += 1
                     continue
+                micro_batch = 0
                 global_step += 1
                 progress.update(1)
                 if nonfinite_in_a_row:
