@@ -179,50 +179,65 @@ class DecodeAnchorTerm(training.CrepaTerm):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run(preset_name: str, encoder_name: str, steps: int, warmup: int, batch_size: int, device: torch.device) -> dict:
+@dataclass
+class StepSetup:
+    script: object  # the training script's module: training_loss, Parts
+    parts: object
+    terms: dict  # mode -> CrepaTerm (None for plain LoRA)
+    transformer: torch.nn.Module
+    projector: torch.nn.Module
+    encoder: DinoPatchFeatures
+    batch: dict
+    pipe: object = None  # HunyuanVideoPipeline (its encode_prompt is the text path)
+
+
+def build_step_setup(preset_name: str, encoder_name: str, device: torch.device, dtype: torch.dtype,
+                     batch_size: int) -> StepSetup:
+    """Models from configs (random weights), built directly in `dtype` on `device` (a GPU, the CPU, or the meta
+    device for FLOP counting), with LoRA, the encoder, the projector and one CREPA term per mode."""
     preset = PRESETS[preset_name]
-    dtype = preset.dtype if device.type == "cuda" else torch.float32
+    full_size = preset_name not in ("tiny", "cpu-mid")
     script = load_script("cogvideox" if preset.model == "cogvideox" else "hunyuan")
     torch.manual_seed(0)
+    pipe = None
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build full-size models directly in bf16 on the GPU (fp32 would not fit)
     try:
         with torch.device(device):
             if preset.model == "cogvideox":
                 tokenizer, text_encoder, vae, transformer, scheduler = build_cogvideox(preset_name)
+                frozen = [vae, transformer, text_encoder]
             else:
                 pipe = build_hunyuan()
                 vae, transformer = pipe.vae, pipe.transformer
+                frozen = [vae, transformer, pipe.text_encoder, pipe.text_encoder_2]
             encoder_model = build_encoder(encoder_name)
     finally:
         torch.set_default_dtype(default_dtype)
-    modules = [vae, transformer] + ([text_encoder] if preset.model == "cogvideox" else [pipe.text_encoder, pipe.text_encoder_2])
-    for module in modules:
+    for module in frozen:
         module.requires_grad_(False).to(device, dtype=dtype)
     if preset.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    training.add_lora(transformer, 128 if preset_name not in ("tiny", "cpu-mid") else 16, 128, ["to_k", "to_q", "to_v", "to_out.0"])
-
-    encoder = DinoPatchFeatures(encoder_model.to(device, dtype=dtype), frames_per_chunk=16,
-                                autocast_dtype=torch.bfloat16 if device.type == "cuda" else None).to(device)
-    hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    projector = CrepaProjector(hidden, encoder.hidden_size, 2048 if preset_name not in ("tiny", "cpu-mid") else 256).to(device)
+    with torch.device(device):
+        training.add_lora(transformer, 128 if full_size else 16, 128, ["to_k", "to_q", "to_v", "to_out.0"])
+        encoder = DinoPatchFeatures(encoder_model.to(device, dtype=dtype), frames_per_chunk=16,
+                                    autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+        hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        projector = CrepaProjector(hidden, encoder.hidden_size, 2048 if full_size else 256)
     stash: dict = {}
     original_encode = vae.encode
 
-    def encode_and_stash(x, *args, **kwargs):
+    def encode_and_stash(x, *args, **kwargs):  # the decode anchor decodes the step's clean latents
         out = original_encode(x, *args, **kwargs)
         stash["latent_dist"] = out.latent_dist
         return out
 
     vae.encode = encode_and_stash
     terms = {"none": None}
-    for mode in ("repa", "crepa"):
-        config = CrepaConfig(mode=mode, lambda_=0.5, block_index=preset.block_index)
+    for mode, crepa_mode, pooling in (("repa", "repa", "mean"), ("crepa", "crepa", "mean"),
+                                      ("crepa-center", "crepa", "center")):
+        config = CrepaConfig(mode=crepa_mode, lambda_=0.5, block_index=preset.block_index, frame_pooling=pooling)
         terms[mode] = training.CrepaTerm(config, transformer, projector, encoder)
-    terms["crepa-center"] = training.CrepaTerm(
-        CrepaConfig(mode="crepa", lambda_=0.5, block_index=preset.block_index, frame_pooling="center"),
-        transformer, projector, encoder)
     terms["crepa-decode"] = DecodeAnchorTerm(CrepaConfig(mode="crepa", lambda_=0.5, block_index=preset.block_index),
                                              transformer, projector, encoder, vae, stash, preset.model)
     if preset.model == "cogvideox":
@@ -236,14 +251,22 @@ def run(preset_name: str, encoder_name: str, steps: int, warmup: int, batch_size
         parts = script.Parts(pipe=pipe, model=transformer, scheduler=pipe.scheduler, weight_dtype=dtype,
                              device=device, height=preset.height, width=preset.width,
                              patch_size=transformer.config.patch_size, args=args)
+    batch = {"frames": torch.rand(batch_size, preset.frames, 3, preset.height, preset.width, device=device) * 2 - 1,
+             "prompts": ["a panda playing a guitar in a bamboo forest, cinematic"] * batch_size,
+             "indices": torch.arange(batch_size)}
+    return StepSetup(script, parts, terms, transformer, projector, encoder, batch, pipe)
+
+
+def run(preset_name: str, encoder_name: str, steps: int, warmup: int, batch_size: int, device: torch.device) -> dict:
+    preset = PRESETS[preset_name]
+    dtype = preset.dtype if device.type == "cuda" else torch.float32
+    setup = build_step_setup(preset_name, encoder_name, device, dtype, batch_size)
+    script, parts, terms, transformer, projector, encoder, batch = (
+        setup.script, setup.parts, setup.terms, setup.transformer, setup.projector, setup.encoder, setup.batch)
 
     lora_params = training.trainable_parameters(transformer)
     params = lora_params + list(projector.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-5)
-    batch = {"frames": (torch.rand(batch_size, preset.frames, 3, preset.height, preset.width, device=device) * 2 - 1),
-             "prompts": ["a panda playing a guitar in a bamboo forest, cinematic"] * batch_size,
-             "indices": torch.arange(batch_size)}
-
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -329,52 +352,9 @@ def count_flops(preset_name: str, encoder_name: str, batch_size: int = 1) -> dic
     from torch.utils.flop_counter import FlopCounterMode
 
     preset = PRESETS[preset_name]
-    device = torch.device("meta")
-    script = load_script("cogvideox" if preset.model == "cogvideox" else "hunyuan")
-    with torch.device(device):
-        if preset.model == "cogvideox":
-            tokenizer, text_encoder, vae, transformer, scheduler = build_cogvideox(preset_name)
-        else:
-            pipe = build_hunyuan()
-            vae, transformer = pipe.vae, pipe.transformer
-        encoder_model = build_encoder(encoder_name)
-    for module in ([vae, transformer] + ([text_encoder] if preset.model == "cogvideox"
-                                         else [pipe.text_encoder, pipe.text_encoder_2])):
-        module.requires_grad_(False)
-    if preset.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    with torch.device(device):
-        training.add_lora(transformer, 128, 128, ["to_k", "to_q", "to_v", "to_out.0"])
-        encoder = DinoPatchFeatures(encoder_model, frames_per_chunk=16)
-        hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-        projector = CrepaProjector(hidden, encoder.hidden_size, 2048)
-    stash: dict = {}
-    original_encode = vae.encode
-
-    def encode_and_stash(x, *args, **kwargs):
-        out = original_encode(x, *args, **kwargs)
-        stash["latent_dist"] = out.latent_dist
-        return out
-
-    vae.encode = encode_and_stash
-    terms = {"none": None}
-    for mode, pooling in (("repa", "mean"), ("crepa", "mean"), ("crepa-center", "center")):
-        config = CrepaConfig(mode=mode.split("-")[0], lambda_=0.5, block_index=preset.block_index, frame_pooling=pooling)
-        terms[mode] = training.CrepaTerm(config, transformer, projector, encoder)
-    terms["crepa-decode"] = DecodeAnchorTerm(CrepaConfig(mode="crepa", lambda_=0.5, block_index=preset.block_index),
-                                             transformer, projector, encoder, vae, stash, preset.model)
-    if preset.model == "cogvideox":
-        parts = script.Parts(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, model=transformer,
-                             config=transformer.config, scheduler=scheduler, weight_dtype=torch.float32, device=device,
-                             height=preset.height, width=preset.width)
-    else:
-        args = argparse.Namespace(random_flip=False, max_sequence_length=256, guidance_scale=1.0,
-                                  flow_weighting_scheme="none", flow_logit_mean=0.0, flow_logit_std=1.0,
-                                  flow_mode_scale=1.29)
-        parts = script.Parts(pipe=pipe, model=transformer, scheduler=pipe.scheduler, weight_dtype=torch.float32,
-                             device=device, height=preset.height, width=preset.width,
-                             patch_size=transformer.config.patch_size, args=args)
-
+    setup = build_step_setup(preset_name, encoder_name, torch.device("meta"), torch.float32, batch_size)
+    parts, terms, transformer, batch, pipe = setup.parts, setup.terms, setup.transformer, setup.batch, setup.pipe
+    if pipe is not None:
         def encode_prompt_on_meta(prompts, device=None, dtype=None, max_sequence_length=256):
             # diffusers' encode_prompt reads token values (.item()), which the meta device cannot: run the same two
             # encoders on inputs of the same length (template crop 95 + max_sequence_length; CLIP 77 tokens).
@@ -385,15 +365,12 @@ def count_flops(preset_name: str, encoder_name: str, batch_size: int = 1) -> dic
             return states, pooled, torch.ones(size, max_sequence_length, dtype=torch.long, device="meta")
 
         pipe.encode_prompt = encode_prompt_on_meta
-    batch = {"frames": torch.empty(batch_size, preset.frames, 3, preset.height, preset.width, device=device),
-             "prompts": ["a panda playing a guitar in a bamboo forest, cinematic"] * batch_size,
-             "indices": torch.arange(batch_size)}
     flops = {}
     for mode, term in terms.items():
         model = training.TransformerWithProjector(transformer, term)
         with FlopCounterMode(display=False) as counter:
             phases = FlopPhases(counter)
-            loss, _ = script.training_loss(batch, None, dataclasses.replace(parts, model=model), term, phases)
+            loss, _ = setup.script.training_loss(batch, None, dataclasses.replace(parts, model=model), term, phases)
             with phases("backward"):
                 loss.backward()
         flops[mode] = {"total": counter.get_total_flops(), **phases.totals}
