@@ -53,6 +53,33 @@ def pooling_matrix(groups: list[list[int]], num_frames: int) -> torch.Tensor:
     return matrix
 
 
+DINOV2_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
+
+
+def require_dinov2(model_type: str | None, name: str) -> None:
+    if model_type not in DINOV2_MODEL_TYPES:
+        raise ValueError(
+            f"--crepa_encoder {name!r} is a {model_type!r} model, not DINOv2: CREPA aligns with DINOv2 patch tokens "
+            "(transformers Dinov2Model / Dinov2WithRegistersModel: facebook/dinov2-giant, facebook/dinov2-base, "
+            "facebook/dinov2-with-registers-giant, ...)."
+        )
+
+
+def load_encoder_config(name_or_path: str | os.PathLike, **kwargs):
+    """The encoder's config, checked to be a DINOv2 one: cheap (no weights), so scripts call it before training."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"--crepa_encoder {str(name_or_path)!r} could not be loaded ({error}). Give a Hub id such as "
+            "facebook/dinov2-giant or a local folder saved with save_pretrained."
+        ) from error
+    require_dinov2(config.model_type, str(name_or_path))
+    return config
+
+
 class DinoPatchFeatures(nn.Module):
     """A frozen DINOv2 (transformers) that turns clean frames into per-token-frame patch features.
 
@@ -65,12 +92,7 @@ class DinoPatchFeatures(nn.Module):
     def __init__(self, encoder: nn.Module, frames_per_chunk: int = 16, autocast_dtype: torch.dtype | None = None):
         super().__init__()
         config = encoder.config
-        if getattr(config, "model_type", None) not in ("dinov2", "dinov2_with_registers"):
-            raise ValueError(
-                f"--crepa_encoder must be a DINOv2 model with patch tokens (transformers Dinov2Model or "
-                f"Dinov2WithRegistersModel), got model_type={getattr(config, 'model_type', None)!r} "
-                f"({type(encoder).__name__}). Use e.g. facebook/dinov2-giant or facebook/dinov2-base."
-            )
+        require_dinov2(getattr(config, "model_type", None), type(encoder).__name__)
         self.encoder = encoder.eval().requires_grad_(False)
         self.patch_size: int = config.patch_size
         self.hidden_size: int = config.hidden_size
@@ -91,21 +113,9 @@ class DinoPatchFeatures(nn.Module):
         autocast_dtype: torch.dtype | None = None,
         **kwargs,
     ) -> "DinoPatchFeatures":
-        from transformers import AutoConfig, AutoModel
+        from transformers import AutoModel
 
-        try:
-            config = AutoConfig.from_pretrained(name_or_path, **kwargs)
-        except (OSError, ValueError) as error:
-            raise ValueError(
-                f"--crepa_encoder {str(name_or_path)!r} could not be loaded ({error}). Give a Hub id such as "
-                "facebook/dinov2-giant or a local folder saved with save_pretrained."
-            ) from error
-        if config.model_type not in ("dinov2", "dinov2_with_registers"):
-            raise ValueError(
-                f"--crepa_encoder {str(name_or_path)!r} is a {config.model_type!r} model, not DINOv2: CREPA needs a "
-                "DINOv2 encoder with patch tokens (facebook/dinov2-giant, facebook/dinov2-base, "
-                "facebook/dinov2-with-registers-giant, ...)."
-            )
+        config = load_encoder_config(name_or_path, **kwargs)
         encoder = AutoModel.from_pretrained(name_or_path, config=config, dtype=dtype, **kwargs)
         return cls(encoder, frames_per_chunk=frames_per_chunk, autocast_dtype=autocast_dtype)
 

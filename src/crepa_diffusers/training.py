@@ -173,17 +173,12 @@ def check_encoder(crepa, cache_dir: str | None = None) -> None:
     """--crepa_encoder must be a DINOv2 with patch tokens: checked from its config, before any weights load."""
     if not crepa.enabled:
         return
-    from transformers import AutoConfig
+    from .features import load_encoder_config
 
     try:
-        config = AutoConfig.from_pretrained(crepa.encoder, cache_dir=cache_dir)
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"--crepa_encoder {crepa.encoder!r} could not be loaded: {error}\nGive a Hub id such as "
-                         "facebook/dinov2-giant or a local folder saved with save_pretrained.") from None
-    if config.model_type not in ("dinov2", "dinov2_with_registers"):
-        raise SystemExit(f"--crepa_encoder {crepa.encoder!r} is a {config.model_type!r} model, not DINOv2: CREPA "
-                         "aligns with DINOv2 patch tokens (facebook/dinov2-giant, facebook/dinov2-base, "
-                         "facebook/dinov2-with-registers-giant, ...).")
+        load_encoder_config(crepa.encoder, cache_dir=cache_dir)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
 
 
 def check_block_index(crepa, num_blocks: int, model_name: str) -> None:
