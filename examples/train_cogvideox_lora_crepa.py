@@ -182,12 +182,11 @@ def main(args: argparse.Namespace) -> Path:
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     training.add_lora(transformer, args.rank, args.lora_alpha, ["to_k", "to_q", "to_v", "to_out.0"])
-    inner_dim = config["num_attention_heads"] * config["attention_head_dim"]
-    projector, term = training.build_crepa(crepa, transformer, inner_dim, device, args.cache_dir)
+    term = training.build_crepa(crepa, transformer, device, args.cache_dir)
 
     dataset = VideoDataset(items, args.height, args.width, args.max_num_frames, args.skip_frames_start,
                            args.skip_frames_end, args.video_reshape_mode, VAE_TEMPORAL)
-    run = training.prepare_run(accelerator, args, transformer=transformer, projector=projector, term=term,
+    run = training.prepare_run(accelerator, args, transformer=transformer, term=term,
                                dataset=dataset, pipeline_cls=CogVideoXPipeline, tracker_name="cogvideox-lora-crepa",
                                resume_path=resume_path)
     unwrapped = accelerator.unwrap_model(run.models[0]).transformer

@@ -18,7 +18,6 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 CHECKPOINT_COMPLETE = "checkpoint_complete.json"
 PROJECTOR_FILE = "crepa_projector.safetensors"
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:

@@ -570,11 +570,12 @@ def add_lora(transformer: nn.Module, rank: int, alpha: float, target_modules) ->
             param.data = param.data.float()
 
 
-def build_crepa(crepa, transformer: nn.Module, hidden_size: int, device: torch.device, cache_dir: str | None = None):
-    """(projector, term) for a CREPA/REPA run, (None, None) for --crepa_mode none. The encoder is frozen, in bf16
-    on GPUs (fp32 on CPU), and runs under bf16 autocast."""
+def build_crepa(crepa, transformer: nn.Module, device: torch.device, cache_dir: str | None = None) -> CrepaTerm | None:
+    """The CREPA term (encoder, block hook, projector) of a CREPA/REPA run, None for --crepa_mode none. The encoder
+    is frozen, in bf16 on GPUs (fp32 on CPU), and runs under bf16 autocast; the projector maps the transformer's
+    width (heads x head dim) to the encoder's."""
     if not crepa.enabled:
-        return None, None
+        return None
     from .crepa import CrepaProjector
     from .features import DinoPatchFeatures
 
@@ -582,8 +583,9 @@ def build_crepa(crepa, transformer: nn.Module, hidden_size: int, device: torch.d
     encoder = DinoPatchFeatures.from_pretrained(
         crepa.encoder, dtype=torch.bfloat16 if on_cuda else torch.float32, frames_per_chunk=crepa.encoder_frames_per_chunk,
         autocast_dtype=torch.bfloat16 if on_cuda else None, cache_dir=cache_dir).to(device)
+    hidden_size = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     projector = CrepaProjector(hidden_size, encoder.hidden_size, crepa.projector_dim).to(device)
-    return projector, CrepaTerm(crepa, transformer, projector, encoder)
+    return CrepaTerm(crepa, transformer, projector, encoder)
 
 
 class Run:
@@ -593,8 +595,8 @@ class Run:
         self.__dict__.update(kwargs)
 
 
-def prepare_run(accelerator, args: argparse.Namespace, *, transformer: nn.Module, projector: nn.Module | None,
-                term: CrepaTerm | None, dataset, pipeline_cls, tracker_name: str, resume_path: Path | None) -> Run:
+def prepare_run(accelerator, args: argparse.Namespace, *, transformer: nn.Module, term: CrepaTerm | None, dataset,
+                pipeline_cls, tracker_name: str, resume_path: Path | None) -> Run:
     from diffusers.optimization import get_scheduler
 
     from .data import collate_videos
@@ -603,8 +605,8 @@ def prepare_run(accelerator, args: argparse.Namespace, *, transformer: nn.Module
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     param_groups = [{"params": trainable_parameters(transformer), "lr": args.learning_rate}]
-    if projector is not None:
-        param_groups.append({"params": list(projector.parameters()), "lr": args.learning_rate})
+    if term is not None:
+        param_groups.append({"params": list(term.projector.parameters()), "lr": args.learning_rate})
     optimizer = build_optimizer(args, param_groups)
 
     # Videos are decoded lazily by the DataLoader workers; accelerate gives each rank its own shard.
