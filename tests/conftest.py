@@ -21,3 +21,11 @@ def tiny_models(tmp_path_factory):
     folders["dinov2"] = testing.save_tiny_dinov2(root / "dinov2")
     folders["dinov2-registers"] = testing.save_tiny_dinov2(root / "dinov2-registers", registers=True)
     return folders
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """Three real sample clips with prompts.txt / videos.txt (a test module may override it with a richer one)."""
+    from crepa_diffusers import testing
+
+    return testing.make_video_folder(tmp_path_factory.mktemp("videos"), num_videos=3)

@@ -26,11 +26,6 @@ from crepa_diffusers import checkpoints, testing, training
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return testing.make_video_folder(tmp_path_factory.mktemp("rel_data"), num_videos=3)
-
-
-@pytest.fixture(scope="module")
 def cog():
     return import_script(COGVIDEOX_SCRIPT)
 

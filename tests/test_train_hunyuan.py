@@ -15,14 +15,8 @@ from helpers import (
     tiny_train_args,
 )
 
-from crepa_diffusers import testing
 from crepa_diffusers.data import VideoDataset, load_video_items
 from crepa_diffusers.training import EpochShuffleSampler, step_generator
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return testing.make_video_folder(tmp_path_factory.mktemp("hy_data"), num_videos=3)
 
 
 def base_args(model, dataset, output_dir, steps=2, extra=()):
