@@ -80,6 +80,14 @@ def load_encoder_config(name_or_path: str | os.PathLike, **kwargs):
     return config
 
 
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host-built tensor onto the device without a host sync: a copy from pageable memory blocks until the
+    device queue drains, one from pinned memory does not."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 class DinoPatchFeatures(nn.Module):
     """A frozen DINOv2 (transformers) that turns clean frames into per-token-frame patch features.
 
@@ -138,7 +146,9 @@ class DinoPatchFeatures(nn.Module):
         num_frames = len(used)
         h_tok, w_tok = token_grid
         size = (h_tok * self.patch_size, w_tok * self.patch_size)
-        pixels = frames[:, used].flatten(0, 1)
+        if num_frames < frames.shape[1]:
+            frames = frames.index_select(1, _to_device(torch.tensor(used), frames.device))
+        pixels = frames.flatten(0, 1)
         features = []
         for chunk in pixels.split(self.frames_per_chunk):
             chunk = chunk.to(self.mean.device, torch.float32)
@@ -150,5 +160,5 @@ class DinoPatchFeatures(nn.Module):
         patch_features = torch.cat(features).unflatten(0, (batch, num_frames))  # [B, F, N, D]
         if patch_features.shape[2] != h_tok * w_tok:
             raise RuntimeError(f"encoder gave {patch_features.shape[2]} patch tokens, expected {h_tok}x{w_tok}")
-        pool = pooling_matrix(groups, num_frames).to(patch_features.device)
+        pool = _to_device(pooling_matrix(groups, num_frames), patch_features.device)
         return torch.einsum("tf,bfnd->btnd", pool, patch_features)
