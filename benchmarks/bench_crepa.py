@@ -4,6 +4,7 @@
     python benchmarks/bench_crepa.py --preset tiny                   # seconds, CPU (CI smoke test)
     python benchmarks/bench_crepa.py --preset cpu-mid                # a few minutes, CPU
     python benchmarks/bench_crepa.py --preset cogvideox-5b --encoder dinov2-g   # GPU, full size, random weights
+    python benchmarks/bench_crepa.py --preset cogvideox-5b --count   # any machine: FLOPs and peak memory, counted
 
 Each mode runs `training_loss` from examples/train_*_lora_crepa.py (VAE + text encoding, encoder features, the
 transformer with the block hook and the projector (one module, as trained), the loss), then backward, gradient clipping and the optimizer step, with
@@ -15,11 +16,16 @@ the data already on the device. Modes are interleaved after warm-up:
 Reported: median step time (unsynchronised steps, one sync per step boundary), the phase split (a second pass with a
 device sync at each phase boundary), peak memory (CUDA), and the ratios to `none`. Full-size presets use the real
 model configs with random weights (nothing is downloaded), bf16 and gradient checkpointing.
+With --count the same step runs on PyTorch's meta device (shapes only, no GPU, no memory for the weights): FLOPs
+per phase (torch.utils.flop_counter) and the peak of live tensor bytes, the weights, optimizer state and batch
+included, with attention routed to the fused kernels a GPU runs. The count is of tensors, not of the CUDA caching
+allocator (fragmentation, cuBLAS/attention workspaces and the CUDA context add to a GPU's figure).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import importlib.util
@@ -28,11 +34,15 @@ import platform
 import statistics
 import sys
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -329,15 +339,92 @@ def run(preset_name: str, encoder_name: str, steps: int, warmup: int, batch_size
     }
 
 
-class FlopPhases:
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of tensor storage alive, and their peak, over the ops run under it (on any device, the meta device
+    included, where nothing is allocated): each op output's storage is counted once, until it is freed. Tensors that
+    exist before (weights, optimizer state, the batch) are passed in `existing`. `phase` names the running phase,
+    so the peak is attributed to one."""
+
+    def __init__(self, existing=()) -> None:
+        super().__init__()
+        self.sizes = WeakIdKeyDictionary()  # storage -> bytes; a storage is counted once however many views
+        self.current = self.peak = 0
+        self.phase = self.peak_phase = "before the step"
+        for tensor in existing:
+            self._track(tensor)
+
+    def _free(self, nbytes: int) -> None:
+        self.current -= nbytes
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        if storage in self.sizes:
+            return
+        nbytes = storage.nbytes()
+        self.sizes[storage] = nbytes
+        weakref.finalize(storage, self._free, nbytes)
+        self.current += nbytes
+        if self.current > self.peak:
+            self.peak, self.peak_phase = self.current, self.phase
+
+    def phases(self, name: str):
+        """Stands in for the phase timer: names the phase that allocations (and the peak) belong to."""
+        @contextlib.contextmanager
+        def phase():
+            self.phase = name
+            yield
+
+        return phase()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in tree_leaves(out):
+            if isinstance(value, torch.Tensor):
+                self._track(value)
+        return out
+
+
+def fused_attention_on_meta(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                            enable_gqa=False, *, _sdpa=F.scaled_dot_product_attention):
+    """`scaled_dot_product_attention` as a GPU runs it, for the meta device. There SDPA takes the math path, which
+    materialises the [N, N] attention matrix (in fp32): a GPU never does. The fused kernels' meta versions (flash
+    attention in bf16/fp16, memory-efficient attention with a mask or in fp32) give the GPU's shapes: the output and
+    the log-sum-exp saved for backward, and the backward's recomputation counted as FLOPs."""
+    if query.device.type != "meta" or enable_gqa or query.shape[-1] > 256:
+        return _sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                     enable_gqa=enable_gqa)
+    if attn_mask is None and query.dtype in (torch.bfloat16, torch.float16):
+        return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False,
+                                                                  scale=scale)[0]
+    bias = attn_mask
+    if bias is not None and bias.dtype == torch.bool:  # what SDPA does with a boolean mask: an additive bias
+        bias = torch.zeros(bias.shape, dtype=query.dtype, device=bias.device).masked_fill(~bias, float("-inf"))
+    if bias is not None:
+        bias = bias.to(query.dtype).expand(*query.shape[:-1], key.shape[-2])
+    need_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    return torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, bias, need_lse, dropout_p,
+                                                                  is_causal, scale=scale)[0]
+
+
+@contextlib.contextmanager
+def gpu_attention_on_meta():
+    """Every caller (diffusers, transformers) looks SDPA up on torch.nn.functional at call time, so patching it there
+    also covers gradient checkpointing's recomputation inside backward."""
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = fused_attention_on_meta
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+class CountedPhases:
     """Stands in for the phase timer: FLOPs counted per phase (torch.utils.flop_counter) instead of seconds."""
 
     def __init__(self, counter) -> None:
         self.counter, self.totals = counter, {}
 
     def __call__(self, name: str):
-        import contextlib
-
         @contextlib.contextmanager
         def phase():
             before = self.counter.get_total_flops()
@@ -347,12 +434,28 @@ class FlopPhases:
         return phase()
 
 
-def count_flops(preset_name: str, encoder_name: str, batch_size: int = 1) -> dict:
-    """FLOPs of one training step per mode at full size, on the meta device (shapes only: no memory, no GPU)."""
+def _tensors(*objects) -> list[torch.Tensor]:
+    """Parameters and buffers of modules, states of optimizers, and tensors in dicts."""
+    found = []
+    for obj in objects:
+        if isinstance(obj, torch.nn.Module):
+            found += [*obj.parameters(), *obj.buffers()]
+        elif isinstance(obj, torch.optim.Optimizer):
+            found += [v for state in obj.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+        elif isinstance(obj, dict):
+            found += [v for v in obj.values() if isinstance(v, torch.Tensor)]
+    return found
+
+
+def count_on_meta(preset_name: str, encoder_name: str, batch_size: int = 1) -> dict:
+    """FLOPs and peak tensor memory of one training step per mode at full size, on the meta device (shapes only:
+    nothing is allocated, no GPU needed). Each mode has its own optimizer (LoRA, plus the projector for CREPA) and
+    is counted on its second step, when the AdamW state exists; the memory of a mode counts only the models it
+    needs (plain LoRA holds no encoder and no projector). The model weights are in the preset's dtype (bf16)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     preset = PRESETS[preset_name]
-    setup = build_step_setup(preset_name, encoder_name, torch.device("meta"), torch.float32, batch_size)
+    setup = build_step_setup(preset_name, encoder_name, torch.device("meta"), preset.dtype, batch_size)
     parts, terms, transformer, batch, pipe = setup.parts, setup.terms, setup.transformer, setup.batch, setup.pipe
     if pipe is not None:
         def encode_prompt_on_meta(prompts, device=None, dtype=None, max_sequence_length=256):
@@ -365,32 +468,61 @@ def count_flops(preset_name: str, encoder_name: str, batch_size: int = 1) -> dic
             return states, pooled, torch.ones(size, max_sequence_length, dtype=torch.long, device="meta")
 
         pipe.encode_prompt = encode_prompt_on_meta
-    flops = {}
+    frozen = [parts.text_encoder, parts.vae] if pipe is None else [pipe.text_encoder, pipe.text_encoder_2, pipe.vae]
+    lora = training.trainable_parameters(transformer)
+    flops, peaks, peak_phases = {}, {}, {}
     for mode, term in terms.items():
+        crepa_modules = [setup.encoder.encoder, setup.projector] if term is not None else []
+        optimizer = torch.optim.AdamW(lora + [p for m in crepa_modules[1:] for p in m.parameters()], lr=1e-5)
         model = training.TransformerWithProjector(transformer, term)
-        with FlopCounterMode(display=False) as counter:
-            phases = FlopPhases(counter)
-            loss, _ = setup.script.training_loss(batch, None, dataclasses.replace(parts, model=model), term, phases)
+        mode_parts = dataclasses.replace(parts, model=model)
+
+        def step(phases):
+            loss, _ = setup.script.training_loss(batch, None, mode_parts, term, phases)
             with phases("backward"):
                 loss.backward()
+            with phases("optimizer"):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        with gpu_attention_on_meta():
+            step(training.NO_TIMER)  # creates the AdamW state
+            with FlopCounterMode(display=False) as counter:
+                phases = CountedPhases(counter)
+                step(phases)
+            # Memory in a pass of its own: the FLOP counter's module tracker keeps tensors recomputed in backward alive.
+            with LiveTensorBytes(_tensors(transformer, *frozen, *crepa_modules, optimizer, batch)) as memory:
+                step(memory.phases)
         flops[mode] = {"total": counter.get_total_flops(), **phases.totals}
+        peaks[mode], peak_phases[mode] = memory.peak, memory.peak_phase
+    gib = 2**30
+    encoder_bytes = sum(t.nbytes for t in _tensors(setup.encoder.encoder))
     return {
         "preset": preset_name, "encoder": encoder_name, "clip": f"{preset.frames}x{preset.height}x{preset.width}",
         "batch_size": batch_size, "gradient_checkpointing": preset.gradient_checkpointing,
+        "dtype": str(preset.dtype).replace("torch.", ""),
         "date": datetime.date.today().isoformat(), "tflops": {m: {k: v / 1e12 for k, v in f.items()} for m, f in flops.items()},
         "ratio_to_none": {m: f["total"] / flops["none"]["total"] for m, f in flops.items()},
+        "peak_tensor_memory_gib": {m: peaks[m] / gib for m in peaks},
+        "peak_phase": peak_phases,
+        "memory_overhead_gib": {m: (peaks[m] - peaks["none"]) / gib for m in peaks},
+        "encoder_weights_gib": encoder_bytes / gib,
     }
 
 
-def flops_markdown(result: dict) -> str:
+def counted_markdown(result: dict) -> str:
     phases = ["text_vae_encoding", "encoder_features", "transformer_forward", "loss", "backward"]
-    lines = [f"**{result['preset']}** ({result['clip']}, batch {result['batch_size']}, encoder {result['encoder']}, "
-             f"gradient checkpointing {'on' if result['gradient_checkpointing'] else 'off'}): TFLOP per training step, "
-             f"counted on the meta device, {result['date']}",
-             "", "| mode | total | ratio to none | " + " | ".join(phases) + " |", "|---" * (3 + len(phases)) + "|"]
+    lines = [f"**{result['preset']}** ({result['clip']}, batch {result['batch_size']}, {result['dtype']}, encoder "
+             f"{result['encoder']} ({result['encoder_weights_gib']:.2f} GiB), gradient checkpointing "
+             f"{'on' if result['gradient_checkpointing'] else 'off'}): TFLOP and peak tensor memory per training "
+             f"step, counted on the meta device, {result['date']}",
+             "", "| mode | TFLOP | ratio to none | " + " | ".join(phases)
+             + " | peak memory (GiB) | over none (GiB) | peak during |", "|---" * (6 + len(phases)) + "|"]
     for mode, split in result["tflops"].items():
         lines.append(f"| {mode} | {split['total']:.1f} | {result['ratio_to_none'][mode]:.3f} | "
-                     + " | ".join(f"{split.get(p, 0.0):.1f}" for p in phases) + " |")
+                     + " | ".join(f"{split.get(p, 0.0):.1f}" for p in phases)
+                     + f" | {result['peak_tensor_memory_gib'][mode]:.2f} | {result['memory_overhead_gib'][mode]:+.2f}"
+                     + f" | {result['peak_phase'][mode]} |")
     return "\n".join(lines)
 
 
@@ -417,14 +549,14 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=2, help="Untimed steps per mode first.")
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--output", type=str, default=None, help="Write the results as JSON here.")
-    parser.add_argument("--count_flops", action="store_true",
-                        help="Count the FLOPs of one step per mode on the meta device instead of timing (any preset, "
-                        "no GPU or memory needed).")
+    parser.add_argument("--count", action="store_true",
+                        help="Count the FLOPs and the peak tensor memory of one step per mode on the meta device "
+                        "instead of timing (any preset; needs no GPU and no memory for the weights).")
     args = parser.parse_args(argv)
-    if args.count_flops:
-        results = [count_flops(args.preset, name, args.batch_size) for name in args.encoder or PRESETS[args.preset].encoders]
+    if args.count:
+        results = [count_on_meta(args.preset, name, args.batch_size) for name in args.encoder or PRESETS[args.preset].encoders]
         for result in results:
-            print(flops_markdown(result), "\n", flush=True)
+            print(counted_markdown(result), "\n", flush=True)
         if args.output:
             Path(args.output).write_text(json.dumps(results, indent=2))
         return results

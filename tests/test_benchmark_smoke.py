@@ -1,6 +1,10 @@
 """The tiny benchmark preset runs (a smoke test: it asserts what ran, never a time)."""
 
+import contextlib
 import json
+
+import torch
+import torch.nn.functional as F
 
 from helpers import ROOT, import_script
 
@@ -21,15 +25,77 @@ def test_tiny_benchmark_runs_every_mode(tmp_path):
     assert "| crepa-decode |" in bench.markdown(result)
 
 
-def test_flop_count_of_the_training_step_on_the_meta_device():
+def test_flop_and_memory_count_of_the_training_step_on_the_meta_device():
     """The whole CogVideoX training step runs on the meta device: no data-dependent op (.item(), .cpu(), boolean
-    indexing) in the step, i.e. no per-step host sync; the encoder phase is counted and center pooling shrinks it."""
+    indexing) in the step, i.e. no per-step host sync; the encoder phase is counted and center pooling shrinks it;
+    the CREPA modes hold at least the encoder's weights more than plain LoRA."""
     bench = import_script(ROOT / "benchmarks" / "bench_crepa.py")
-    (result,) = bench.main(["--preset", "tiny", "--count_flops"])
+    (result,) = bench.main(["--preset", "tiny", "--count"])
     tflops = result["tflops"]
-    assert set(tflops) == {"none", "repa", "crepa", "crepa-center", "crepa-decode"}
+    modes = {"none", "repa", "crepa", "crepa-center", "crepa-decode"}
+    assert set(tflops) == modes == set(result["peak_tensor_memory_gib"]) == set(result["peak_phase"])
     assert tflops["none"].get("encoder_features", 0) == 0
     assert 0 < tflops["crepa-center"]["encoder_features"] < tflops["crepa"]["encoder_features"]
     assert tflops["crepa-decode"]["encoder_features"] > tflops["crepa"]["encoder_features"]
     assert all(result["ratio_to_none"][m] > 1 for m in tflops if m != "none")
     assert all(split["total"] > 0 and split["backward"] > 0 for split in tflops.values())
+    assert result["memory_overhead_gib"]["none"] == 0 and result["encoder_weights_gib"] > 0
+    assert all(result["memory_overhead_gib"][m] >= result["encoder_weights_gib"] for m in modes - {"none"})
+    assert set(result["peak_phase"].values()) <= {"text_vae_encoding", "encoder_features", "transformer_forward",
+                                                  "loss", "backward", "optimizer"}
+    assert "| crepa-decode |" in bench.counted_markdown(result)
+
+
+def test_live_tensor_bytes_counts_each_storage_once_until_it_is_freed():
+    bench = import_script(ROOT / "benchmarks" / "bench_crepa.py")
+    existing = torch.zeros(100)  # 400 bytes
+    with bench.LiveTensorBytes([existing, existing[:10]]) as memory:
+        a = torch.ones(1000)  # 4000 bytes
+        view = a[:10].view(2, 5)  # same storage: nothing more
+        b = a * 2  # 4000
+        del b
+        c = torch.ones(250, dtype=torch.float64)  # 2000
+    assert view.untyped_storage().nbytes() == 4000 and c.nbytes == 2000
+    assert memory.current == 400 + 4000 + 2000
+    assert memory.peak == 400 + 4000 + 4000
+    # A forward and backward counts the same on the CPU (allocated) and the meta device (shapes only).
+    counts = []
+    for device in ("cpu", "meta"):
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(64, 32, device=device)
+        x = torch.randn(16, 64, device=device)
+        with bench.LiveTensorBytes([x, *layer.parameters()]) as memory:
+            layer(x).relu().sum().backward()
+        counts.append((memory.current, memory.peak))
+    assert counts[0] == counts[1]
+    assert counts[0][0] == (16 * 64 + 2 * (64 * 32 + 32)) * 4  # the input, the weights and their gradients
+
+
+def test_attention_on_meta_runs_as_on_a_gpu():
+    """On the meta device SDPA would materialise the [N, N] matrix in fp32; routed to the fused kernels it keeps the
+    output and log-sum-exp only, with the same output shape and the forward FLOPs 4 N^2 d per head."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    bench = import_script(ROOT / "benchmarks" / "bench_crepa.py")
+    batch, heads, tokens, dim = 1, 2, 1024, 16
+    matrix_bytes = batch * heads * tokens * tokens * 4
+    for mask in (None, torch.ones(batch, 1, 1, tokens, dtype=torch.bool, device="meta")):
+        peaks = []
+        for patched in (False, True):
+            q = torch.randn(batch, heads, tokens, dim, device="meta", dtype=torch.bfloat16, requires_grad=True)
+            context = bench.gpu_attention_on_meta() if patched else contextlib.nullcontext()
+            with context, bench.LiveTensorBytes([q]) as memory, FlopCounterMode(display=False) as counter:
+                out = F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+                forward_flops = counter.get_total_flops()
+                out.float().sum().backward()
+            assert out.shape == q.shape and out.dtype == q.dtype
+            peaks.append(memory.peak)
+        assert peaks[0] >= matrix_bytes > 8 * peaks[1]
+        assert forward_flops == 4 * batch * heads * tokens * tokens * dim
+    assert F.scaled_dot_product_attention is not bench.fused_attention_on_meta  # restored
+    # Anywhere but the meta device it is the original function.
+    q, mask = torch.randn(1, 2, 8, 16), torch.rand(1, 1, 8, 8) > 0.3
+    mask[..., 0] = True
+    with bench.gpu_attention_on_meta():
+        routed = F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    torch.testing.assert_close(routed, F.scaled_dot_product_attention(q, q, q, attn_mask=mask), rtol=0, atol=0)
