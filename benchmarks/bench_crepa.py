@@ -11,6 +11,8 @@ transformer with the block hook and the projector (one module, as trained), the 
 the data already on the device. Modes are interleaved after warm-up:
 - none: plain LoRA; repa: REPA* (self term); crepa: this project's CREPA (grid-exact features of the batch's frames,
   mean over the 4 frames of each latent frame); crepa-center: the same with --crepa_frame_pooling center (one frame);
+- crepa-cached: crepa with the features read from the --cache_conditions cache (filled during warm-up), as in every
+  epoch after the first (timed runs only);
 - crepa-decode: the decode-based anchor (SimpleTuner's approach): VAE-decode the clean latents, DINOv2 on every
   pixel frame at 518x518, linspace subsampling to the token frames and bilinear token interpolation.
 Reported: median step time (unsynchronised steps, one sync per step boundary), the phase split (a second pass with a
@@ -33,6 +35,7 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import weakref
 from dataclasses import dataclass
@@ -48,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from crepa_diffusers import training  # noqa: E402
+from crepa_diffusers.cache import ConditionCache  # noqa: E402
 from crepa_diffusers.crepa import CrepaConfig, CrepaProjector  # noqa: E402
 from crepa_diffusers.features import DinoPatchFeatures  # noqa: E402
 
@@ -186,6 +190,15 @@ class DecodeAnchorTerm(training.CrepaTerm):
         self.capture.arm(len(groups))
 
 
+class CachedFeaturesTerm(training.CrepaTerm):
+    """CREPA with the encoder features read from the --cache_conditions cache (crepa_diffusers.cache), as every
+    epoch after the first reads them. The text is still encoded each step, as in `none`, so that the ratio is
+    CREPA's own cost."""
+
+    def prepare(self, frames, token_grid, groups, cache_keys=None):
+        super().prepare(frames, token_grid, groups, [f"bench-clip-{i}" for i in range(frames.shape[0])])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -199,6 +212,7 @@ class StepSetup:
     encoder: DinoPatchFeatures
     batch: dict
     pipe: object = None  # HunyuanVideoPipeline (its encode_prompt is the text path)
+    cache_dir: object = None  # tempfile.TemporaryDirectory of the crepa-cached mode
 
 
 def build_step_setup(preset_name: str, encoder_name: str, device: torch.device, dtype: torch.dtype,
@@ -248,6 +262,12 @@ def build_step_setup(preset_name: str, encoder_name: str, device: torch.device, 
                                       ("crepa-center", "crepa", "center")):
         config = CrepaConfig(mode=crepa_mode, lambda_=0.5, block_index=preset.block_index, frame_pooling=pooling)
         terms[mode] = training.CrepaTerm(config, transformer, projector, encoder)
+    cache_dir = None
+    if device.type != "meta":  # a cache holds real values: timed runs only
+        cache_dir = tempfile.TemporaryDirectory(prefix="crepa-bench-cache-")
+        terms["crepa-cached"] = CachedFeaturesTerm(CrepaConfig(mode="crepa", lambda_=0.5, block_index=preset.block_index),
+                                                   transformer, projector, encoder)
+        terms["crepa-cached"].cache = ConditionCache(cache_dir.name, salt={"preset": preset_name, "encoder": encoder_name})
     terms["crepa-decode"] = DecodeAnchorTerm(CrepaConfig(mode="crepa", lambda_=0.5, block_index=preset.block_index),
                                              transformer, projector, encoder, vae, stash, preset.model)
     if preset.model == "cogvideox":
@@ -264,7 +284,7 @@ def build_step_setup(preset_name: str, encoder_name: str, device: torch.device, 
     batch = {"frames": torch.rand(batch_size, preset.frames, 3, preset.height, preset.width, device=device) * 2 - 1,
              "prompts": ["a panda playing a guitar in a bamboo forest, cinematic"] * batch_size,
              "indices": torch.arange(batch_size)}
-    return StepSetup(script, parts, terms, transformer, projector, encoder, batch, pipe)
+    return StepSetup(script, parts, terms, transformer, projector, encoder, batch, pipe, cache_dir)
 
 
 def run(preset_name: str, encoder_name: str, steps: int, warmup: int, batch_size: int, device: torch.device) -> dict:
@@ -320,6 +340,9 @@ def run(preset_name: str, encoder_name: str, steps: int, warmup: int, batch_size
         splits[mode] = {name: total / steps for name, total in timer.totals.items()}
 
     median = {mode: statistics.median(values) for mode, values in times.items()}
+    cache = terms["crepa-cached"].cache
+    cache_use = {"computed": cache.misses, "read": cache.hits}
+    setup.cache_dir.cleanup()
     encoder_bytes = sum(p.numel() * p.element_size() for p in encoder.parameters())
     return {
         "preset": preset_name,
@@ -336,6 +359,7 @@ def run(preset_name: str, encoder_name: str, steps: int, warmup: int, batch_size
         "phase_split_s": splits,
         "peak_memory_gib": {m: peaks[m] / 2**30 for m in modes} if device.type == "cuda" else None,
         "encoder_weights_gib": encoder_bytes / 2**30,
+        "crepa_cached_features": cache_use,  # clips whose features the crepa-cached mode computed / read from disk
     }
 
 
@@ -546,13 +570,16 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--encoder", action="append", help="dinov2-g, dinov2-b, dinov2-s or tiny (default: the preset's)")
     parser.add_argument("--steps", type=int, default=5, help="Timed steps per mode.")
-    parser.add_argument("--warmup", type=int, default=2, help="Untimed steps per mode first.")
+    parser.add_argument("--warmup", type=int, default=2, help="Untimed steps per mode first (at least 1: the "
+                        "crepa-cached mode fills its cache then).")
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--output", type=str, default=None, help="Write the results as JSON here.")
     parser.add_argument("--count", action="store_true",
                         help="Count the FLOPs and the peak tensor memory of one step per mode on the meta device "
                         "instead of timing (any preset; needs no GPU and no memory for the weights).")
     args = parser.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1:
+        parser.error(f"--warmup and --steps must be at least 1, got --warmup {args.warmup} --steps {args.steps}.")
     if args.count:
         results = [count_on_meta(args.preset, name, args.batch_size) for name in args.encoder or PRESETS[args.preset].encoders]
         for result in results:

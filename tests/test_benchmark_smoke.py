@@ -14,8 +14,11 @@ def test_tiny_benchmark_runs_every_mode(tmp_path):
     results = bench.main(["--preset", "tiny", "--steps", "1", "--warmup", "1", "--output", str(tmp_path / "r.json")])
     assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(results))
     (result,) = results
-    modes = {"none", "repa", "crepa", "crepa-center", "crepa-decode"}
+    modes = {"none", "repa", "crepa", "crepa-center", "crepa-cached", "crepa-decode"}
     assert set(result["median_step_s"]) == modes == set(result["phase_split_s"])
+    # The cached mode computed its features at the warm-up step and read them from disk at the timed step and at
+    # the phase-split step.
+    assert result["crepa_cached_features"] == {"computed": 1, "read": 2}
     assert result["ratio_to_none"]["none"] == 1.0
     assert all(seconds > 0 for seconds in result["median_step_s"].values())
     # Only the CREPA modes compute encoder features; every mode runs the transformer and the optimizer.
