@@ -374,6 +374,7 @@ class LiveTensorBytes(TorchDispatchMode):
         self.sizes = WeakIdKeyDictionary()  # storage -> bytes; a storage is counted once however many views
         self.current = self.peak = 0
         self.phase = self.peak_phase = "before the step"
+        self.phase_peaks: dict[str, int] = {}  # the most bytes alive while each phase ran
         for tensor in existing:
             self._track(tensor)
 
@@ -388,6 +389,7 @@ class LiveTensorBytes(TorchDispatchMode):
         self.sizes[storage] = nbytes
         weakref.finalize(storage, self._free, nbytes)
         self.current += nbytes
+        self.phase_peaks[self.phase] = max(self.phase_peaks.get(self.phase, 0), self.current)
         if self.current > self.peak:
             self.peak, self.peak_phase = self.current, self.phase
 
@@ -396,6 +398,7 @@ class LiveTensorBytes(TorchDispatchMode):
         @contextlib.contextmanager
         def phase():
             self.phase = name
+            self.phase_peaks[name] = max(self.phase_peaks.get(name, 0), self.current)
             yield
 
         return phase()
@@ -494,7 +497,7 @@ def count_on_meta(preset_name: str, encoder_name: str, batch_size: int = 1) -> d
         pipe.encode_prompt = encode_prompt_on_meta
     frozen = [parts.text_encoder, parts.vae] if pipe is None else [pipe.text_encoder, pipe.text_encoder_2, pipe.vae]
     lora = training.trainable_parameters(transformer)
-    flops, peaks, peak_phases = {}, {}, {}
+    flops, peaks, peak_phases, phase_peaks = {}, {}, {}, {}
     for mode, term in terms.items():
         crepa_modules = [setup.encoder.encoder, setup.projector] if term is not None else []
         optimizer = torch.optim.AdamW(lora + [p for m in crepa_modules[1:] for p in m.parameters()], lr=1e-5)
@@ -518,7 +521,7 @@ def count_on_meta(preset_name: str, encoder_name: str, batch_size: int = 1) -> d
             with LiveTensorBytes(_tensors(transformer, *frozen, *crepa_modules, optimizer, batch)) as memory:
                 step(memory.phases)
         flops[mode] = {"total": counter.get_total_flops(), **phases.totals}
-        peaks[mode], peak_phases[mode] = memory.peak, memory.peak_phase
+        peaks[mode], peak_phases[mode], phase_peaks[mode] = memory.peak, memory.peak_phase, memory.phase_peaks
     gib = 2**30
     encoder_bytes = sum(t.nbytes for t in _tensors(setup.encoder.encoder))
     return {
@@ -529,6 +532,7 @@ def count_on_meta(preset_name: str, encoder_name: str, batch_size: int = 1) -> d
         "ratio_to_none": {m: f["total"] / flops["none"]["total"] for m, f in flops.items()},
         "peak_tensor_memory_gib": {m: peaks[m] / gib for m in peaks},
         "peak_phase": peak_phases,
+        "phase_peak_gib": {m: {phase: n / gib for phase, n in p.items()} for m, p in phase_peaks.items()},
         "memory_overhead_gib": {m: (peaks[m] - peaks["none"]) / gib for m in peaks},
         "encoder_weights_gib": encoder_bytes / gib,
     }

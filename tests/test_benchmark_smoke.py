@@ -102,3 +102,36 @@ def test_attention_on_meta_runs_as_on_a_gpu():
     with bench.gpu_attention_on_meta():
         routed = F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
     torch.testing.assert_close(routed, F.scaled_dot_product_attention(q, q, q, attn_mask=mask), rtol=0, atol=0)
+
+
+def test_memory_counted_on_the_meta_device_equals_the_same_step_on_real_tensors():
+    """The meta-device count stands in for a real run: the tiny training step (with gradient checkpointing, so the
+    backward recomputes blocks) holds exactly as many bytes in every phase on real CPU tensors as on the meta device.
+    Attention takes the math path on both (the CPU's fused kernel and a GPU's differ in what they save)."""
+    import dataclasses
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from crepa_diffusers import training
+
+    bench = import_script(ROOT / "benchmarks" / "bench_crepa.py")
+    counts = {}
+    for device in ("cpu", "meta"):
+        setup = bench.build_step_setup("tiny", "tiny", torch.device(device), torch.float32, 1)
+        setup.transformer.enable_gradient_checkpointing()
+        for mode in ("none", "crepa"):
+            term = setup.terms[mode]
+            parts = dataclasses.replace(setup.parts, model=training.TransformerWithProjector(setup.transformer, term))
+            held = [setup.transformer, setup.parts.text_encoder, setup.parts.vae, setup.batch]
+            held += [setup.encoder.encoder, setup.projector] if term is not None else []
+            generator = training.step_generator(0, 0, 0, torch.device(device)) if device == "cpu" else None
+            with sdpa_kernel(SDPBackend.MATH), bench.LiveTensorBytes(bench._tensors(*held)) as memory:
+                loss, _ = setup.script.training_loss(setup.batch, generator, parts, term, memory.phases)
+                with memory.phases("backward"):
+                    loss.backward()
+            counts[device, mode] = memory.phase_peaks
+    for mode in ("none", "crepa"):
+        assert counts["cpu", mode] == counts["meta", mode]
+        assert {"text_vae_encoding", "transformer_forward", "backward"} <= set(counts["cpu", mode])
+    assert "encoder_features" in counts["cpu", "crepa"] and "encoder_features" not in counts["cpu", "none"]
+    assert counts["cpu", "crepa"]["backward"] > counts["cpu", "none"]["backward"]
