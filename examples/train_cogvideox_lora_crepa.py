@@ -194,7 +194,7 @@ def main(args: argparse.Namespace) -> Path:
     parts = Parts(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, model=run.models[0],
                   config=unwrapped.config, scheduler=scheduler, weight_dtype=weight_dtype, device=device,
                   height=args.height, width=args.width, random_flip=args.random_flip,
-                  cache=make_condition_cache(args, term), video_paths=[item.path for item in items])
+                  cache=make_condition_cache(args, term, len(items)), video_paths=[item.path for item in items])
 
     def compute_loss(batch, generator, step):
         return training_loss(batch, generator, parts, term)

@@ -210,7 +210,7 @@ def main(args: argparse.Namespace) -> Path:
                                 text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
     parts = Parts(pipe=pipe, model=run.models[0], scheduler=scheduler, weight_dtype=weight_dtype, device=device,
                   height=args.height, width=args.width, patch_size=patch, args=args,
-                  cache=make_condition_cache(args, term), video_paths=[item.path for item in items])
+                  cache=make_condition_cache(args, term, len(items)), video_paths=[item.path for item in items])
 
     def compute_loss(batch, generator, step):
         return training_loss(batch, generator, parts, term)

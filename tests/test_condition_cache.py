@@ -61,3 +61,54 @@ def test_load_or_compute_hits_after_first_call(tmp_path):
     assert torch.equal(swapped[0], first[0].flip(0))
     with pytest.raises(RuntimeError):
         cache.load_or_compute(["c"], lambda: (_ for _ in ()).throw(RuntimeError("computed")), torch.device("cpu"))
+
+
+def test_cached_features_are_stored_in_the_term_cache_dtype_and_read_back_identically(tmp_path):
+    """On GPUs features are cached in bf16: the file holds bf16, and the epoch that computes them trains on the same
+    rounded values (as fp32) as the epochs that read them."""
+    from safetensors import safe_open
+
+    from crepa_diffusers import testing
+    from crepa_diffusers.crepa import CrepaConfig, CrepaProjector
+    from crepa_diffusers.features import DinoPatchFeatures, token_frame_groups
+    from crepa_diffusers.training import CrepaTerm
+
+    transformer = testing.build_tiny_cogvideox_pipeline("2b").transformer
+    encoder = DinoPatchFeatures(testing.build_tiny_dinov2())
+    term = CrepaTerm(CrepaConfig(block_index=1), transformer, CrepaProjector(32, encoder.hidden_size, 16), encoder)
+    term.cache, term.cache_dtype = ConditionCache(tmp_path / "c", {}), torch.bfloat16
+    frames = torch.rand(2, 9, 3, 32, 48) * 2 - 1
+    groups, grid = token_frame_groups(9, 4, 1), (2, 3)
+    exact = encoder(frames, grid, groups)
+
+    prepared = []
+    for _ in range(2):  # computes, then reads
+        term.prepare(frames, grid, groups, ["clip-a", "clip-b"])
+        prepared.append(term._features)
+    assert (term.cache.misses, term.cache.hits) == (2, 2)
+    for features in prepared:
+        assert features.dtype == torch.float32 and features.shape == exact.shape
+        assert torch.equal(features, exact.to(torch.bfloat16).float())
+    torch.testing.assert_close(prepared[0], exact, rtol=2**-8, atol=0)
+    with safe_open(str(tmp_path / "c" / "clip-a.safetensors"), "pt") as stored:
+        assert stored.get_tensor("0").dtype == torch.bfloat16
+
+
+def test_cache_checks_the_disk_after_its_first_entry(tmp_path, monkeypatch):
+    """A dataset whose cache cannot fit fails at the first entry, naming the sizes and the flag to change."""
+    import collections
+
+    from crepa_diffusers import cache as cache_module
+
+    features = torch.zeros(2, 1000)  # 4000 bytes of data per sample (+ the safetensors header)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda path: usage(10**9, 0, 400_000))
+    roomy = ConditionCache(tmp_path / "roomy", {}, num_samples=90)  # 90 x ~4.1 kB fits in 400 kB
+    roomy.load_or_compute(["dino-a", "dino-b"], lambda: features, torch.device("cpu"))
+    full = ConditionCache(tmp_path / "full", {}, num_samples=100)  # 100 x ~4.1 kB does not
+    with pytest.raises(RuntimeError, match=r"dino entries take 0\.0 MB each.*--condition_cache_dir"):
+        full.load_or_compute(["dino-a", "dino-b"], lambda: features, torch.device("cpu"))
+    entry = (tmp_path / "full" / "dino-a.safetensors").stat().st_size
+    assert 4000 < entry and 90 * entry <= 400_000 < 100 * entry
+    unsized = ConditionCache(tmp_path / "unsized", {})  # without the dataset's size there is nothing to check
+    unsized.load_or_compute(["dino-a"], lambda: features[:1], torch.device("cpu"))

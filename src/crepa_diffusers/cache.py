@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+logger = logging.getLogger(__name__)
+
 
 class ConditionCache:
     """Per-sample tensors (DINOv2 features, text embeddings) on disk, computed once and reused across epochs.
@@ -17,11 +22,13 @@ class ConditionCache:
     sampling and resolution flags, the encoder or text model), so a changed flag or video never reuses a stale entry.
     """
 
-    def __init__(self, directory: str | os.PathLike, salt: dict) -> None:
+    def __init__(self, directory: str | os.PathLike, salt: dict, num_samples: int | None = None) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.salt = json.dumps(salt, sort_keys=True, default=str)
         self.hits = self.misses = 0
+        self.num_samples = num_samples  # the dataset's size: the first entry of a kind tells what all will take
+        self._sized: set[str] = set()
 
     def key(self, kind: str, *parts) -> str:
         import hashlib
@@ -50,18 +57,35 @@ class ConditionCache:
             staging = path.with_suffix(f".tmp{os.getpid()}")
             save_file({str(i): t[sample].detach().contiguous().cpu() for i, t in enumerate(tensors)}, str(staging))
             os.replace(staging, path)
+        self._check_space(keys[0].split("-")[0], paths[0].stat().st_size)
         return result
 
+    def _check_space(self, kind: str, entry_bytes: int) -> None:
+        """After the first entry of a kind: fail at step 1, not when the disk fills hours later."""
+        if self.num_samples is None or kind in self._sized:
+            return
+        self._sized.add(kind)
+        needed = entry_bytes * self.num_samples
+        free = shutil.disk_usage(self.directory).free
+        logger.info("--cache_conditions: %s entries take %.1f MB each, up to %.2f GB for %d samples in %s (%.1f GB "
+                    "free).", kind, entry_bytes / 1e6, needed / 1e9, self.num_samples, self.directory, free / 1e9)
+        if needed > free:
+            raise RuntimeError(
+                f"--cache_conditions: {kind} entries take {entry_bytes / 1e6:.1f} MB each, {needed / 1e9:.2f} GB for "
+                f"{self.num_samples} samples, but {self.directory} has only {free / 1e9:.2f} GB free. Point "
+                "--condition_cache_dir at a larger disk, or train without --cache_conditions.")
 
-def make_condition_cache(args: argparse.Namespace, term=None) -> ConditionCache | None:
-    """The --cache_conditions cache (also handed to the CREPA term), keyed by every flag the clips depend on."""
+
+def make_condition_cache(args: argparse.Namespace, term=None, num_samples: int | None = None) -> ConditionCache | None:
+    """The --cache_conditions cache (also handed to the CREPA term), keyed by every flag the clips depend on;
+    `num_samples` (the dataset's size) lets it check the disk after the first entry."""
     if not args.cache_conditions:
         return None
     salt = {name: getattr(args, name) for name in (
         "pretrained_model_name_or_path", "revision", "height", "width", "max_num_frames", "skip_frames_start",
         "skip_frames_end", "video_reshape_mode", "crepa_encoder", "crepa_frame_pooling", "max_sequence_length")
         if hasattr(args, name)}
-    cache = ConditionCache(args.condition_cache_dir or Path(args.output_dir) / "condition_cache", salt)
+    cache = ConditionCache(args.condition_cache_dir or Path(args.output_dir) / "condition_cache", salt, num_samples)
     if term is not None:
         term.cache = cache
     return cache
