@@ -268,7 +268,6 @@ def build_step_setup(preset_name: str, encoder_name: str, device: torch.device, 
         terms["crepa-cached"] = CachedFeaturesTerm(CrepaConfig(mode="crepa", lambda_=0.5, block_index=preset.block_index),
                                                    transformer, projector, encoder)
         terms["crepa-cached"].cache = ConditionCache(cache_dir.name, salt={"preset": preset_name, "encoder": encoder_name})
-        terms["crepa-cached"].cache_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as build_crepa
     terms["crepa-decode"] = DecodeAnchorTerm(CrepaConfig(mode="crepa", lambda_=0.5, block_index=preset.block_index),
                                              transformer, projector, encoder, vae, stash, preset.model)
     if preset.model == "cogvideox":

@@ -63,9 +63,9 @@ def test_load_or_compute_hits_after_first_call(tmp_path):
         cache.load_or_compute(["c"], lambda: (_ for _ in ()).throw(RuntimeError("computed")), torch.device("cpu"))
 
 
-def test_cached_features_are_stored_in_the_term_cache_dtype_and_read_back_identically(tmp_path):
-    """On GPUs features are cached in bf16: the file holds bf16, and the epoch that computes them trains on the same
-    rounded values (as fp32) as the epochs that read them."""
+def test_cached_features_are_stored_in_the_encoder_dtype_and_read_back_identically(tmp_path):
+    """Where the encoder runs in bf16 (GPUs) features are cached in bf16: the file holds bf16, and the epoch that
+    computes them trains on the same rounded values (as fp32) as the epochs that read them."""
     from safetensors import safe_open
 
     from crepa_diffusers import testing
@@ -74,9 +74,10 @@ def test_cached_features_are_stored_in_the_term_cache_dtype_and_read_back_identi
     from crepa_diffusers.training import CrepaTerm
 
     transformer = testing.build_tiny_cogvideox_pipeline("2b").transformer
-    encoder = DinoPatchFeatures(testing.build_tiny_dinov2())
+    encoder = DinoPatchFeatures(testing.build_tiny_dinov2(), autocast_dtype=torch.bfloat16)
     term = CrepaTerm(CrepaConfig(block_index=1), transformer, CrepaProjector(32, encoder.hidden_size, 16), encoder)
-    term.cache, term.cache_dtype = ConditionCache(tmp_path / "c", {}), torch.bfloat16
+    term.cache = ConditionCache(tmp_path / "c", {})
+    assert term.cache_dtype == torch.bfloat16
     frames = torch.rand(2, 9, 3, 32, 48) * 2 - 1
     groups, grid = token_frame_groups(9, 4, 1), (2, 3)
     exact = encoder(frames, grid, groups)

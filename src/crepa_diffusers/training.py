@@ -380,9 +380,12 @@ class CrepaTerm:
         self.capture = HiddenStateCapture(transformer, config.block_index)
         self._features: torch.Tensor | None = None
         self.cache: ConditionCache | None = None
-        # How --cache_conditions stores features: bf16 where the encoder runs in bf16 (half the disk and the read of
-        # fp32); the epoch that computes them uses the same rounded values as the epochs that read them.
-        self.cache_dtype = torch.float32
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """How --cache_conditions stores features: bf16 where the encoder runs in bf16 (half the disk and the read of
+        fp32); the epoch that computes them uses the same rounded values as the epochs that read them."""
+        return self.encoder.autocast_dtype or torch.float32
 
     def prepare(self, frames: torch.Tensor, token_grid: tuple[int, int], groups: list[list[int]],
                 cache_keys: list[str] | None = None) -> None:
@@ -589,9 +592,7 @@ def build_crepa(crepa, transformer: nn.Module, device: torch.device, cache_dir: 
         autocast_dtype=torch.bfloat16 if on_cuda else None, cache_dir=cache_dir).to(device)
     hidden_size = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     projector = CrepaProjector(hidden_size, encoder.hidden_size, crepa.projector_dim).to(device)
-    term = CrepaTerm(crepa, transformer, projector, encoder)
-    term.cache_dtype = torch.bfloat16 if on_cuda else torch.float32
-    return term
+    return CrepaTerm(crepa, transformer, projector, encoder)
 
 
 class Run:
