@@ -50,7 +50,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from crepa_diffusers import training  # noqa: E402
+from crepa_diffusers.term import CrepaTerm, TransformerWithProjector  # noqa: E402
+from crepa_diffusers.training_utils import step_generator  # noqa: E402
 from crepa_diffusers.cache import ConditionCache  # noqa: E402
 from crepa_diffusers.crepa import CrepaConfig, CrepaProjector  # noqa: E402
 from crepa_diffusers.features import DinoPatchFeatures  # noqa: E402
@@ -156,11 +157,31 @@ def build_hunyuan():
                                 tokenizer_2=tiny.tokenizer_2)
 
 
+class PhaseTimer:
+    """Accumulates wall time per named phase, synchronising the device at each boundary (timed runs only: the
+    scripts' training_loss takes `timer=contextlib.nullcontext`, which adds no sync)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.totals = device, {}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        self._sync()
+        start = time.perf_counter()
+        yield
+        self._sync()
+        self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The decode-based anchor
 
 
-class DecodeAnchorTerm(training.CrepaTerm):
+class DecodeAnchorTerm(CrepaTerm):
     """Features from VAE-decoded clean latents at 518x518, linspace in time, tokens interpolated to the DiT grid."""
 
     def __init__(self, config, transformer, projector, encoder: DinoPatchFeatures, vae, stash: dict, latent_layout: str):
@@ -190,7 +211,7 @@ class DecodeAnchorTerm(training.CrepaTerm):
         self.capture.arm(len(groups))
 
 
-class CachedFeaturesTerm(training.CrepaTerm):
+class CachedFeaturesTerm(CrepaTerm):
     """CREPA with the encoder features read from the --cache_conditions cache (crepa_diffusers.cache), as every
     epoch after the first reads them. The text is still encoded each step, as in `none`, so that the ratio is
     CREPA's own cost."""
@@ -243,7 +264,13 @@ def build_step_setup(preset_name: str, encoder_name: str, device: torch.device, 
     if preset.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     with torch.device(device):
-        training.add_lora(transformer, 128 if full_size else 16, 128, ["to_k", "to_q", "to_v", "to_out.0"])
+        from diffusers.training_utils import cast_training_params
+        from peft import LoraConfig
+
+        # As the scripts add it: LoRA on the attention projections, its weights in fp32.
+        transformer.add_adapter(LoraConfig(r=128 if full_size else 16, lora_alpha=128, init_lora_weights=True,
+                                           target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        cast_training_params(transformer, dtype=torch.float32)
         encoder = DinoPatchFeatures(encoder_model.to(device, dtype=dtype), frames_per_chunk=16,
                                     autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
         hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
@@ -261,7 +288,7 @@ def build_step_setup(preset_name: str, encoder_name: str, device: torch.device, 
     for mode, crepa_mode, pooling in (("repa", "repa", "mean"), ("crepa", "crepa", "mean"),
                                       ("crepa-center", "crepa", "center")):
         config = CrepaConfig(mode=crepa_mode, lambda_=0.5, block_index=preset.block_index, frame_pooling=pooling)
-        terms[mode] = training.CrepaTerm(config, transformer, projector, encoder)
+        terms[mode] = CrepaTerm(config, transformer, projector, encoder)
     cache_dir = None
     if device.type != "meta":  # a cache holds real values: timed runs only
         cache_dir = tempfile.TemporaryDirectory(prefix="crepa-bench-cache-")
@@ -294,7 +321,7 @@ def run(preset_name: str, encoder_name: str, steps: int, warmup: int, batch_size
     script, parts, terms, transformer, projector, encoder, batch = (
         setup.script, setup.parts, setup.terms, setup.transformer, setup.projector, setup.encoder, setup.batch)
 
-    lora_params = training.trainable_parameters(transformer)
+    lora_params = [p for p in transformer.parameters() if p.requires_grad]
     params = lora_params + list(projector.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     def sync():
@@ -302,10 +329,10 @@ def run(preset_name: str, encoder_name: str, steps: int, warmup: int, batch_size
             torch.cuda.synchronize(device)
 
     # One TransformerWithProjector per mode (as the scripts train), sharing the transformer and the projector.
-    models = {mode: training.TransformerWithProjector(transformer, term) for mode, term in terms.items()}
+    models = {mode: TransformerWithProjector(transformer, term) for mode, term in terms.items()}
 
-    def step(mode: str, timer=training.NO_TIMER):
-        generator = training.step_generator(0, 0, 0, device)
+    def step(mode: str, timer=contextlib.nullcontext):
+        generator = step_generator(0, 0, 0, device)
         mode_parts = dataclasses.replace(parts, model=models[mode])
         loss, _ = script.training_loss(batch, generator, mode_parts, terms[mode], timer)
         with timer("backward"):
@@ -334,7 +361,7 @@ def run(preset_name: str, encoder_name: str, steps: int, warmup: int, batch_size
                 peaks[mode] = max(peaks[mode], torch.cuda.max_memory_allocated(device))
     splits = {}
     for mode in modes:
-        timer = training.PhaseTimer(device)
+        timer = PhaseTimer(device)
         for _ in range(steps):
             step(mode, timer)
         splits[mode] = {name: total / steps for name, total in timer.totals.items()}
@@ -496,12 +523,12 @@ def count_on_meta(preset_name: str, encoder_name: str, batch_size: int = 1) -> d
 
         pipe.encode_prompt = encode_prompt_on_meta
     frozen = [parts.text_encoder, parts.vae] if pipe is None else [pipe.text_encoder, pipe.text_encoder_2, pipe.vae]
-    lora = training.trainable_parameters(transformer)
+    lora = [p for p in transformer.parameters() if p.requires_grad]
     flops, peaks, peak_phases, phase_peaks = {}, {}, {}, {}
     for mode, term in terms.items():
         crepa_modules = [setup.encoder.encoder, setup.projector] if term is not None else []
         optimizer = torch.optim.AdamW(lora + [p for m in crepa_modules[1:] for p in m.parameters()], lr=1e-5)
-        model = training.TransformerWithProjector(transformer, term)
+        model = TransformerWithProjector(transformer, term)
         mode_parts = dataclasses.replace(parts, model=model)
 
         def step(phases):
@@ -513,7 +540,7 @@ def count_on_meta(preset_name: str, encoder_name: str, batch_size: int = 1) -> d
                 optimizer.zero_grad(set_to_none=True)
 
         with gpu_attention_on_meta():
-            step(training.NO_TIMER)  # creates the AdamW state
+            step(contextlib.nullcontext)  # creates the AdamW state
             with FlopCounterMode(display=False) as counter:
                 phases = CountedPhases(counter)
                 step(phases)

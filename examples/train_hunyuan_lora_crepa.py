@@ -1,4 +1,5 @@
 #!/usr/bin/env python
+# coding=utf-8
 """LoRA fine-tuning of HunyuanVideo with CREPA, with the flags and outputs of diffusers' CogVideoX LoRA example.
 
     accelerate launch examples/train_hunyuan_lora_crepa.py \
@@ -8,36 +9,149 @@
 Flow matching (x_t = (1 - s) x0 + s noise, target noise - x0) with sigmas from the scheduler and --flow_shift
 applied; text from HunyuanVideoPipeline.encode_prompt (Llama with the default prompt template, 3rd-from-last hidden
 state, plus CLIP pooled projections); LoRA on the double- and single-stream blocks only, never the token refiner.
---crepa_block_index counts the 20 double-stream blocks then the 40 single-stream blocks (0..59).
+--crepa_block_index counts the 20 double-stream blocks then the 40 single-stream blocks (0..59). `grep "# CREPA"`
+lists every line CREPA adds. Needs `pip install crepa-diffusers` (the CREPA term and a few small training utilities).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import math
+import os
+import random
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
 
-from crepa_diffusers import checkpoints, training
+from crepa_diffusers import checkpoints, training_utils
 from crepa_diffusers.cache import ConditionCache, cached, make_condition_cache
-from crepa_diffusers.crepa import CrepaConfig, add_crepa_args
-from crepa_diffusers.data import VideoDataset
-from crepa_diffusers.features import token_frame_groups
+from crepa_diffusers.crepa import add_crepa_args  # CREPA
+from crepa_diffusers.features import token_frame_groups  # CREPA
+from crepa_diffusers.model_card import crepa_card_settings, training_card_settings, write_loss_plot, write_model_card
+from crepa_diffusers.term import CrepaTerm, TransformerWithProjector, build_crepa, check_crepa_args  # CREPA
 
 logger = logging.getLogger("train_hunyuan_lora_crepa")
 
-VAE_SPATIAL, VAE_TEMPORAL = 8, 4
+VAE_SPATIAL, VAE_TEMPORAL = 8, 4  # HunyuanVideo's VAE: 8x spatial, 4x temporal (4k+1 frames -> k+1 latent frames)
 DEFAULT_LORA_LAYERS = "to_q,to_k,to_v,to_out.0"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+# ----------------------------------------------------------------------------------------------------------------
+# Flags: diffusers' names and defaults
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="HunyuanVideo LoRA training with CREPA.")
-    training.add_common_args(parser, output_dir="hunyuan-lora-crepa", height=512, width=768, guidance_scale=1.0)
+    model = parser.add_argument_group("Model")
+    model.add_argument("--pretrained_model_name_or_path", type=str, required=True,
+                       help="Hub id or local folder of the base diffusers pipeline.")
+    model.add_argument("--revision", type=str, default=None)
+    model.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
+    model.add_argument("--cache_dir", type=str, default=None)
+
+    data = parser.add_argument_group("Dataset")
+    data.add_argument("--dataset_name", type=str, default=None,
+                      help="A Hub dataset id, a local dataset folder, or a .csv/.json/.jsonl/.parquet file with the "
+                      "caption and video columns.")
+    data.add_argument("--dataset_config_name", type=str, default=None)
+    data.add_argument("--instance_data_root", type=str, default=None,
+                      help="Folder holding the caption and video list files (and the videos they name).")
+    data.add_argument("--video_column", type=str, default="video",
+                      help="The video-path column, or (with --instance_data_root) the file listing one video per line.")
+    data.add_argument("--caption_column", type=str, default="text",
+                      help="The caption column, or (with --instance_data_root) the file listing one prompt per line.")
+    data.add_argument("--id_token", type=str, default=None, help="Prepended to every training prompt.")
+    data.add_argument("--dataloader_num_workers", type=int, default=0,
+                      help="Workers that decode videos in the background (0: in the main process).")
+    data.add_argument("--skip_invalid_videos", action="store_true",
+                      help="Drop missing, unreadable or too-short videos with a warning instead of stopping.")
+
+    val = parser.add_argument_group("Validation")
+    val.add_argument("--validation_prompt", type=str, default=None,
+                     help="One or more prompts separated by --validation_prompt_separator.")
+    val.add_argument("--validation_prompt_separator", type=str, default=":::")
+    val.add_argument("--num_validation_videos", type=int, default=1)
+    val.add_argument("--validation_epochs", type=int, default=50, help="Validate every N epochs.")
+    val.add_argument("--validation_steps", type=int, default=None,
+                     help="Validate every N optimizer steps (in addition to --validation_epochs).")
+    val.add_argument("--validation_num_inference_steps", type=int, default=50)
+    val.add_argument("--guidance_scale", type=float, default=1.0,
+                     help="Embedded guidance of the training forward (x1000, as HunyuanVideo was distilled).")
+    val.add_argument("--validation_guidance_scale", type=float, default=6.0,
+                     help="Embedded guidance for validation videos (--guidance_scale is the training one).")
+
+    train = parser.add_argument_group("Training")
+    train.add_argument("--seed", type=int, default=None)
+    train.add_argument("--rank", type=int, default=128, help="LoRA rank.")
+    train.add_argument("--lora_alpha", type=float, default=128, help="LoRA alpha (scale = alpha / rank).")
+    train.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                       help="Defaults to the accelerate config; bf16 on GPUs (HunyuanVideo gives NaN in fp16).")
+    train.add_argument("--output_dir", type=str, default="hunyuan-lora-crepa")
+    train.add_argument("--height", type=int, default=512)
+    train.add_argument("--width", type=int, default=768)
+    train.add_argument("--video_reshape_mode", type=str, default="center", choices=["center", "random", "none"])
+    train.add_argument("--fps", type=int, default=8, help="Frame rate of the validation videos.")
+    train.add_argument("--max_num_frames", type=int, default=49, help="Frames per clip (4k+1).")
+    train.add_argument("--skip_frames_start", type=int, default=0)
+    train.add_argument("--skip_frames_end", type=int, default=0)
+    train.add_argument("--random_flip", action="store_true", help="Horizontally flip clips with probability 0.5.")
+    train.add_argument("--train_batch_size", type=int, default=4)
+    train.add_argument("--num_train_epochs", type=int, default=1)
+    train.add_argument("--max_train_steps", type=int, default=None)
+    train.add_argument("--checkpointing_steps", type=int, default=500)
+    train.add_argument("--checkpoints_total_limit", type=int, default=None)
+    train.add_argument("--resume_from_checkpoint", type=str, default=None,
+                       help='A checkpoint-N folder, or "latest" for the newest complete one in --output_dir.')
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--gradient_checkpointing", action="store_true")
+    train.add_argument("--learning_rate", type=float, default=1e-4)
+    train.add_argument("--scale_lr", action="store_true")
+    train.add_argument("--lr_scheduler", type=str, default="constant")
+    train.add_argument("--lr_warmup_steps", type=int, default=500)
+    train.add_argument("--lr_num_cycles", type=int, default=1)
+    train.add_argument("--lr_power", type=float, default=1.0)
+    train.add_argument("--enable_slicing", action="store_true", help="VAE slicing.")
+    train.add_argument("--enable_tiling", action="store_true", help="VAE tiling.")
+    train.add_argument("--cache_conditions", action="store_true",
+                       help="Compute the DINOv2 features of each clip and the embedding of each prompt once and reuse "
+                       "them in later epochs (saved under --condition_cache_dir).")
+    train.add_argument("--condition_cache_dir", type=str, default=None,
+                       help="Where --cache_conditions keeps its files (default: OUTPUT_DIR/condition_cache).")
+    train.add_argument("--max_nonfinite_steps", type=int, default=5,
+                       help="Stop after this many optimizer steps in a row with a NaN/inf loss (each is skipped).")
+    train.add_argument("--logging_steps", type=int, default=10,
+                       help="Read the logged metrics off the device every N steps (each read is a host sync).")
+
+    opt = parser.add_argument_group("Optimizer")
+    opt.add_argument("--optimizer", type=lambda s: s.lower(), default="adam", choices=["adam", "adamw", "prodigy"])
+    opt.add_argument("--use_8bit_adam", action="store_true")
+    opt.add_argument("--adam_beta1", type=float, default=0.9)
+    opt.add_argument("--adam_beta2", type=float, default=0.95)
+    opt.add_argument("--prodigy_beta3", type=float, default=None)
+    opt.add_argument("--prodigy_decouple", action="store_true")
+    opt.add_argument("--adam_weight_decay", type=float, default=1e-04)
+    opt.add_argument("--adam_epsilon", type=float, default=1e-08)
+    opt.add_argument("--max_grad_norm", type=float, default=1.0)
+    opt.add_argument("--prodigy_use_bias_correction", action="store_true")
+    opt.add_argument("--prodigy_safeguard_warmup", action="store_true")
+
+    other = parser.add_argument_group("Other")
+    other.add_argument("--tracker_name", type=str, default=None)
+    other.add_argument("--push_to_hub", action="store_true")
+    other.add_argument("--hub_token", type=str, default=None)
+    other.add_argument("--hub_model_id", type=str, default=None)
+    other.add_argument("--logging_dir", type=str, default="logs")
+    other.add_argument("--allow_tf32", action="store_true")
+    other.add_argument("--report_to", type=str, default=None, help='"tensorboard", "wandb" or "all".')
+
     hunyuan = parser.add_argument_group("HunyuanVideo")
     hunyuan.add_argument("--max_sequence_length", type=int, default=256, help="Llama prompt tokens (after the template).")
     hunyuan.add_argument("--flow_shift", type=float, default=None,
@@ -47,22 +161,163 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     hunyuan.add_argument("--flow_logit_mean", type=float, default=0.0)
     hunyuan.add_argument("--flow_logit_std", type=float, default=1.0)
     hunyuan.add_argument("--flow_mode_scale", type=float, default=1.29)
-    hunyuan.add_argument("--validation_guidance_scale", type=float, default=6.0,
-                         help="Embedded guidance for validation videos (--guidance_scale is the training one).")
     hunyuan.add_argument("--lora_layers", type=str, default=DEFAULT_LORA_LAYERS,
                          help="Comma-separated attention projections to adapt inside the transformer blocks, e.g. "
                          "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out.")
-    add_crepa_args(parser, default_lambda=1.0,
+    add_crepa_args(parser, default_lambda=1.0, default_block_index=8,  # CREPA: the --crepa_* flags
                    block_index_help="Global over the 20 double-stream then the 40 single-stream blocks (0..59).")
-    args = parser.parse_args(argv)
-    training.check_common_args(args, parser)
+    args = parser.parse_args(input_args)
+
+    # Errors that need no model, argparse-style, naming the flag.
+    if args.dataset_name is None and args.instance_data_root is None:
+        parser.error("give --instance_data_root (prompt/video list files) or --dataset_name.")
+    if (args.max_num_frames - 1) % VAE_TEMPORAL != 0:
+        parser.error(f"--max_num_frames {args.max_num_frames}: the video VAEs take 4k+1 frames (e.g. 49, 81, 9).")
+    for flag in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
+                 "logging_steps", "max_nonfinite_steps", "validation_epochs"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        parser.error(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}.")
+    if args.cache_conditions and (args.random_flip or args.video_reshape_mode == "random"):
+        parser.error("--cache_conditions reuses each clip's features, so the clip must not change between epochs: "
+                     "drop --random_flip / --video_reshape_mode random, or the cache.")
     if args.flow_shift is not None and args.flow_shift <= 0:
         parser.error(f"--flow_shift must be > 0, got {args.flow_shift}.")
+    if args.report_to in ("wandb", "all") and args.hub_token is not None:
+        parser.error("--report_to wandb with --hub_token would expose the token: log in with `hf auth login`.")
     return args
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# HunyuanVideo specifics
+# Dataset: (video, prompt) pairs from list files, a CSV/JSON/Parquet file or a Hub dataset, decoded lazily
+
+
+@dataclass(frozen=True)
+class VideoItem:
+    path: Path
+    prompt: str
+
+
+DATA_FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def _read_lines(path: Path, flag: str) -> list[str]:
+    if not path.is_file():
+        raise ValueError(f"{flag}: {path} does not exist (one entry per line is expected).")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def load_video_items(args: argparse.Namespace) -> list[VideoItem]:
+    """diffusers' two sources: --instance_data_root with list files named by --caption_column / --video_column, or
+    --dataset_name (a Hub id, a folder, or a .csv/.json/.jsonl/.parquet file) with those columns. Relative video
+    paths resolve against --instance_data_root, else against the dataset file's folder."""
+    if args.dataset_name is None:
+        root = Path(args.instance_data_root)
+        if not root.is_dir():
+            raise ValueError(f"--instance_data_root {root} is not a folder.")
+        prompts = _read_lines(root / args.caption_column, "--caption_column")
+        videos = _read_lines(root / args.video_column, "--video_column")
+        source = f"{root / args.caption_column} and {root / args.video_column}"
+    else:
+        import datasets
+
+        local = Path(args.dataset_name)
+        if local.is_file():
+            builder = DATA_FILE_BUILDERS.get(local.suffix.lower())
+            if builder is None:
+                raise ValueError(f"--dataset_name {local}: use a .csv, .json, .jsonl or .parquet file, or a folder.")
+            dataset = datasets.load_dataset(builder, data_files=str(local), cache_dir=args.cache_dir)
+            default_root = local.parent
+        else:
+            dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
+            default_root = local if local.is_dir() else Path(".")
+        root = Path(args.instance_data_root) if args.instance_data_root else default_root
+        train = dataset["train"]
+        for flag, column in (("--caption_column", args.caption_column), ("--video_column", args.video_column)):
+            if column not in train.column_names:
+                raise ValueError(f"{flag} {column!r} is not a column of {args.dataset_name}: its columns are "
+                                 f"{train.column_names}.")
+        prompts = [str(p).strip() for p in train[args.caption_column]]
+        videos = [v if isinstance(v, str) else v.get("path", "") for v in train[args.video_column]]
+        source = str(args.dataset_name)
+    if len(prompts) != len(videos):
+        raise ValueError(f"{source}: {len(prompts)} prompts but {len(videos)} videos; each video needs exactly one prompt.")
+    if not videos:
+        raise ValueError(f"{source}: no videos listed.")
+    if args.id_token:
+        prompts = [f"{args.id_token} {prompt}" for prompt in prompts]
+    return [VideoItem(Path(v) if Path(v).is_absolute() else root / v, p) for v, p in zip(videos, prompts)]
+
+
+def sample_frame_indices(num_available: int, max_num_frames: int, skip_start: int = 0, skip_end: int = 0) -> list[int]:
+    """diffusers' sampling: skip start/end, an even stride when there are more frames than needed, then drop
+    trailing frames so the count is 4k+1."""
+    start, end = min(skip_start, num_available), max(0, num_available - skip_end)
+    if end <= start:
+        indices = [start] if start < num_available else [max(0, num_available - 1)]
+    elif end - start <= max_num_frames:
+        indices = list(range(start, end))
+    else:
+        indices = list(range(start, end, (end - start) // max_num_frames))[:max_num_frames]
+    return indices[: (len(indices) - 1) // VAE_TEMPORAL * VAE_TEMPORAL + 1]
+
+
+def resize_and_crop(frames: torch.Tensor, height: int, width: int, mode: str = "center") -> torch.Tensor:
+    """[F, C, H, W] -> [F, C, height, width]: resize so the frame covers the target, then crop (or stretch: none)."""
+    if mode == "none":
+        return F.interpolate(frames, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
+    src_h, src_w = frames.shape[-2:]
+    scale = max(height / src_h, width / src_w)
+    new_h, new_w = max(height, math.ceil(src_h * scale - 1e-6)), max(width, math.ceil(src_w * scale - 1e-6))
+    frames = F.interpolate(frames, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+    if mode == "random":
+        top, left = random.randint(0, new_h - height), random.randint(0, new_w - width)
+    else:
+        top, left = (new_h - height) // 2, (new_w - width) // 2
+    return frames[..., top : top + height, left : left + width]
+
+
+class VideoDataset(Dataset):
+    """One clip per item, decoded when the DataLoader asks (in its workers), never all at start-up:
+    {"frames": [F, 3, H, W] in [-1, 1], "prompt": str, "index": int}."""
+
+    def __init__(self, items: list[VideoItem], args: argparse.Namespace) -> None:
+        self.items, self.args = items, args
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        import decord
+
+        args, item = self.args, self.items[index]
+        reader = decord.VideoReader(str(item.path))
+        indices = sample_frame_indices(len(reader), args.max_num_frames, args.skip_frames_start, args.skip_frames_end)
+        frames = torch.from_numpy(reader.get_batch(indices).asnumpy())  # [F, H, W, C] uint8
+        frames = frames.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        frames = resize_and_crop(frames, args.height, args.width, args.video_reshape_mode).clamp(-1, 1)
+        return {"frames": frames.contiguous(), "prompt": item.prompt, "index": index}
+
+
+def collate_fn(examples: list[dict]) -> dict:
+    lengths = {example["frames"].shape[0] for example in examples}
+    if len(lengths) > 1:
+        raise ValueError(f"A batch mixes clips of {sorted(lengths)} frames: with --train_batch_size > 1 every video "
+                         "needs at least --max_num_frames frames (or use --train_batch_size 1).")
+    return {"frames": torch.stack([example["frames"] for example in examples]),
+            "prompts": [example["prompt"] for example in examples],
+            "indices": torch.tensor([example["index"] for example in examples])}
+
+
+def random_flip(frames: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Flip each clip of [B, F, C, H, W] horizontally with probability 0.5 (drawn from the step's generator)."""
+    flip = torch.rand(frames.shape[0], generator=generator, device=generator.device) < 0.5
+    return torch.where(flip.to(frames.device).view(-1, 1, 1, 1, 1), frames.flip(-1), frames)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# HunyuanVideo: LoRA targets, flow-matching sigmas, and one step's loss
 
 
 def lora_target_regex(lora_layers: str) -> str:
@@ -95,7 +350,7 @@ class Parts:
     """What one HunyuanVideo training step needs (built by main(), or by the benchmark from configs)."""
 
     pipe: object  # HunyuanVideoPipeline: encode_prompt is the text path; vae for the latents
-    model: torch.nn.Module  # training.TransformerWithProjector, as prepared by accelerate (DDP/DeepSpeed-wrapped)
+    model: torch.nn.Module  # TransformerWithProjector, as prepared by accelerate (DDP/DeepSpeed-wrapped)
     scheduler: object  # the training scheduler (its shifted sigmas)
     weight_dtype: torch.dtype
     device: torch.device
@@ -107,13 +362,14 @@ class Parts:
     video_paths: list[Path] | None = None
 
 
-def training_loss(batch: dict, generator: torch.Generator, parts: Parts, term: training.CrepaTerm | None = None,
-                  timer=training.NO_TIMER) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One step's loss: flow matching (target noise - x0) (+ lambda * L_align), and the values to log."""
+def training_loss(batch: dict, generator: torch.Generator, parts: Parts, crepa: CrepaTerm | None = None,
+                  timer=contextlib.nullcontext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One micro-batch's loss: flow matching, target noise - x0 (+ lambda * L_align), and the values to log.
+    `timer(name)` is a context manager around each phase (the benchmark times them; training passes none)."""
     args, device, dtype, vae = parts.args, parts.device, parts.weight_dtype, parts.pipe.vae
-    frames = batch["frames"].to(device)  # [B, F, 3, H, W] in [-1, 1]: the VAE's and the encoder's input
+    frames = batch["frames"].to(device)  # [B, F, 3, H, W] in [-1, 1]: the VAE's input, and the encoder's  # CREPA
     if args.random_flip:
-        frames = training.random_flip(frames, generator)
+        frames = random_flip(frames, generator)
     videos = [parts.video_paths[i] for i in batch["indices"].tolist()] if parts.cache is not None else None
     with timer("text_vae_encoding"), torch.no_grad():
         latent_dist = vae.encode(frames.permute(0, 2, 1, 3, 4).to(dtype)).latent_dist
@@ -127,54 +383,167 @@ def training_loss(batch: dict, generator: torch.Generator, parts: Parts, term: t
     sigma = sigmas.view(-1, 1, 1, 1, 1)
     noisy = (1 - sigma) * latents + sigma * noise
     guidance = torch.full((batch_size,), args.guidance_scale * 1000.0, device=device, dtype=dtype)
-    if term is not None:
+    if crepa is not None:
         with timer("encoder_features"):
+            # CREPA: DINOv2 features of the clean frames on the DiT's token grid, one per token frame; arms the hook.
             grid = (parts.height // (VAE_SPATIAL * parts.patch_size), parts.width // (VAE_SPATIAL * parts.patch_size))
-            keys = [parts.cache.video_key("dino", path) for path in videos] if videos else None
-            term.prepare(frames, grid, token_frame_groups(frames.shape[1], VAE_TEMPORAL), keys)
+            keys = [parts.cache.video_key("dino", path) for path in videos] if videos else None  # CREPA
+            crepa.prepare(frames, grid, token_frame_groups(frames.shape[1], VAE_TEMPORAL), keys)  # CREPA
     with timer("transformer_forward"):
+        # CREPA: the trained module returns the projected block tokens beside the transformer's output.
         output, projected = parts.model(hidden_states=noisy.to(dtype), timestep=timesteps,
                                         encoder_hidden_states=prompt_embeds, encoder_attention_mask=attention_mask,
                                         pooled_projections=pooled, guidance=guidance, return_dict=False)
         model_pred = output[0]
     with timer("loss"):
-        diffusion_loss = ((model_pred.float() - (noise - latents)) ** 2).reshape(batch_size, -1).mean(1).mean()
-        return training.add_crepa_term(diffusion_loss, term, projected)
+        loss = ((model_pred.float() - (noise - latents)) ** 2).reshape(batch_size, -1).mean(1).mean()
+        logs = {"diffusion_loss": loss.detach()}
+        if crepa is not None:
+            align_loss, stats = crepa.loss(projected)  # CREPA: L_align of the block tokens against the features
+            logs.update(crepa_loss=align_loss.detach(), **stats)  # CREPA
+            loss = loss + crepa.lambda_ * align_loss  # CREPA: L = L_diffusion + lambda * L_align
+        return loss, logs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation videos: mp4 files in --output_dir, and the trackers (wandb, and tensorboard as animated GIFs)
+
+
+def _tensorboard_gif(tag: str, frames: list, fps: int):
+    from PIL import Image
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    images = [Image.fromarray(frame) for frame in frames]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    height, width = frames[0].shape[:2]
+    image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=buffer.getvalue())
+    return Summary(value=[Summary.Value(tag=tag, image=image)])
+
+
+def log_validation(pipe, args: argparse.Namespace, accelerator, prompts: list[str], phase: str, step: int,
+                   pipeline_args: dict) -> list[Path]:
+    import numpy as np
+    from diffusers.utils import export_to_video
+
+    pipe.set_progress_bar_config(disable=True)
+    paths = []
+    for prompt in prompts:
+        for i in range(args.num_validation_videos):
+            generator = torch.Generator(device=accelerator.device).manual_seed((args.seed or 0) + i)
+            video = pipe(prompt=prompt, height=args.height, width=args.width, num_frames=args.max_num_frames,
+                         num_inference_steps=args.validation_num_inference_steps, generator=generator,
+                         output_type="np", **pipeline_args).frames[0]
+            index = len(paths)
+            safe = re.sub(r"[^A-Za-z0-9_-]+", "_", prompt[:25]).strip("_") or "prompt"
+            path = Path(args.output_dir) / f"{phase}_video_{index}_{safe}.mp4"
+            export_to_video(video, str(path), fps=args.fps)
+            paths.append(path)
+            frames = [(np.clip(frame, 0, 1) * 255).round().astype(np.uint8) for frame in video]
+            for tracker in accelerator.trackers:
+                if tracker.name == "tensorboard":
+                    tracker.writer._get_file_writer().add_summary(
+                        _tensorboard_gif(f"{phase}/video_{index}", frames, args.fps), step)
+                    tracker.writer.add_text(f"{phase}/prompt_{index}", prompt, step)
+                    tracker.writer.flush()
+                elif tracker.name == "wandb":
+                    import wandb
+
+                    tracker.log({phase: [wandb.Video(str(path), caption=f"{index}: {prompt}", format="mp4")]}, step=step)
+    logger.info("Validation (%s, step %d): %d videos", phase, step, len(paths))
+    return paths
+
+
+def get_optimizer(args: argparse.Namespace, params_to_optimize: list[dict]) -> torch.optim.Optimizer:
+    if args.optimizer == "prodigy":
+        try:
+            import prodigyopt
+        except ImportError as error:
+            raise ImportError("--optimizer prodigy needs `pip install prodigyopt`.") from error
+        if args.learning_rate <= 0.1:
+            logger.warning("Prodigy usually wants --learning_rate around 1.0, got %s.", args.learning_rate)
+        return prodigyopt.Prodigy(
+            params_to_optimize, betas=(args.adam_beta1, args.adam_beta2), beta3=args.prodigy_beta3,
+            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, decouple=args.prodigy_decouple,
+            use_bias_correction=args.prodigy_use_bias_correction, safeguard_warmup=args.prodigy_safeguard_warmup)
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise ImportError("--use_8bit_adam needs `pip install bitsandbytes` (CUDA).") from error
+        optimizer_class = bnb.optim.AdamW8bit if args.optimizer == "adamw" else bnb.optim.Adam8bit
+    else:
+        optimizer_class = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
+    return optimizer_class(params_to_optimize, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                           weight_decay=args.adam_weight_decay)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def main(args: argparse.Namespace) -> Path:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
     from diffusers import (
         AutoencoderKLHunyuanVideo,
         FlowMatchEulerDiscreteScheduler,
         HunyuanVideoPipeline,
         HunyuanVideoTransformer3DModel,
     )
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from tqdm.auto import tqdm
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, LlamaModel
 
-    training.setup_logging()
-    base = args.pretrained_model_name_or_path
-    load = dict(revision=args.revision, cache_dir=args.cache_dir)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logging.getLogger("crepa_diffusers").setLevel(os.environ.get("CREPA_LOG_LEVEL", "INFO").upper())
+    logger.setLevel(os.environ.get("CREPA_LOG_LEVEL", "INFO").upper())  # DEBUG: which samples each rank trains on
+    base, load = args.pretrained_model_name_or_path, dict(revision=args.revision, cache_dir=args.cache_dir)
 
     # ---- Checks that need only configs and file headers: fail before any weights load.
     config = HunyuanVideoTransformer3DModel.load_config(base, subfolder="transformer", **load)
     patch = config["patch_size"]
-    training.check_spatial_size(args, VAE_SPATIAL * patch, f"VAE x{VAE_SPATIAL} times patch size {patch}")
     if config.get("patch_size_t", 1) != 1:
         raise SystemExit(f"patch_size_t={config['patch_size_t']} is not supported (HunyuanVideo uses 1).")
-    crepa = CrepaConfig.from_args(args)
-    training.check_block_index(crepa, config["num_layers"] + config["num_single_layers"],
-                               f"HunyuanVideo ({config['num_layers']} double- + {config['num_single_layers']} single-stream)")
-    training.check_encoder(crepa, args.cache_dir)
+    multiple = VAE_SPATIAL * patch
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value <= 0 or value % multiple:
+            raise SystemExit(f"{flag} {value} is not a multiple of {multiple} (VAE x{VAE_SPATIAL} times patch size "
+                             f"{patch}): use e.g. {max(multiple, round(value / multiple) * multiple)}.")
+    check_crepa_args(args, config["num_layers"] + config["num_single_layers"],  # CREPA: block index, encoder
+                     f"HunyuanVideo ({config['num_layers']} double- + {config['num_single_layers']} single-stream)")
     resume_path = checkpoints.resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    items = training.load_checked_items(args)
+    items = training_utils.check_videos(load_video_items(args), args.max_num_frames + args.skip_frames_start
+                                        + args.skip_frames_end, args.skip_invalid_videos)
 
-    accelerator = training.make_accelerator(args, default_mixed_precision="bf16" if torch.cuda.is_available() else None)
+    # ---- Accelerator
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision or ("bf16" if torch.cuda.is_available() else None),
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=Path(args.output_dir, args.logging_dir)),
+        # CREPA: blocks after the hooked one get no CREPA gradient and a `none` run never uses the projector.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
     if accelerator.mixed_precision == "fp16":
         logger.warning("fp16 gives NaN losses on HunyuanVideo (trained in bf16): use --mixed_precision bf16.")
-    repo_id = training.seed_and_output(accelerator, args)
+    if args.seed is not None:
+        set_seed(args.seed)
+    repo_id = None
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if args.push_to_hub:
+            from huggingface_hub import create_repo
 
-    # ---- Models
-    weight_dtype = training.weight_dtype_of(accelerator)
+            repo_id = create_repo(args.hub_model_id or Path(args.output_dir).name, exist_ok=True,
+                                  token=args.hub_token).repo_id
+
+    # ---- Models: the frozen base in the training dtype, LoRA (fp32) on the blocks' attention projections.
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
     tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", **load)
     tokenizer_2 = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2", **load)
@@ -194,48 +563,197 @@ def main(args: argparse.Namespace) -> Path:
         module.to(device, dtype=weight_dtype)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    training.add_lora(transformer, args.rank, args.lora_alpha, lora_target_regex(args.lora_layers))
-    term = training.build_crepa(crepa, transformer, device, args.cache_dir)
+    transformer.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights=True,
+                                       target_modules=lora_target_regex(args.lora_layers)))
+    cast_training_params(transformer, dtype=torch.float32)  # LoRA weights train in fp32 over the frozen base
+    crepa = build_crepa(args, transformer, device)  # CREPA: frozen DINOv2 + block hook + projector (None: none)
+    model = TransformerWithProjector(transformer, crepa)  # CREPA: one trained module for DDP/DeepSpeed/FSDP
 
-    dataset = VideoDataset(items, args.height, args.width, args.max_num_frames, args.skip_frames_start,
-                           args.skip_frames_end, args.video_reshape_mode, VAE_TEMPORAL)
-    run = training.prepare_run(accelerator, args, transformer=transformer, term=term,
-                               dataset=dataset, pipeline_cls=HunyuanVideoPipeline, tracker_name="hunyuan-lora-crepa",
-                               resume_path=resume_path)
-    unwrapped = accelerator.unwrap_model(run.models[0]).transformer
+    # accelerate's save_state / load_state write the LoRA (diffusers format) and the CREPA projector only.
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for saved in models:
+                unwrapped = accelerator.unwrap_model(saved)
+                HunyuanVideoPipeline.save_lora_weights(
+                    output_dir, transformer_lora_layers=get_peft_model_state_dict(unwrapped.transformer),
+                    **checkpoints.lora_adapter_metadata(unwrapped.transformer))
+                if crepa is not None:
+                    crepa.save_projector(output_dir)  # CREPA
+        while weights:
+            weights.pop()
+
+    def load_model_hook(models, input_dir):
+        while models:
+            unwrapped = accelerator.unwrap_model(models.pop())
+            lora_state_dict = HunyuanVideoPipeline.lora_state_dict(input_dir)
+            lora_state_dict = lora_state_dict[0] if isinstance(lora_state_dict, tuple) else lora_state_dict
+            state = {k[len("transformer."):]: v for k, v in lora_state_dict.items() if k.startswith("transformer.")}
+            result = set_peft_model_state_dict(unwrapped.transformer, convert_unet_state_dict_to_peft(state),
+                                               adapter_name="default")
+            if getattr(result, "unexpected_keys", None):
+                raise RuntimeError(f"{input_dir}: LoRA keys that do not match this model: {result.unexpected_keys[:5]}")
+            if crepa is not None:
+                crepa.load_projector(input_dir)  # CREPA
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    lora_params = [p for p in transformer.parameters() if p.requires_grad]
+    params_to_optimize = [{"params": lora_params, "lr": args.learning_rate}]
+    if crepa is not None:  # CREPA: the projector trains with the LoRA
+        params_to_optimize.append({"params": list(crepa.projector.parameters()), "lr": args.learning_rate})  # CREPA
+    trained_params = [p for group in params_to_optimize for p in group["params"]]
+    optimizer = get_optimizer(args, params_to_optimize)
+
+    # ---- Data: decoded lazily by the DataLoader workers; accelerate gives each rank its own shard. The order is a
+    # function of (seed, epoch) and the noise of (seed, step, micro-batch, rank), so a resumed run continues exactly.
+    seed = args.seed if args.seed is not None else 0
+    train_dataset = VideoDataset(items, args)
+    sampler = training_utils.EpochShuffleSampler(len(train_dataset), seed)
+    train_dataloader = torch.utils.data.DataLoader(train_dataset, batch_size=args.train_batch_size, sampler=sampler,
+                                                   collate_fn=collate_fn, num_workers=args.dataloader_num_workers)
+    num_update_steps_per_epoch = math.ceil(math.ceil(len(train_dataloader) / accelerator.num_processes)
+                                           / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes,
+                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
+    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, lr_scheduler)
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_name or "hunyuan-lora-crepa", config={
+            k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+
     # One pipeline object: its encode_prompt is the text path of training, and it renders the validation videos
     # (with its own scheduler: set_timesteps would rewrite the training sigmas).
-    pipe = HunyuanVideoPipeline(text_encoder=text_encoder, tokenizer=tokenizer, transformer=unwrapped, vae=vae,
+    pipe = HunyuanVideoPipeline(text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
                                 scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler.config),
                                 text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
-    parts = Parts(pipe=pipe, model=run.models[0], scheduler=scheduler, weight_dtype=weight_dtype, device=device,
+    parts = Parts(pipe=pipe, model=model, scheduler=scheduler, weight_dtype=weight_dtype, device=device,
                   height=args.height, width=args.width, patch_size=patch, args=args,
-                  cache=make_condition_cache(args, term, len(items)), video_paths=[item.path for item in items])
+                  cache=make_condition_cache(args, crepa, len(items)), video_paths=[item.path for item in items])
+    prompts = [p.strip() for p in (args.validation_prompt or "").split(args.validation_prompt_separator) if p.strip()]
+    pipeline_args = dict(guidance_scale=args.validation_guidance_scale, max_sequence_length=args.max_sequence_length)
 
-    def compute_loss(batch, generator, step):
-        return training_loss(batch, generator, parts, term)
+    def validate(step: int) -> None:
+        if not (prompts and accelerator.is_main_process):
+            return
+        with torch.no_grad(), torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
+            log_validation(pipe, args, accelerator, prompts, "validation", step, pipeline_args)
 
-    prompts = training.validation_prompts(args)
+    global_step = 0
+    if resume_path is not None:
+        logger.info("Resuming from %s", resume_path)
+        accelerator.load_state(str(resume_path))
+        global_step = checkpoints.checkpoint_step(resume_path)
+    first_epoch = global_step // num_update_steps_per_epoch
+    logger.info("***** Running training: %d videos, %d epochs, %d steps, %d processes (rank %d) *****",
+                len(train_dataset), args.num_train_epochs, args.max_train_steps, accelerator.num_processes,
+                accelerator.process_index)
 
-    def run_pipeline(pipeline, phase: str, step: int) -> list[Path]:
-        return training.generate_validation_videos(
-            accelerator, args, pipeline, prompts, phase, step,
-            dict(guidance_scale=args.validation_guidance_scale, max_sequence_length=args.max_sequence_length))
+    # ---- Training loop
+    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
+                        disable=not accelerator.is_local_main_process)
+    metrics, history = training_utils.MetricSums(), []
+    nonfinite = training_utils.NonFiniteSteps(args.max_nonfinite_steps)
+    interrupted = False
+    micro_batch = 0  # position inside the current gradient-accumulation window
+    with training_utils.StopRequest() as stop:
+        for epoch in range(first_epoch, args.num_train_epochs):
+            if global_step >= args.max_train_steps or interrupted:
+                break
+            model.train()
+            sampler.use_epoch(epoch)
+            skip = (global_step - epoch * num_update_steps_per_epoch) * args.gradient_accumulation_steps
+            loader = accelerator.skip_first_batches(train_dataloader, skip) if skip > 0 else train_dataloader
+            step_finite = torch.ones((), device=device, dtype=torch.bool)
+            for step, batch in enumerate(loader):
+                generator = training_utils.step_generator(seed, global_step, accelerator.process_index, device,
+                                                          micro_batch)
+                logger.debug("rank %d step %d samples %s", accelerator.process_index, global_step + 1,
+                             batch["indices"].tolist())
+                with accelerator.accumulate(model):
+                    loss, logs = training_loss(batch, generator, parts, crepa)
+                    step_finite = step_finite & torch.isfinite(loss.detach())
+                    # Every rank runs backward (DDP needs it); a NaN/inf loss on any rank in any micro-batch makes
+                    # the whole optimizer step a skip on every rank, so its gradients never reach the weights.
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        if nonfinite.all_finite(accelerator, step_finite):
+                            accelerator.clip_grad_norm_(trained_params, args.max_grad_norm)
+                            optimizer.step()
+                            lr_scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        step_finite = torch.ones((), device=device, dtype=torch.bool)
+                    metrics.add({"loss": loss.detach(), **logs})
+                if not accelerator.sync_gradients:
+                    micro_batch += 1
+                    continue
+                micro_batch = 0
+                global_step += 1
+                progress_bar.update(1)
+                if nonfinite.in_a_row:
+                    accelerator.log({"skipped_nonfinite_steps": nonfinite.in_a_row}, step=global_step)
+                if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
+                    logs = {**metrics.pop_means(), "lr": lr_scheduler.get_last_lr()[0]}
+                    progress_bar.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "crepa_loss")})
+                    accelerator.log(logs, step=global_step)
+                    history.append({"step": global_step, **logs})
+                interrupted = stop.requested(accelerator)
+                if global_step % args.checkpointing_steps == 0 or interrupted:
+                    checkpoints.save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+                if interrupted:
+                    logger.warning("Stopped at step %d after a signal; resume with --resume_from_checkpoint latest.",
+                                   global_step)
+                    break
+                if args.validation_steps and global_step % args.validation_steps == 0:
+                    validate(global_step)
+                if global_step >= args.max_train_steps:
+                    break
+            if not interrupted and (epoch + 1) % args.validation_epochs == 0:
+                validate(global_step)
+    progress_bar.close()
 
-    def validate(phase: str, step: int) -> None:
-        if prompts and accelerator.is_main_process:
-            with training.validation_autocast(device, weight_dtype):
-                run_pipeline(pipe, phase, step)
+    # ---- The LoRA with its metadata, the loss plot, the final videos from a fresh pipeline with the saved LoRA,
+    # the model card, the Hub upload.
+    training_utils.check_ranks_agree(accelerator, trained_params)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and not interrupted:
+        HunyuanVideoPipeline.save_lora_weights(
+            args.output_dir, transformer_lora_layers=get_peft_model_state_dict(transformer),
+            **checkpoints.lora_adapter_metadata(transformer))
+        write_loss_plot(history, args.output_dir)
+        videos = []
+        if prompts:
+            fresh = HunyuanVideoPipeline.from_pretrained(base, torch_dtype=weight_dtype, **load)
+            fresh.load_lora_weights(args.output_dir, adapter_name="hunyuan-lora-crepa")  # scale from the metadata
+            videos = log_validation(fresh.to(device), args, accelerator, prompts, "test", global_step, pipeline_args)
+        write_model_card(
+            args.output_dir, repo_id=repo_id or args.hub_model_id or Path(args.output_dir).name, base_model=base,
+            model_tags=["hunyuan-video", "hunyuanvideo"], pipeline_cls_name="HunyuanVideoPipeline",
+            crepa_settings=crepa_card_settings(args),
+            training_settings=training_card_settings(args, global_step, "HunyuanVideo"),
+            validation_prompts=prompts, video_files=videos,
+            extra="\n## Training curves\n\n![losses](loss.png)\n" if history else "")
+        if args.push_to_hub:
+            from huggingface_hub import upload_folder
 
-    def final_test(step: int) -> list[Path]:
-        fresh = HunyuanVideoPipeline.from_pretrained(base, torch_dtype=weight_dtype, **load)
-        fresh.load_lora_weights(args.output_dir, adapter_name="hunyuan-lora-crepa")  # scale from the metadata
-        return run_pipeline(fresh.to(device), "test", step)
-
-    training.train_and_finish(
-        accelerator, args, run, compute_loss=compute_loss, validate=validate, final_test=final_test if prompts else None,
-        pipeline_cls=HunyuanVideoPipeline, unwrapped=unwrapped, crepa=crepa, model_variant="HunyuanVideo",
-        model_tags=["hunyuan-video", "hunyuanvideo"], repo_id=repo_id)
+            upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training",
+                          ignore_patterns=["step_*", "epoch_*", "checkpoint-*", ".checkpoint-*", "logs/*", "*.tmp"],
+                          token=args.hub_token)
+    # Every rank waits until the main one has written everything: a rank that exits early tears down its process
+    # group while gloo's threads may still release the last collective's tensors, and the run must not look
+    # finished before its files exist.
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     return Path(args.output_dir)
 
 

@@ -112,7 +112,8 @@ def test_memory_counted_on_the_meta_device_equals_the_same_step_on_real_tensors(
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from crepa_diffusers import training
+    from crepa_diffusers.term import TransformerWithProjector
+    from crepa_diffusers.training_utils import step_generator
 
     bench = import_script(ROOT / "benchmarks" / "bench_crepa.py")
     counts = {}
@@ -121,10 +122,10 @@ def test_memory_counted_on_the_meta_device_equals_the_same_step_on_real_tensors(
         setup.transformer.enable_gradient_checkpointing()
         for mode in ("none", "crepa"):
             term = setup.terms[mode]
-            parts = dataclasses.replace(setup.parts, model=training.TransformerWithProjector(setup.transformer, term))
+            parts = dataclasses.replace(setup.parts, model=TransformerWithProjector(setup.transformer, term))
             held = [setup.transformer, setup.parts.text_encoder, setup.parts.vae, setup.batch]
             held += [setup.encoder.encoder, setup.projector] if term is not None else []
-            generator = training.step_generator(0, 0, 0, torch.device(device)) if device == "cpu" else None
+            generator = step_generator(0, 0, 0, torch.device(device)) if device == "cpu" else None
             with sdpa_kernel(SDPBackend.MATH), bench.LiveTensorBytes(bench._tensors(*held)) as memory:
                 loss, _ = setup.script.training_loss(setup.batch, generator, parts, term, memory.phases)
                 with memory.phases("backward"):

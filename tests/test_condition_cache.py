@@ -71,7 +71,7 @@ def test_cached_features_are_stored_in_the_encoder_dtype_and_read_back_identical
     from crepa_diffusers import testing
     from crepa_diffusers.crepa import CrepaConfig, CrepaProjector
     from crepa_diffusers.features import DinoPatchFeatures, token_frame_groups
-    from crepa_diffusers.training import CrepaTerm
+    from crepa_diffusers.term import CrepaTerm
 
     transformer = testing.build_tiny_cogvideox_pipeline("2b").transformer
     encoder = DinoPatchFeatures(testing.build_tiny_dinov2(), autocast_dtype=torch.bfloat16)

@@ -22,7 +22,7 @@ from helpers import (
     tiny_train_args,
 )
 
-from crepa_diffusers import checkpoints, testing, training
+from crepa_diffusers import checkpoints, testing, training_utils
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +258,7 @@ def test_nonfinite_losses_are_skipped_then_stop(cog, tiny_models, dataset, tmp_p
     out = tmp_path / "out"
     argv = args_for(tiny_models["cogvideox-2b"], dataset, out, steps=10,
                     extra=["--checkpointing_steps", "1", "--max_nonfinite_steps", "2"])
-    with pytest.raises(training.NonFiniteLossError, match=r"NaN/inf for 2 optimizer steps in a row.*--mixed_precision bf16"):
+    with pytest.raises(training_utils.NonFiniteLossError, match=r"NaN/inf for 2 optimizer steps in a row.*--mixed_precision bf16"):
         run_main(cog, argv)
     assert calls["n"] == 4
     good, skipped = out / "checkpoint-2", out / "checkpoint-3"
@@ -273,9 +273,9 @@ def test_nonfinite_losses_are_skipped_then_stop(cog, tiny_models, dataset, tmp_p
 
 
 def test_nonfinite_message_names_the_fp16_fix():
-    assert "--mixed_precision bf16" in training.nonfinite_message(3, "fp16")
-    assert "You train in fp16" in training.nonfinite_message(3, "fp16")
-    assert "--resume_from_checkpoint latest" in training.nonfinite_message(3, "no")
+    assert "--mixed_precision bf16" in training_utils.nonfinite_message(3, "fp16")
+    assert "You train in fp16" in training_utils.nonfinite_message(3, "fp16")
+    assert "--resume_from_checkpoint latest" in training_utils.nonfinite_message(3, "no")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -323,11 +323,11 @@ def test_two_process_run(tiny_models, dataset, tmp_path, script_path, model, blo
 
 
 def test_micro_batches_of_a_step_draw_different_noise():
-    a = training.step_generator(0, 5, 0, torch.device("cpu"), micro_batch=0)
-    b = training.step_generator(0, 5, 0, torch.device("cpu"), micro_batch=1)
-    again = training.step_generator(0, 5, 0, torch.device("cpu"), micro_batch=1)
+    a = training_utils.step_generator(0, 5, 0, torch.device("cpu"), micro_batch=0)
+    b = training_utils.step_generator(0, 5, 0, torch.device("cpu"), micro_batch=1)
+    again = training_utils.step_generator(0, 5, 0, torch.device("cpu"), micro_batch=1)
     assert not torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))
-    assert torch.equal(torch.rand(4, generator=training.step_generator(0, 5, 0, torch.device("cpu"), 1)),
+    assert torch.equal(torch.rand(4, generator=training_utils.step_generator(0, 5, 0, torch.device("cpu"), 1)),
                        torch.rand(4, generator=again))
 
 

@@ -245,7 +245,7 @@ def test_8bit_adam_without_bitsandbytes_is_a_clear_error(tiny_models, dataset, t
 def test_model_card_links_a_hub_base_model(tmp_path):
     from huggingface_hub import ModelCard
 
-    from crepa_diffusers.reporting import write_model_card
+    from crepa_diffusers.model_card import write_model_card
 
     write_model_card(str(tmp_path), repo_id="me/lora", base_model="THUDM/CogVideoX-5b", model_tags=["cogvideox"],
                      pipeline_cls_name="CogVideoXPipeline", crepa_settings={"crepa_mode": "crepa"},

@@ -15,8 +15,7 @@ from helpers import (
     tiny_train_args,
 )
 
-from crepa_diffusers.data import VideoDataset, load_video_items
-from crepa_diffusers.training import EpochShuffleSampler, step_generator
+from crepa_diffusers.training_utils import EpochShuffleSampler, step_generator
 
 
 def base_args(model, dataset, output_dir, steps=2, extra=()):
@@ -73,9 +72,11 @@ def test_flow_matching_loss_matches_independent_computation(tiny_models, dataset
     logged = json.loads((out / "training_log.json").read_text())[0]["diffusion_loss"]
 
     pipe = HunyuanVideoPipeline.from_pretrained(model)
-    items = load_video_items(str(dataset), caption_column="prompts.txt", video_column="videos.txt")
+    script = import_script(HUNYUAN_SCRIPT)
+    args = script.parse_args(base_args(model, dataset, out))
+    items = script.load_video_items(args)
     first = next(iter(EpochShuffleSampler(len(items), seed=0)))
-    example = VideoDataset(items, 32, 48, 9)[first]
+    example = script.VideoDataset(items, args)[first]
     frames = example["frames"][None]
     generator = step_generator(0, 0, 0, torch.device("cpu"))
     with torch.no_grad():

@@ -1,5 +1,4 @@
-"""checkpoint-N folders written atomically, and the LoRA (diffusers format, with its adapter metadata) and
-CREPA projector state inside them."""
+"""checkpoint-N folders written atomically (`latest` only ever names a complete one), and the LoRA's adapter metadata."""
 
 from __future__ import annotations
 
@@ -10,14 +9,12 @@ import re
 import shutil
 from pathlib import Path
 
-import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 CHECKPOINT_COMPLETE = "checkpoint_complete.json"
-PROJECTOR_FILE = "crepa_projector.safetensors"
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -85,59 +82,7 @@ def save_checkpoint(accelerator, output_dir: str, global_step: int, total_limit:
     return final
 
 
-def lora_metadata(transformer: nn.Module) -> dict:
-    """peft config of the LoRA, so load_lora_weights restores alpha / rank without set_adapters."""
+def lora_adapter_metadata(transformer: nn.Module) -> dict:
+    """The LoRA's peft config, for `save_lora_weights(..., **lora_adapter_metadata(transformer))`: the file then
+    carries alpha and rank, and `load_lora_weights` restores the trained scale without `set_adapters`."""
     return {"transformer_lora_adapter_metadata": transformer.peft_config["default"].to_dict()}
-
-
-def save_lora(pipeline_cls, directory: str | os.PathLike, transformer: nn.Module, dtype: torch.dtype | None = None):
-    from peft.utils import get_peft_model_state_dict
-
-    state = get_peft_model_state_dict(transformer)
-    if dtype is not None:
-        state = {key: value.to(dtype) for key, value in state.items()}
-    pipeline_cls.save_lora_weights(directory, transformer_lora_layers=state, **lora_metadata(transformer))
-
-
-def load_lora_into(pipeline_cls, directory: str | os.PathLike, transformer: nn.Module) -> None:
-    from diffusers.utils import convert_unet_state_dict_to_peft
-    from peft.utils import set_peft_model_state_dict
-
-    state = pipeline_cls.lora_state_dict(directory)
-    if isinstance(state, tuple):  # newer diffusers may return (state_dict, metadata)
-        state = state[0]
-    state = {k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")}
-    incompatible = set_peft_model_state_dict(transformer, convert_unet_state_dict_to_peft(state), adapter_name="default")
-    unexpected = getattr(incompatible, "unexpected_keys", None)
-    if unexpected:
-        raise RuntimeError(f"{directory}: LoRA keys that do not match this model: {unexpected[:5]}")
-
-
-def register_state_hooks(accelerator, pipeline_cls) -> None:
-    """accelerate save/load_state writes the LoRA (diffusers format) and the CREPA projector of the
-    TransformerWithProjector, not the frozen base model."""
-    from safetensors.torch import load_file, save_file
-
-    def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            for model in models:
-                model = accelerator.unwrap_model(model)
-                save_lora(pipeline_cls, output_dir, model.transformer)
-                if model.projector is not None:
-                    state = {k: v.detach().contiguous().cpu() for k, v in model.projector.state_dict().items()}
-                    save_file(state, os.path.join(output_dir, PROJECTOR_FILE))
-        while weights:
-            weights.pop()
-
-    def load_hook(models, input_dir):
-        while models:
-            model = accelerator.unwrap_model(models.pop())
-            load_lora_into(pipeline_cls, input_dir, model.transformer)
-            if model.projector is not None:
-                path = os.path.join(input_dir, PROJECTOR_FILE)
-                if not os.path.isfile(path):
-                    raise FileNotFoundError(f"{path} is missing: this checkpoint was saved without CREPA.")
-                model.projector.load_state_dict(load_file(path))
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)

@@ -14,6 +14,7 @@ REPA* is d = 0 (self term only). The total loss is L_diffusion + lambda * L_alig
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -23,16 +24,12 @@ from torch import nn
 CREPA_MODES = ("crepa", "repa", "none")
 
 
-def neighbour_weights(
-    num_frames: int, distance: int, tau: float, cumulative: bool = False, device: torch.device | None = None
-) -> torch.Tensor:
+def neighbour_weights(num_frames: int, distance: int, tau: float, cumulative: bool = False,
+                      device: torch.device | None = None) -> torch.Tensor:
     """[T, T] weights W[f, k] of sim(f, k) in score(f): 1 on the diagonal, exp(-|k-f|/tau) on the neighbours."""
     frame = torch.arange(num_frames, device=device)
     gap = (frame[None, :] - frame[:, None]).abs()
-    if cumulative:
-        is_neighbour = (gap >= 1) & (gap <= distance)
-    else:
-        is_neighbour = (gap == distance) & (gap > 0)
+    is_neighbour = (gap >= 1) & (gap <= distance) if cumulative else (gap == distance) & (gap > 0)
     weights = torch.exp(-gap.float() / tau) * is_neighbour
     return weights + torch.eye(num_frames, device=device)
 
@@ -40,36 +37,24 @@ def neighbour_weights(
 def frame_similarity(projected: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """sim(f, k) for every pair of token frames: [B, T, N, D] x [B, T, N, D] -> [B, T, T], in fp32."""
     if projected.shape != features.shape:
-        raise ValueError(
-            f"CREPA: projected hidden states {tuple(projected.shape)} and encoder features {tuple(features.shape)} "
-            "must both be [B, T, N, D] with the same token frames T, tokens per frame N and width D."
-        )
+        raise ValueError(f"CREPA: projected hidden states {tuple(projected.shape)} and encoder features "
+                         f"{tuple(features.shape)} must both be [B, T, N, D] with the same token frames T, tokens per "
+                         "frame N and width D.")
     projected = F.normalize(projected.float(), dim=-1)
     features = F.normalize(features.float(), dim=-1)
     num_tokens = projected.shape[2]
     return torch.einsum("bfnd,bknd->bfk", projected, features) / num_tokens
 
 
-def crepa_loss(
-    projected: torch.Tensor,
-    features: torch.Tensor,
-    distance: int = 1,
-    tau: float = 1.0,
-    cumulative: bool = False,
-    normalize_by_frames: bool = True,
-) -> torch.Tensor:
+def crepa_loss(projected: torch.Tensor, features: torch.Tensor, distance: int = 1, tau: float = 1.0,
+               cumulative: bool = False, normalize_by_frames: bool = True) -> torch.Tensor:
     """L_align of the module docstring (a scalar to minimise). `distance=0` gives REPA* (self term only)."""
     return crepa_loss_and_stats(projected, features, distance, tau, cumulative, normalize_by_frames)[0]
 
 
-def crepa_loss_and_stats(
-    projected: torch.Tensor,
-    features: torch.Tensor,
-    distance: int = 1,
-    tau: float = 1.0,
-    cumulative: bool = False,
-    normalize_by_frames: bool = True,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def crepa_loss_and_stats(projected: torch.Tensor, features: torch.Tensor, distance: int = 1, tau: float = 1.0,
+                         cumulative: bool = False, normalize_by_frames: bool = True
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L_align plus detached statistics to log (device tensors: reading them is the caller's only host sync).
 
     `similarity_self` is the mean of sim(f, f); `similarity_neighbour` the mean of sim(f, k) over the neighbour
@@ -102,17 +87,16 @@ class CrepaProjector(nn.Module):
     def __init__(self, hidden_size: int, encoder_dim: int, projector_dim: int = 2048) -> None:
         super().__init__()
         self.hidden_size, self.encoder_dim = hidden_size, encoder_dim
-        self.mlp = nn.Sequential(
-            nn.Linear(hidden_size, projector_dim),
-            nn.SiLU(),
-            nn.Linear(projector_dim, projector_dim),
-            nn.SiLU(),
-            nn.Linear(projector_dim, encoder_dim),
-        )
+        self.mlp = nn.Sequential(nn.Linear(hidden_size, projector_dim), nn.SiLU(),
+                                 nn.Linear(projector_dim, projector_dim), nn.SiLU(),
+                                 nn.Linear(projector_dim, encoder_dim))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # Run in the projector's own (fp32) precision: it is small, and trained from scratch.
-        return self.mlp(hidden_states.to(self.mlp[0].weight.dtype))
+        # fp32, also inside a bf16/fp16 autocast region (accelerate's mixed precision): the projector is small and
+        # trained from scratch, and the cosine similarities it feeds are sensitive to rounding.
+        device_type = hidden_states.device.type
+        with torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) else nullcontext():
+            return self.mlp(hidden_states.to(self.mlp[0].weight.dtype))
 
 
 @dataclass(frozen=True)
@@ -140,24 +124,15 @@ class CrepaConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "CrepaConfig":
-        return cls(
-            mode=args.crepa_mode,
-            lambda_=args.crepa_lambda,
-            block_index=args.crepa_block_index,
-            distance=args.crepa_adjacent_distance,
-            tau=args.crepa_adjacent_tau,
-            cumulative=args.crepa_cumulative_neighbors,
-            normalize_by_frames=args.crepa_normalize_by_frames,
-            encoder=args.crepa_encoder,
-            projector_dim=args.crepa_projector_dim,
-            encoder_frames_per_chunk=args.crepa_encoder_frames_per_chunk,
-            frame_pooling=args.crepa_frame_pooling,
-        )
+        return cls(mode=args.crepa_mode, lambda_=args.crepa_lambda, block_index=args.crepa_block_index,
+                   distance=args.crepa_adjacent_distance, tau=args.crepa_adjacent_tau,
+                   cumulative=args.crepa_cumulative_neighbors, normalize_by_frames=args.crepa_normalize_by_frames,
+                   encoder=args.crepa_encoder, projector_dim=args.crepa_projector_dim,
+                   encoder_frames_per_chunk=args.crepa_encoder_frames_per_chunk, frame_pooling=args.crepa_frame_pooling)
 
     def loss_and_stats(self, projected: torch.Tensor, features: torch.Tensor):
-        loss, stats = crepa_loss_and_stats(
-            projected, features, self.effective_distance, self.tau, self.cumulative, self.normalize_by_frames
-        )
+        loss, stats = crepa_loss_and_stats(projected, features, self.effective_distance, self.tau, self.cumulative,
+                                           self.normalize_by_frames)
         if self.effective_distance == 0:  # REPA*: no neighbour pairs, so nothing to log for them
             del stats["similarity_neighbour"]
         return loss, stats
@@ -177,82 +152,35 @@ def _checked(kind: type, test, requirement: str):
     return parse
 
 
-def add_crepa_args(
-    parser: argparse.ArgumentParser,
-    *,
-    default_lambda: float,
-    default_block_index: int = 8,
-    default_encoder: str = "facebook/dinov2-giant",
-    block_index_help: str = "",
-) -> argparse._ArgumentGroup:
+def add_crepa_args(parser: argparse.ArgumentParser, *, default_lambda: float, default_block_index: int = 8,
+                   default_encoder: str = "facebook/dinov2-giant", block_index_help: str = "") -> argparse._ArgumentGroup:
     """Adds the --crepa_* flags. Invalid values fail at parse time with a message naming the flag."""
     group = parser.add_argument_group("CREPA (cross-frame representation alignment, arXiv 2506.09229)")
-    group.add_argument(
-        "--crepa_mode",
-        choices=CREPA_MODES,
-        default="crepa",
-        help="crepa: align with the frame and its neighbours; repa: REPA* (same frame only); none: plain LoRA.",
-    )
-    group.add_argument(
-        "--crepa_lambda",
-        type=_checked(float, lambda v: v >= 0, ">= 0"),
-        default=default_lambda,
+    add = group.add_argument
+    add("--crepa_mode", choices=CREPA_MODES, default="crepa",
+        help="crepa: align with the frame and its neighbours; repa: REPA* (same frame only); none: plain LoRA.")
+    add("--crepa_lambda", type=_checked(float, lambda v: v >= 0, ">= 0"), default=default_lambda,
         help=f"Weight lambda of the alignment loss (default {default_lambda}, the paper's value as reported by "
-        "SimpleTuner: 0.5 for CogVideoX, 1.0 for HunyuanVideo).",
-    )
-    group.add_argument(
-        "--crepa_block_index",
-        type=_checked(int, lambda v: v >= 0, ">= 0"),
-        default=default_block_index,
-        help="0-based index of the transformer block whose output video tokens are aligned. " + block_index_help,
-    )
-    group.add_argument(
-        "--crepa_adjacent_distance",
-        type=_checked(int, lambda v: v >= 0, ">= 0"),
-        default=1,
-        help="d: align frame f also with frames f-d and f+d (paper Eq. 6).",
-    )
-    group.add_argument(
-        "--crepa_adjacent_tau",
-        type=_checked(float, lambda v: v > 0, "> 0"),
-        default=1.0,
-        help="tau: a neighbour at distance |k-f| is weighted exp(-|k-f|/tau).",
-    )
-    group.add_argument(
-        "--crepa_cumulative_neighbors",
-        action="store_true",
-        help="Align with every frame at distance 1..d instead of exactly d (a deviation from the paper).",
-    )
-    group.add_argument(
-        "--crepa_normalize_by_frames",
-        action=argparse.BooleanOptionalAction,
-        default=True,
+        "SimpleTuner: 0.5 for CogVideoX, 1.0 for HunyuanVideo).")
+    add("--crepa_block_index", type=_checked(int, lambda v: v >= 0, ">= 0"), default=default_block_index,
+        help="0-based index of the transformer block whose output video tokens are aligned. " + block_index_help)
+    add("--crepa_adjacent_distance", type=_checked(int, lambda v: v >= 0, ">= 0"), default=1,
+        help="d: align frame f also with frames f-d and f+d (paper Eq. 6).")
+    add("--crepa_adjacent_tau", type=_checked(float, lambda v: v > 0, "> 0"), default=1.0,
+        help="tau: a neighbour at distance |k-f| is weighted exp(-|k-f|/tau).")
+    add("--crepa_cumulative_neighbors", action="store_true",
+        help="Align with every frame at distance 1..d instead of exactly d (a deviation from the paper).")
+    add("--crepa_normalize_by_frames", action=argparse.BooleanOptionalAction, default=True,
         help="Divide the per-clip sum over frames by T (clip-length independent). --no-crepa_normalize_by_frames "
-        "gives the paper's plain sum.",
-    )
-    group.add_argument(
-        "--crepa_encoder",
-        default=default_encoder,
+        "gives the paper's plain sum.")
+    add("--crepa_encoder", default=default_encoder,
         help="DINOv2 encoder (transformers Dinov2Model / Dinov2WithRegistersModel): a Hub id or a local folder. "
-        "facebook/dinov2-giant is the paper's; facebook/dinov2-base fits small GPUs.",
-    )
-    group.add_argument(
-        "--crepa_projector_dim",
-        type=_checked(int, lambda v: v > 0, "> 0"),
-        default=2048,
-        help="Hidden width of the projector MLP (REPA uses 2048).",
-    )
-    group.add_argument(
-        "--crepa_frame_pooling",
-        choices=("mean", "center"),
-        default="mean",
+        "facebook/dinov2-giant is the paper's; facebook/dinov2-base fits small GPUs.")
+    add("--crepa_projector_dim", type=_checked(int, lambda v: v > 0, "> 0"), default=2048,
+        help="Hidden width of the projector MLP (REPA uses 2048).")
+    add("--crepa_frame_pooling", choices=("mean", "center"), default="mean",
         help="mean: the features of a token frame are the mean over its pixel frames (4 per latent frame); center: "
-        "only its middle frame is encoded (4x less encoder compute).",
-    )
-    group.add_argument(
-        "--crepa_encoder_frames_per_chunk",
-        type=_checked(int, lambda v: v > 0, "> 0"),
-        default=16,
-        help="Frames sent through the encoder at once; lower it to bound encoder memory on long clips.",
-    )
+        "only its middle frame is encoded (4x less encoder compute).")
+    add("--crepa_encoder_frames_per_chunk", type=_checked(int, lambda v: v > 0, "> 0"), default=16,
+        help="Frames sent through the encoder at once; lower it to bound encoder memory on long clips.")
     return group

@@ -1,5 +1,4 @@
-"""What a run leaves for people: validation videos (mp4, tensorboard, wandb), the model card, the loss plot, the
-Hub upload."""
+"""The model card (README.md with metadata the Hub parses) and its loss plot."""
 
 from __future__ import annotations
 
@@ -7,47 +6,6 @@ import argparse
 import json
 import re
 from pathlib import Path
-
-def _tensorboard_gif_summary(tag: str, frames, fps: int):
-    import io
-
-    from PIL import Image
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
-    images = [Image.fromarray(frame) for frame in frames]
-    buffer = io.BytesIO()
-    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-    height, width = frames[0].shape[:2]
-    image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=buffer.getvalue())
-    return Summary(value=[Summary.Value(tag=tag, image=image)])
-
-
-def log_validation_videos(accelerator, videos: list, prompts: list[str], output_dir: str, phase: str, step: int, fps: int) -> list[Path]:
-    """Each video (a list of PIL frames or uint8 arrays) to an mp4 in output_dir, and to wandb and tensorboard."""
-    import numpy as np
-    from diffusers.utils import export_to_video
-
-    paths = []
-    for i, (video, prompt) in enumerate(zip(videos, prompts)):
-        safe = re.sub(r"[^A-Za-z0-9_-]+", "_", prompt[:25]).strip("_") or "prompt"
-        path = Path(output_dir) / f"{phase}_video_{i}_{safe}.mp4"
-        export_to_video(video, str(path), fps=fps)
-        paths.append(path)
-        frames = [np.asarray(frame) for frame in video]
-        if frames and frames[0].dtype != np.uint8:
-            frames = [(np.clip(f, 0, 1) * 255).round().astype(np.uint8) for f in frames]
-        for tracker in accelerator.trackers:
-            if tracker.name == "tensorboard":
-                writer = tracker.writer
-                writer._get_file_writer().add_summary(_tensorboard_gif_summary(f"{phase}/video_{i}", frames, fps), step)
-                writer.add_text(f"{phase}/prompt_{i}", prompt, step)
-                writer.flush()
-            elif tracker.name == "wandb":
-                import wandb
-
-                tracker.log({phase: [wandb.Video(str(path), caption=f"{i}: {prompt}", format="mp4")]}, step=step)
-    return paths
-
 
 def write_model_card(
     output_dir: str,
@@ -129,41 +87,16 @@ export_to_video(video, "output.mp4", fps=8)
     return path
 
 
-def hub_repo_id(args: argparse.Namespace) -> str:
-    return args.hub_model_id or Path(args.output_dir).name
+def crepa_card_settings(args: argparse.Namespace) -> dict:
+    """Every CREPA setting of a run, by flag name (`crepa_mode: none` for plain LoRA)."""
+    from .crepa import CrepaConfig
 
-
-def create_hub_repo(args: argparse.Namespace) -> str:
-    from huggingface_hub import create_repo
-
-    return create_repo(hub_repo_id(args), exist_ok=True, token=args.hub_token).repo_id
-
-
-def upload_output(args: argparse.Namespace, repo_id: str) -> None:
-    from huggingface_hub import upload_folder
-
-    upload_folder(
-        repo_id=repo_id,
-        folder_path=args.output_dir,
-        commit_message="End of training",
-        ignore_patterns=["step_*", "epoch_*", "checkpoint-*", ".checkpoint-*", "logs/*", "*.tmp"],
-        token=args.hub_token,
-    )
-
-
-def crepa_card_settings(config) -> dict:
-    return {
-        "crepa_mode": config.mode,
-        "crepa_lambda": config.lambda_,
-        "crepa_block_index": config.block_index,
-        "crepa_adjacent_distance": config.effective_distance,
-        "crepa_adjacent_tau": config.tau,
-        "crepa_cumulative_neighbors": config.cumulative,
-        "crepa_normalize_by_frames": config.normalize_by_frames,
-        "crepa_encoder": config.encoder,
-        "crepa_projector_dim": config.projector_dim,
-        "crepa_frame_pooling": config.frame_pooling,
-    }
+    config = CrepaConfig.from_args(args)
+    return {"crepa_mode": config.mode, "crepa_lambda": config.lambda_, "crepa_block_index": config.block_index,
+            "crepa_adjacent_distance": config.effective_distance, "crepa_adjacent_tau": config.tau,
+            "crepa_cumulative_neighbors": config.cumulative, "crepa_normalize_by_frames": config.normalize_by_frames,
+            "crepa_encoder": config.encoder, "crepa_projector_dim": config.projector_dim,
+            "crepa_frame_pooling": config.frame_pooling}
 
 
 def training_card_settings(args: argparse.Namespace, global_step: int, model_variant: str) -> dict:

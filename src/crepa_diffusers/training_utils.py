@@ -1,0 +1,176 @@
+"""Small mechanisms the training loops call explicitly (as diffusers' examples call `diffusers.training_utils`): video
+probing before any model loads, a reproducible data order and noise stream (exact resume), stop-on-signal, the
+non-finite-step decision, device-side metric sums, and a cross-rank check of the trained weights."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def check_videos(items: list, min_frames: int, skip_invalid: bool = False) -> list:
+    """Every listed video (items with a `.path`) is opened before training: all missing, undecodable or too-short
+    files are reported at once (SystemExit), or dropped with a warning when `skip_invalid`."""
+    import decord
+
+    problems = []
+    for index, item in enumerate(items):
+        path = Path(item.path)
+        if not path.is_file():
+            problems.append((index, f"{path}: file not found"))
+            continue
+        try:
+            num_frames = len(decord.VideoReader(str(path)))
+        except Exception as error:  # decord raises its own DECORDError, and RuntimeError on corrupt headers
+            reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+            problems.append((index, f"{path}: cannot be decoded ({reason})"))
+            continue
+        if num_frames < min_frames:
+            problems.append((index, f"{path}: {num_frames} frames, fewer than the {min_frames} needed"))
+    if not problems:
+        return items
+    listing = "\n  ".join(message for _, message in problems)
+    if not skip_invalid:
+        raise SystemExit(f"{len(problems)} of {len(items)} videos cannot be used:\n  {listing}\n"
+                         "Fix or remove them, lower --max_num_frames / --skip_frames_*, or pass --skip_invalid_videos.")
+    logger.warning("Skipping %d invalid videos (--skip_invalid_videos):\n  %s", len(problems), listing)
+    bad = {index for index, _ in problems}
+    items = [item for index, item in enumerate(items) if index not in bad]
+    if not items:
+        raise SystemExit("No usable videos left after --skip_invalid_videos.")
+    return items
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler[int]):
+    """A permutation that depends only on (seed, epoch), so a resumed run sees the same order.
+
+    Named `use_epoch`, not `set_epoch`: accelerate calls `set_epoch(iteration_count)` on each new iterator, which
+    would restart the order at epoch 0 after a resume.
+    """
+
+    def __init__(self, length: int, seed: int) -> None:
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def use_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def step_generator(seed: int, step: int, process_index: int, device: torch.device | str,
+                   micro_batch: int = 0) -> torch.Generator:
+    """The random stream of one micro-batch of one optimizer step on one rank: noise, timesteps and VAE samples are a
+    function of (seed, step, micro-batch, rank), so resuming from a checkpoint reproduces them exactly."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(((seed * 1_000_003 + step) * 1_009 + process_index) * 101 + micro_batch)
+    return generator
+
+
+class StopRequest:
+    """SIGTERM / SIGINT set a flag; the loop finishes its step, saves a checkpoint and exits. A second signal stops
+    at once. Use as a context manager: the previous handlers come back on exit."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            raise KeyboardInterrupt
+        self.signal = signum
+        logger.warning("Received %s: finishing this step, saving a checkpoint, then exiting.", signal.Signals(signum).name)
+
+    def requested(self, accelerator) -> bool:
+        """True on every rank if any rank was signalled (a collective: call it on all ranks at the same step)."""
+        if accelerator.num_processes == 1:
+            return self.signal is not None
+        flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class NonFiniteSteps:
+    """The decision to apply or skip an optimizer step: skipped on every rank when any rank's loss was NaN/inf in
+    any micro-batch of it (its gradients never reach the weights); after `max_in_a_row` skips in a row, stop."""
+
+    def __init__(self, max_in_a_row: int) -> None:
+        self.max_in_a_row, self.in_a_row = max_in_a_row, 0
+
+    def all_finite(self, accelerator, step_finite: torch.Tensor) -> bool:
+        """Call once per optimizer step on every rank; one host sync, needed to decide the skip."""
+        finite_ranks = accelerator.reduce(step_finite.float(), reduction="sum")
+        if bool(finite_ranks == accelerator.num_processes):
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        logger.warning("Non-finite loss: optimizer step skipped (%d in a row).", self.in_a_row)
+        if self.in_a_row >= self.max_in_a_row:
+            raise NonFiniteLossError(nonfinite_message(self.in_a_row, accelerator.mixed_precision))
+        return False
+
+
+def nonfinite_message(steps: int, mixed_precision: str) -> str:
+    precision = f" You train in {mixed_precision}:" if mixed_precision == "fp16" else " If you train in fp16:"
+    return (f"The loss was NaN/inf for {steps} optimizer steps in a row (each was skipped, see "
+            f"--max_nonfinite_steps).{precision} fp16 overflows on CogVideoX-5B/1.5 and HunyuanVideo, use "
+            "--mixed_precision bf16. Otherwise try a lower --learning_rate. The last complete checkpoint in "
+            "--output_dir is intact: resume from it with --resume_from_checkpoint latest.")
+
+
+class MetricSums:
+    """Logged values summed on the device and read once per logging step (each read is a host sync)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for key, value in values.items():
+            value = value.detach().float()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+        self.count += 1
+
+    def pop_means(self) -> dict[str, float]:
+        if not self.count:
+            return {}
+        keys = list(self.sums)
+        means = (torch.stack([self.sums[k] for k in keys]) / self.count).tolist()  # one host sync for all
+        self.sums, self.count = {}, 0
+        return dict(zip(keys, means))
+
+
+def check_ranks_agree(accelerator, params: list[torch.nn.Parameter]) -> None:
+    """With several processes every rank must end with the same trained weights (DDP keeps them in step; a rank that
+    skipped a step alone would not): compare checksums across ranks."""
+    if accelerator.num_processes == 1:
+        return
+    checksum = torch.stack([torch.stack([p.detach().double().sum() for p in params]).sum(),
+                            torch.stack([p.detach().double().abs().sum() for p in params]).sum()])
+    gathered = accelerator.gather(checksum.to(accelerator.device)[None]).cpu()
+    if not torch.allclose(gathered, gathered[:1].expand_as(gathered), rtol=1e-9, atol=0):
+        raise RuntimeError(f"The ranks ended with different trained weights: checksums {gathered.tolist()}")
+    logger.info("Trained weights identical on all %d ranks (checksum %.9g).", accelerator.num_processes,
+                gathered[0, 0].item())
