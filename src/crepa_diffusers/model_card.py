@@ -7,35 +7,21 @@ import json
 import re
 from pathlib import Path
 
-def write_model_card(
-    output_dir: str,
-    *,
-    repo_id: str,
-    base_model: str,
-    model_tags: list[str],
-    pipeline_cls_name: str,
-    crepa_settings: dict,
-    training_settings: dict,
-    validation_prompts: list[str],
-    video_files: list[Path],
-    extra: str = "",
-) -> Path:
+
+def write_model_card(output_dir: str, *, repo_id: str, base_model: str, model_tags: list[str], pipeline_cls_name: str,
+                     crepa_settings: dict, training_settings: dict, validation_prompts: list[str],
+                     video_files: list[Path], extra: str = "") -> Path:
     """README.md with YAML metadata that huggingface_hub.ModelCard parses."""
     from huggingface_hub import ModelCard, ModelCardData
 
     # A Hub id ("org/name") links to its page; a local folder is named as it is.
     on_hub = not Path(base_model).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", base_model) is not None
     base_link = f"[{base_model}](https://huggingface.co/{base_model})" if on_hub else f"the local model `{base_model}`"
-    widget = [
-        {"text": prompt, "output": {"url": Path(video).name}} for prompt, video in zip(validation_prompts, video_files)
-    ]
+    widget = [{"text": prompt, "output": {"url": Path(video).name}} for prompt, video in zip(validation_prompts, video_files)]
     data = ModelCardData(
         base_model=base_model if on_hub else None,  # the Hub rejects a local path as base_model metadata
-        library_name="diffusers",
-        license="other",
-        tags=["text-to-video", "diffusers-training", "diffusers", "lora", "crepa", "template:sd-lora", *model_tags],
-        widget=widget or None,
-    )
+        library_name="diffusers", license="other", widget=widget or None,
+        tags=["text-to-video", "diffusers-training", "diffusers", "lora", "crepa", "template:sd-lora", *model_tags])
     data.crepa = crepa_settings
     rows = "\n".join(f"| `{key}` | `{value}` |" for key, value in crepa_settings.items())
     train_rows = "\n".join(f"| `{key}` | `{value}` |" for key, value in training_settings.items())
