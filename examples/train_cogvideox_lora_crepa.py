@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 
 from crepa_diffusers import checkpoints, training_utils
 from crepa_diffusers.cache import ConditionCache, cached, make_condition_cache
-from crepa_diffusers.crepa import add_crepa_args  # CREPA
+from crepa_diffusers.crepa import CrepaConfig, add_crepa_args  # CREPA
 from crepa_diffusers.features import token_frame_groups  # CREPA
 from crepa_diffusers.model_card import crepa_card_settings, training_card_settings, write_loss_plot, write_model_card
 from crepa_diffusers.term import CrepaTerm, TransformerWithProjector, build_crepa, check_crepa_args  # CREPA
@@ -356,7 +356,8 @@ class Parts:
 
 
 def training_loss(batch: dict, generator: torch.Generator, parts: Parts, crepa: CrepaTerm | None = None,
-                  timer=contextlib.nullcontext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                  crepa_lambda: float | None = None, timer=contextlib.nullcontext
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One micro-batch's loss: diffusers' v-prediction loss (+ lambda * L_align), and the values to log. `timer(name)`
     is a context manager around each phase (the benchmark times them; training passes none)."""
     device, dtype, config = parts.device, parts.weight_dtype, parts.config
@@ -377,7 +378,8 @@ def training_loss(batch: dict, generator: torch.Generator, parts: Parts, crepa: 
     noise = torch.randn(latents.shape, device=device, dtype=latents.dtype, generator=generator)
     noisy = parts.scheduler.add_noise(latents, noise, timesteps)
     rotary = rotary_embeddings(config, parts.height, parts.width, latents.shape[1], device)
-    if crepa is not None:
+    crepa_lambda = crepa.lambda_ if crepa is not None and crepa_lambda is None else crepa_lambda  # CREPA
+    if crepa is not None and crepa_lambda > 0:  # CREPA: at lambda 0 the encoder, hook and projector do no work
         with timer("encoder_features"):
             # CREPA: DINOv2 features of the clean frames on the DiT's token grid, one per token frame; arms the hook.
             groups = token_frame_groups(frames.shape[1], VAE_TEMPORAL, patch_t or 1)  # CREPA
@@ -397,9 +399,11 @@ def training_loss(batch: dict, generator: torch.Generator, parts: Parts, crepa: 
         loss = (weights * (model_pred - latents.float()) ** 2).reshape(batch_size, -1).mean(1).mean()
         logs = {"diffusion_loss": loss.detach()}
         if crepa is not None:
+            logs["crepa_lambda"] = crepa_lambda  # CREPA
+        if projected is not None:
             align_loss, stats = crepa.loss(projected)  # CREPA: L_align of the block tokens against the features
             logs.update(crepa_loss=align_loss.detach(), **stats)  # CREPA
-            loss = loss + crepa.lambda_ * align_loss  # CREPA: L = L_diffusion + lambda * L_align
+            loss = loss + crepa_lambda * align_loss  # CREPA: L = L_diffusion + lambda * L_align
         return loss, logs
 
 
@@ -517,8 +521,10 @@ def main(args: argparse.Namespace) -> Path:
         log_with=args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=Path(args.output_dir, args.logging_dir)),
-        # CREPA: blocks after the hooked one get no CREPA gradient and a `none` run never uses the projector.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        # CREPA: a step at lambda 0 leaves the projector unused; only then does DDP need to look for unused
+        # parameters (a graph traversal every step).
+        kwargs_handlers=[DistributedDataParallelKwargs(
+            find_unused_parameters=CrepaConfig.from_args(args).may_skip_steps)],  # CREPA
     )
     if accelerator.mixed_precision == "fp16" and is_large:
         logger.warning("fp16 gives NaN losses on CogVideoX-5B / 1.5 (trained in bf16): use --mixed_precision bf16.")
@@ -595,6 +601,9 @@ def main(args: argparse.Namespace) -> Path:
     if crepa is not None:  # CREPA: the projector trains with the LoRA
         params_to_optimize.append({"params": list(crepa.projector.parameters()), "lr": args.learning_rate})  # CREPA
     trained_params = [p for group in params_to_optimize for p in group["params"]]
+    # CREPA: the LoRA is clipped as diffusers does and the projector on its own, so --max_grad_norm gives the LoRA
+    # the same update rule in all three arms (crepa, repa, none).
+    clipped_parts = [lora_params, list(crepa.projector.parameters()) if crepa is not None else []]
     optimizer = get_optimizer(args, params_to_optimize)
 
     # ---- Data: decoded lazily by the DataLoader workers; accelerate gives each rank its own shard. The order is a
@@ -667,15 +676,17 @@ def main(args: argparse.Namespace) -> Path:
                                                           micro_batch)
                 logger.debug("rank %d step %d samples %s", accelerator.process_index, global_step + 1,
                              batch["indices"].tolist())
+                # CREPA: lambda is a function of the optimizer step (exact on resume); 0 skips the CREPA work.
+                crepa_lambda = crepa.lambda_at(global_step, args.max_train_steps) if crepa is not None else None
                 with accelerator.accumulate(model):
-                    loss, logs = training_loss(batch, generator, parts, crepa)
+                    loss, logs = training_loss(batch, generator, parts, crepa, crepa_lambda)
                     step_finite = step_finite & torch.isfinite(loss.detach())
                     # Every rank runs backward (DDP needs it); a NaN/inf loss on any rank in any micro-batch makes
                     # the whole optimizer step a skip on every rank, so its gradients never reach the weights.
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         if nonfinite.all_finite(accelerator, step_finite):
-                            accelerator.clip_grad_norm_(trained_params, args.max_grad_norm)
+                            training_utils.clip_grad_norms(accelerator, clipped_parts, args.max_grad_norm)
                             optimizer.step()
                             lr_scheduler.step()
                         optimizer.zero_grad(set_to_none=True)

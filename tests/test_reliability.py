@@ -285,7 +285,8 @@ def test_nonfinite_message_names_the_fp16_fix():
 @pytest.mark.parametrize("script_path, model, block, extra, micro_batches", [
     # The multi-GPU configuration most users run: gradient checkpointing and accumulation under DDP.
     (COGVIDEOX_SCRIPT, "cogvideox-5b", 1, ["--gradient_checkpointing", "--gradient_accumulation_steps", "2"], 6),
-    (HUNYUAN_SCRIPT, "hunyuan", 2, [], 3),
+    # A lambda cutoff inside the run: step 3 leaves the projector unused, which DDP must allow.
+    (HUNYUAN_SCRIPT, "hunyuan", 2, ["--crepa_cutoff_step", "2"], 3),
 ])
 def test_two_process_run(tiny_models, dataset, tmp_path, script_path, model, block, extra, micro_batches):
     out = tmp_path / "out"
@@ -314,6 +315,8 @@ def test_two_process_run(tiny_models, dataset, tmp_path, script_path, model, blo
     state = lora_state(out)
     assert state and all(torch.isfinite(v).all() for v in state.values())
     assert (out / "checkpoint-3" / "crepa_projector.safetensors").is_file()
+    lambdas = [row["crepa_lambda"] for row in json.loads((out / "training_log.json").read_text())]
+    assert lambdas == ([0.5] * 3 if script_path == COGVIDEOX_SCRIPT else [1.0, 1.0, 0.0])
     pipeline_cls = "CogVideoXPipeline" if script_path == COGVIDEOX_SCRIPT else "HunyuanVideoPipeline"
     import diffusers
 

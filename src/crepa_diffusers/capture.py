@@ -37,6 +37,10 @@ class HiddenStateCapture:
         self._captured: torch.Tensor | None = None
         self._handle = blocks[block_index].register_forward_hook(self._hook)
 
+    @property
+    def armed(self) -> bool:
+        return self._token_frames is not None
+
     def arm(self, token_frames: int) -> None:
         """Capture the next forward of the block, as `token_frames` frames of tokens."""
         self._token_frames = token_frames

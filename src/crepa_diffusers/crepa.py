@@ -8,12 +8,14 @@ features y_k of clean frame k (both [N, D_enc], N = tokens per frame):
     K(f)       = {f - d, f + d} ∩ [0, T)                 (paper, Eq. 6; cumulative: {f ± 1, ..., f ± d})
     L_align    = - mean_b( sum_f score(f) / T )          (/T on by default; off gives the paper's plain sum)
 
-REPA* is d = 0 (self term only). The total loss is L_diffusion + lambda * L_align.
+REPA* is d = 0 (self term only). The total loss is L_diffusion + lambda(step) * L_align, lambda(step) from
+`CrepaConfig.lambda_at` (constant by default, as in the paper).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 CREPA_MODES = ("crepa", "repa", "none")
+LAMBDA_SCHEDULERS = ("constant", "linear", "cosine", "polynomial")
 
 
 def neighbour_weights(num_frames: int, distance: int, tau: float, cumulative: bool = False,
@@ -112,10 +115,37 @@ class CrepaConfig:
     projector_dim: int = 2048
     encoder_frames_per_chunk: int = 16
     frame_pooling: str = "mean"
+    scheduler: str = "constant"
+    warmup_steps: int = 0
+    decay_steps: int | None = None  # None: until max_train_steps
+    lambda_end: float = 0.0
+    power: float = 1.0
+    cutoff_step: int | None = None
 
     @property
     def enabled(self) -> bool:
         return self.mode != "none" and self.lambda_ > 0
+
+    def lambda_at(self, step: int, max_train_steps: int) -> float:
+        """lambda for the optimizer step after `step` completed ones: a pure function of the step (exact on resume).
+        A linear ramp from 0 over the warm-up, then from lambda to lambda_end over the decay steps; 0 from the cutoff."""
+        if self.cutoff_step is not None and step >= self.cutoff_step:
+            return 0.0
+        if step < self.warmup_steps:
+            return self.lambda_ * step / self.warmup_steps
+        if self.scheduler == "constant":
+            return self.lambda_
+        decay_steps = self.decay_steps if self.decay_steps is not None else max_train_steps - self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, decay_steps))
+        shape = {"linear": 1 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress)),
+                 "polynomial": (1 - progress) ** self.power}[self.scheduler]
+        return self.lambda_end + (self.lambda_ - self.lambda_end) * shape
+
+    @property
+    def may_skip_steps(self) -> bool:
+        """Whether lambda can be 0 at some step (the projector then goes unused: DDP must allow unused parameters)."""
+        decays_to_zero = self.scheduler != "constant" and self.lambda_end == 0
+        return self.enabled and (self.cutoff_step is not None or self.warmup_steps > 0 or decays_to_zero)
 
     @property
     def effective_distance(self) -> int:
@@ -128,7 +158,9 @@ class CrepaConfig:
                    distance=args.crepa_adjacent_distance, tau=args.crepa_adjacent_tau,
                    cumulative=args.crepa_cumulative_neighbors, normalize_by_frames=args.crepa_normalize_by_frames,
                    encoder=args.crepa_encoder, projector_dim=args.crepa_projector_dim,
-                   encoder_frames_per_chunk=args.crepa_encoder_frames_per_chunk, frame_pooling=args.crepa_frame_pooling)
+                   encoder_frames_per_chunk=args.crepa_encoder_frames_per_chunk, frame_pooling=args.crepa_frame_pooling,
+                   scheduler=args.crepa_scheduler, warmup_steps=args.crepa_warmup_steps, decay_steps=args.crepa_decay_steps,
+                   lambda_end=args.crepa_lambda_end, power=args.crepa_power, cutoff_step=args.crepa_cutoff_step)
 
     def loss_and_stats(self, projected: torch.Tensor, features: torch.Tensor):
         loss, stats = crepa_loss_and_stats(projected, features, self.effective_distance, self.tau, self.cumulative,
@@ -160,10 +192,13 @@ def add_crepa_args(parser: argparse.ArgumentParser, *, default_lambda: float, de
     add("--crepa_mode", choices=CREPA_MODES, default="crepa",
         help="crepa: align with the frame and its neighbours; repa: REPA* (same frame only); none: plain LoRA.")
     add("--crepa_lambda", type=_checked(float, lambda v: v >= 0, ">= 0"), default=default_lambda,
-        help=f"Weight lambda of the alignment loss (default {default_lambda}, the paper's value as reported by "
-        "SimpleTuner: 0.5 for CogVideoX, 1.0 for HunyuanVideo).")
+        help=f"Weight lambda of the alignment loss (default {default_lambda}: the paper's 0.5 for CogVideoX and 1.0 for "
+        "HunyuanVideo, as SimpleTuner's OPTIONS.md reports them; second-hand).")
     add("--crepa_block_index", type=_checked(int, lambda v: v >= 0, ">= 0"), default=default_block_index,
-        help="0-based index of the transformer block whose output video tokens are aligned. " + block_index_help)
+        help=f"0-based index of the block whose output video tokens are aligned (default {default_block_index}: "
+        "\"block 8 for CogVideoX and block 10 for Hunyuan Video\", SimpleTuner's OPTIONS.md citing the paper, 0-based "
+        "as SimpleTuner reads it; REPA's own code counts depth from 1, so the paper's block may be one shallower). "
+        + block_index_help)
     add("--crepa_adjacent_distance", type=_checked(int, lambda v: v >= 0, ">= 0"), default=1,
         help="d: align frame f also with frames f-d and f+d (paper Eq. 6).")
     add("--crepa_adjacent_tau", type=_checked(float, lambda v: v > 0, "> 0"), default=1.0,
@@ -183,4 +218,17 @@ def add_crepa_args(parser: argparse.ArgumentParser, *, default_lambda: float, de
         "only its middle frame is encoded (4x less encoder compute).")
     add("--crepa_encoder_frames_per_chunk", type=_checked(int, lambda v: v > 0, "> 0"), default=16,
         help="Frames sent through the encoder at once; lower it to bound encoder memory on long clips.")
+    # lambda over training (SimpleTuner's names, so settings carry over); constant is the paper.
+    add("--crepa_scheduler", choices=LAMBDA_SCHEDULERS, default="constant",
+        help="How lambda moves from --crepa_lambda to --crepa_lambda_end after the warm-up (constant: never).")
+    add("--crepa_warmup_steps", type=_checked(int, lambda v: v >= 0, ">= 0"), default=0,
+        help="Optimizer steps over which lambda ramps linearly from 0 to --crepa_lambda.")
+    add("--crepa_decay_steps", type=_checked(int, lambda v: v > 0, "> 0"), default=None,
+        help="Steps of the decay after the warm-up (default: until --max_train_steps).")
+    add("--crepa_lambda_end", type=_checked(float, lambda v: v >= 0, ">= 0"), default=0.0,
+        help="lambda at the end of the decay.")
+    add("--crepa_power", type=_checked(float, lambda v: v > 0, "> 0"), default=1.0,
+        help="Exponent of the polynomial decay (1: linear).")
+    add("--crepa_cutoff_step", type=_checked(int, lambda v: v >= 0, ">= 0"), default=None,
+        help="lambda is 0 after this many optimizer steps: the encoder, hook and projector are skipped from then on.")
     return group

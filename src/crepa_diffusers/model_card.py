@@ -82,7 +82,9 @@ def crepa_card_settings(args: argparse.Namespace) -> dict:
             "crepa_adjacent_distance": config.effective_distance, "crepa_adjacent_tau": config.tau,
             "crepa_cumulative_neighbors": config.cumulative, "crepa_normalize_by_frames": config.normalize_by_frames,
             "crepa_encoder": config.encoder, "crepa_projector_dim": config.projector_dim,
-            "crepa_frame_pooling": config.frame_pooling}
+            "crepa_frame_pooling": config.frame_pooling, "crepa_scheduler": config.scheduler,
+            "crepa_warmup_steps": config.warmup_steps, "crepa_decay_steps": config.decay_steps,
+            "crepa_lambda_end": config.lambda_end, "crepa_power": config.power, "crepa_cutoff_step": config.cutoff_step}
 
 
 def training_card_settings(args: argparse.Namespace, global_step: int, model_variant: str) -> dict:
@@ -112,12 +114,10 @@ def write_loss_plot(history: list[dict], output_dir: str) -> Path | None:
 
     steps = [row["step"] for row in history]
     fig, (losses, sims) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in ("loss", "diffusion_loss", "crepa_loss"):
-        if key in history[0]:
-            losses.plot(steps, [row[key] for row in history], label=key)
-    for key in ("similarity_self", "similarity_neighbour"):
-        if key in history[0]:
-            sims.plot(steps, [row[key] for row in history], label=key)
+    for axes, keys in ((losses, ("loss", "diffusion_loss", "crepa_loss")), (sims, ("similarity_self", "similarity_neighbour"))):
+        for key in keys:  # a row lacks the CREPA values where lambda was 0 all through its window
+            if any(key in row for row in history):
+                axes.plot(steps, [row.get(key, float("nan")) for row in history], label=key)
     losses.set_xlabel("step"), losses.set_title("losses"), losses.legend()
     sims.set_xlabel("step"), sims.set_title("CREPA cosine similarity"), sims.legend() if sims.lines else None
     fig.tight_layout()

@@ -7,6 +7,9 @@ The five lines a diffusers training loop needs (see README, "Add CREPA to your o
     params += list(crepa.projector.parameters())                            # trained with the LoRA
     crepa.prepare(frames, token_grid, token_frame_groups(num_frames))       # before the forward: clean frames
     output, projected = model(...); loss = diffusion_loss + crepa.lambda_ * crepa.loss(projected)[0]
+
+With a lambda schedule, skip `prepare` at a step where lambda is 0: the model then returns `projected = None` and
+the encoder, hook and projector do no work.
 """
 
 from __future__ import annotations
@@ -69,6 +72,10 @@ class CrepaTerm:
     def lambda_(self) -> float:
         return self.config.lambda_
 
+    def lambda_at(self, step: int, max_train_steps: int) -> float:
+        """lambda of the optimizer step after `step` completed ones (--crepa_scheduler and friends)."""
+        return self.config.lambda_at(step, max_train_steps)
+
     @property
     def cache_dtype(self) -> torch.dtype:
         """How --cache_conditions stores features: bf16 where the encoder runs in bf16 (half the disk and the read of
@@ -115,7 +122,8 @@ class CrepaTerm:
 class TransformerWithProjector(nn.Module):
     """The transformer and the CREPA projector as one trained module, so that DDP, DeepSpeed (one model per engine)
     and FSDP wrap a single model whose forward runs both: forward(...) -> (transformer output, projected block
-    tokens or None). The hook sits on the unwrapped transformer's block, which wrapping does not change."""
+    tokens, or None when `prepare` was not called for this forward). The hook sits on the unwrapped transformer's
+    block, which wrapping does not change."""
 
     def __init__(self, transformer: nn.Module, term: CrepaTerm | None = None) -> None:
         super().__init__()
@@ -126,6 +134,6 @@ class TransformerWithProjector(nn.Module):
 
     def forward(self, *args, **kwargs):
         output = self.transformer(*args, **kwargs)
-        if self.projector is None:
+        if self.projector is None or not self._capture.armed:
             return output, None
         return output, self.projector(self._capture.pop())

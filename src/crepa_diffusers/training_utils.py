@@ -141,25 +141,32 @@ def nonfinite_message(steps: int, mixed_precision: str) -> str:
 
 
 class MetricSums:
-    """Logged values summed on the device and read once per logging step (each read is a host sync)."""
+    """Logged values summed on the device and read once per logging step (each read is a host sync). Each key is
+    averaged over the micro-batches that reported it (a step at CREPA lambda 0 reports no CREPA loss)."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
+        self.sums: dict[str, torch.Tensor | float] = {}
+        self.counts: dict[str, int] = {}
 
-    def add(self, values: dict[str, torch.Tensor]) -> None:
+    def add(self, values: dict[str, torch.Tensor | float]) -> None:
         for key, value in values.items():
-            value = value.detach().float()
-            self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
-        self.count += 1
+            value = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+            self.counts[key] = self.counts.get(key, 0) + 1
 
     def pop_means(self) -> dict[str, float]:
-        if not self.count:
-            return {}
-        keys = list(self.sums)
-        means = (torch.stack([self.sums[k] for k in keys]) / self.count).tolist()  # one host sync for all
-        self.sums, self.count = {}, 0
-        return dict(zip(keys, means))
+        means = {key: total / self.counts[key] for key, total in self.sums.items()}
+        on_device = [key for key, mean in means.items() if isinstance(mean, torch.Tensor)]
+        if on_device:  # one host sync for all
+            means.update(zip(on_device, torch.stack([means[key] for key in on_device]).tolist()))
+        self.sums, self.counts = {}, {}
+        return means
+
+
+def clip_grad_norms(accelerator, parts: list[list[torch.nn.Parameter]], max_norm: float) -> list[torch.Tensor]:
+    """Clip each part's gradients (the LoRA; the CREPA projector) to `max_norm` on its own, so the LoRA's update rule
+    is the same with and without CREPA. Returns the norms before clipping."""
+    return [accelerator.clip_grad_norm_(params, max_norm) for params in parts if params]
 
 
 def check_ranks_agree(accelerator, params: list[torch.nn.Parameter]) -> None:

@@ -1,0 +1,253 @@
+"""Defects a user hits trying the scripts: what goes to the Hub, runs lost at the end, late or raw errors, seeds,
+resumed histories, and what the model card records. One test per defect."""
+
+import gc
+import json
+import re
+import shutil
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import (
+    COGVIDEOX_SCRIPT,
+    HUNYUAN_SCRIPT,
+    ROOT,
+    assert_same_trained_weights,
+    import_script,
+    launch,
+    lora_state,
+    tiny_train_args,
+)
+
+
+@pytest.fixture(scope="module")
+def cog():
+    return import_script(COGVIDEOX_SCRIPT)
+
+
+def run_main(script, argv):
+    from accelerate.state import AcceleratorState
+
+    try:
+        return script.main(script.parse_args(argv))
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+def fake_hub(monkeypatch):
+    """create_repo / upload_folder replaced; the upload records the files huggingface_hub would send."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    calls = {}
+
+    class Repo:
+        repo_id = "someone/tiny-crepa"
+
+    def fake_upload_folder(repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
+        files = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file()]
+        calls["uploaded"] = sorted(filter_repo_objects(files, allow_patterns=allow_patterns,
+                                                       ignore_patterns=ignore_patterns))
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kwargs: Repo())
+    monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload_folder)
+    return calls
+
+
+def test_push_uploads_only_what_a_lora_repo_holds(cog, tiny_models, dataset, tmp_path, monkeypatch):
+    """With --cache_conditions the DINOv2 features and prompt embeddings sit in OUTPUT_DIR/condition_cache: none of
+    them, nor checkpoints or logs, may reach the Hub."""
+    calls = fake_hub(monkeypatch)
+    out = tmp_path / "tiny-crepa"
+    run_main(cog, tiny_train_args(tiny_models["cogvideox-2b"], dataset, out, steps=2, extra=[
+        "--push_to_hub", "--hub_model_id", "someone/tiny-crepa", "--cache_conditions", "--checkpointing_steps", "1",
+        "--validation_prompt", "a cat", "--validation_steps", "2", "--validation_num_inference_steps", "1",
+        "--report_to", "tensorboard"]))
+    assert list((out / "condition_cache").glob("*.safetensors")), "the cache was not written where expected"
+    uploaded = calls["uploaded"]
+    assert {"pytorch_lora_weights.safetensors", "README.md", "loss.png", "training_log.json"} <= set(uploaded)
+    assert all(re.fullmatch(r"(pytorch_lora_weights\.safetensors|README\.md|loss\.png|training_log\.json|"
+                            r"(validation|test)_video_\d+_[\w-]+\.mp4)", name) for name in uploaded), uploaded
+
+
+def test_final_videos_come_after_training_models_are_freed(cog, tiny_models, dataset, tmp_path, monkeypatch):
+    """The final test loads a fresh pipeline only once the training transformer is gone, with VAE slicing and
+    tiling as in training; when its videos fail, the LoRA, the card and the upload are still there."""
+    from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    loaded = []
+    original_load = CogVideoXTransformer3DModel.from_pretrained.__func__
+
+    def recording_load(cls, *args, **kwargs):
+        model = original_load(cls, *args, **kwargs)
+        loaded.append(weakref.ref(model))
+        return model
+
+    seen = {}
+    original_pipeline_load = CogVideoXPipeline.from_pretrained.__func__
+
+    def checking_pipeline_load(cls, *args, **kwargs):
+        gc.collect()
+        seen["training_transformer_alive"] = loaded[0]() is not None
+        pipe = original_pipeline_load(cls, *args, **kwargs)
+        seen["pipe"] = pipe
+        return pipe
+
+    def failing_call(self, *args, **kwargs):
+        seen["slicing_tiling"] = (self.vae.use_slicing, self.vae.use_tiling)
+        raise RuntimeError("out of memory while sampling the final videos")
+
+    monkeypatch.setattr(CogVideoXTransformer3DModel, "from_pretrained", classmethod(recording_load))
+    monkeypatch.setattr(CogVideoXPipeline, "from_pretrained", classmethod(checking_pipeline_load))
+    monkeypatch.setattr(CogVideoXPipeline, "__call__", failing_call)
+    calls = fake_hub(monkeypatch)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="out of memory while sampling the final videos"):
+        run_main(cog, tiny_train_args(tiny_models["cogvideox-2b"], dataset, out, steps=1, extra=[
+            "--validation_prompt", "a cat", "--enable_slicing", "--enable_tiling", "--push_to_hub"]))
+    assert seen["training_transformer_alive"] is False
+    assert seen["slicing_tiling"] == (True, True)
+    assert lora_state(out) and "crepa" in (out / "README.md").read_text()
+    assert "pytorch_lora_weights.safetensors" in calls["uploaded"]
+
+
+def test_hunyuan_validation_and_final_test_sample_alike(tiny_models, dataset, tmp_path, monkeypatch):
+    """With --flow_shift both the validation and the final videos use that shift, and the card records it."""
+    from diffusers import HunyuanVideoPipeline
+
+    script = import_script(HUNYUAN_SCRIPT)
+    shifts = []
+    original = HunyuanVideoPipeline.__call__
+
+    def recording_call(self, *args, **kwargs):
+        shifts.append(self.scheduler.config.shift)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(HunyuanVideoPipeline, "__call__", recording_call)
+    out = tmp_path / "out"
+    run_main(script, tiny_train_args(tiny_models["hunyuan"], dataset, out, steps=2, encoder="dinov2-registers", extra=[
+        "--max_sequence_length", "16", "--flow_shift", "3.0", "--validation_prompt", "a cat", "--validation_steps",
+        "2", "--validation_num_inference_steps", "1"]))
+    assert shifts == [3.0, 3.0]
+    assert re.search(r"\| `sampling_flow_shift` \| `3.0` \|", (out / "README.md").read_text())
+
+
+def test_a_run_without_seed_draws_one_and_resume_reuses_it(tiny_models, dataset, tmp_path):
+    model = tiny_models["cogvideox-2b"]
+
+    def args(out, steps, extra=()):
+        argv = tiny_train_args(model, dataset, out, steps=steps, extra=["--checkpointing_steps", "2", *extra])
+        index = argv.index("--seed")
+        return argv[:index] + argv[index + 2:]
+
+    first, other = tmp_path / "first", tmp_path / "other"
+    launch(COGVIDEOX_SCRIPT, args(first, 2), tmp_path)
+    launch(COGVIDEOX_SCRIPT, args(other, 2), tmp_path)
+    seeds = [int(re.search(r"\| `seed` \| `(\d+)` \|", (out / "README.md").read_text()).group(1))
+             for out in (first, other)]
+    assert seeds[0] != seeds[1], "two runs without --seed drew the same seed"
+    assert any(not torch.equal(a, b) for a, b in zip(lora_state(first).values(), lora_state(other).values()))
+
+    resumed = launch(COGVIDEOX_SCRIPT, args(first, 4, ["--resume_from_checkpoint", "latest"]), tmp_path)
+    assert f"seed {seeds[0]} (stored in the checkpoint)" in resumed.stderr
+    straight = tmp_path / "straight"
+    launch(COGVIDEOX_SCRIPT, tiny_train_args(model, dataset, straight, steps=4, extra=[
+        "--checkpointing_steps", "2", "--seed", str(seeds[0])]), tmp_path)  # the last --seed wins
+    assert_same_trained_weights(straight, first, "checkpoint-4")
+
+
+def test_resume_continues_the_training_history(tiny_models, dataset, tmp_path):
+    model = tiny_models["cogvideox-2b"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    launch(COGVIDEOX_SCRIPT, tiny_train_args(model, dataset, straight, steps=4), tmp_path)
+    launch(COGVIDEOX_SCRIPT, tiny_train_args(model, dataset, resumed, steps=2, extra=["--checkpointing_steps", "2"]),
+           tmp_path)
+    launch(COGVIDEOX_SCRIPT, tiny_train_args(model, dataset, resumed, steps=4, extra=[
+        "--resume_from_checkpoint", "latest"]), tmp_path)
+    a = json.loads((straight / "training_log.json").read_text())
+    b = json.loads((resumed / "training_log.json").read_text())
+    assert [row["step"] for row in b] == [1, 2, 3, 4]
+    for row_a, row_b in zip(a, b):
+        assert row_a.keys() == row_b.keys()
+        assert all(row_a[k] == pytest.approx(row_b[k], rel=1e-5, abs=1e-7) for k in row_a)
+
+
+def test_checkpoint_missing_lora_tensors_fails_to_resume(tiny_models, dataset, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "out"
+    model = tiny_models["cogvideox-2b"]
+    launch(COGVIDEOX_SCRIPT, tiny_train_args(model, dataset, out, steps=2, extra=["--checkpointing_steps", "2"]),
+           tmp_path)
+    path = out / "checkpoint-2" / "pytorch_lora_weights.safetensors"
+    state = load_file(str(path))
+    dropped = sorted(state)[0]
+    del state[dropped]
+    save_file(state, str(path), metadata={"format": "pt"})
+    result = launch(COGVIDEOX_SCRIPT, tiny_train_args(model, dataset, out, steps=3, extra=[
+        "--resume_from_checkpoint", "latest"]), tmp_path, check=False)
+    assert result.returncode != 0
+    assert "LoRA tensors missing" in result.stderr and "checkpoint-2" in result.stderr
+
+
+def test_lora_metadata_holds_only_what_loading_needs(tiny_models, dataset, tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "out"
+    launch(COGVIDEOX_SCRIPT, tiny_train_args(tiny_models["cogvideox-2b"], dataset, out, steps=1, extra=[
+        "--crepa_mode", "none"]), tmp_path)
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), framework="pt") as handle:
+        stored = json.loads(handle.metadata()["lora_adapter_metadata"])
+    fields = {key.split(".", 1)[1] for key in stored}
+    assert {"r", "lora_alpha", "target_modules"} <= fields
+    assert fields <= {"r", "lora_alpha", "target_modules", "lora_dropout", "bias", "use_dora", "use_rslora",
+                      "rank_pattern", "alpha_pattern"}, fields
+    from peft import LoraConfig
+
+    LoraConfig(**{key.split(".", 1)[1]: value for key, value in stored.items()})  # what diffusers builds
+
+
+def test_card_records_the_mixed_precision_that_ran(tiny_models, dataset, tmp_path):
+    out = tmp_path / "out"
+    argv = tiny_train_args(tiny_models["cogvideox-2b"], dataset, out, steps=1, extra=["--crepa_mode", "none"])
+    index = argv.index("--mixed_precision")
+    launch(COGVIDEOX_SCRIPT, argv[:index] + argv[index + 2:], tmp_path)  # the accelerate config says "no"
+    card = (out / "README.md").read_text()
+    assert "| `mixed_precision` | `no` |" in card and "accelerate default" not in card
+
+
+@pytest.mark.parametrize("script_path, model", [(COGVIDEOX_SCRIPT, "cogvideox-2b"), (HUNYUAN_SCRIPT, "hunyuan")])
+def test_image_to_video_checkpoint_is_refused_before_loading(tiny_models, dataset, tmp_path, script_path, model):
+    i2v = tmp_path / "i2v"
+    shutil.copytree(tiny_models[model], i2v)
+    config_path = i2v / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["in_channels"] = 2 * config["out_channels"] + (1 if model == "hunyuan" else 0)
+    config_path.write_text(json.dumps(config))
+    (i2v / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"not loaded")
+    with pytest.raises(SystemExit, match=r"in_channels.*image-to-video"):
+        run_main(import_script(script_path), tiny_train_args(i2v, dataset, tmp_path / "out", steps=1))
+
+
+def test_reshape_mode_none_crops_as_diffusers_and_stretch_stretches(cog):
+    frames = torch.arange(2 * 3 * 8 * 16, dtype=torch.float32).view(2, 3, 8, 16)
+    stretched = cog.resize_and_crop(frames, 8, 8, "stretch")
+    assert stretched.shape == (2, 3, 8, 8)
+    torch.testing.assert_close(stretched, torch.nn.functional.interpolate(
+        frames, size=(8, 8), mode="bicubic", align_corners=False, antialias=True))
+    crops = {tuple(cog.resize_and_crop(frames, 8, 8, "none")[0, 0, 0, :2].tolist()) for _ in range(30)}
+    assert len(crops) > 1, "--video_reshape_mode none must crop at random, as in diffusers"
+    assert all(any(torch.equal(torch.tensor(c), frames[0, 0, 0, i:i + 2]) for i in range(9)) for c in crops)
+
+
+def test_subject_consistency_follows_vbench_clamp():
+    evaluate = import_script(ROOT / "examples" / "evaluate_crepa.py")
+    features = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [-1.0, 0.1], [0.0, 1.0]]), dim=-1)
+    scores = evaluate.consistency(features)
+    cos = features @ features.T
+    expected = np.mean([(max(0.0, cos[i, i - 1].item()) + max(0.0, cos[i, 0].item())) / 2 for i in (1, 2)])
+    assert scores["subject_consistency"] == pytest.approx(expected, abs=1e-6)
+    assert min(scores["adjacent"]) < 0  # the raw similarities are still reported unclamped
