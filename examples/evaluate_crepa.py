@@ -10,7 +10,9 @@
 
 Each frame is embedded with a DINOv2 encoder (the CLS token, as VBench's subject consistency uses DINO's); per video
 it reports the cosine similarity of every frame to the previous one (adjacent) and to the first one, and VBench's
-subject-consistency score, the mean over frames i >= 1 of (adjacent + first) / 2. Writes report.json,
+subject-consistency formula, the mean over frames i >= 1 of (max(0, adjacent) + max(0, first)) / 2. The features are
+DINOv2's, not VBench's DINO ViT-B/16 with its preprocessing: scores are not comparable with published VBench tables,
+only between the groups of one report. Writes report.json,
 similarity.png (per-frame similarity by group) and grid.mp4 (the groups side by side, one row per video).
 """
 
@@ -83,7 +85,8 @@ class FrameEmbedder:
 
 
 def consistency(features: torch.Tensor) -> dict:
-    """Per-frame adjacent / first-frame cosine similarity of normalised features [F, D], and VBench's score."""
+    """Per-frame adjacent / first-frame cosine similarity of normalised features [F, D], and VBench's subject
+    consistency formula: the mean over frames i >= 1 of (max(0, adjacent_i) + max(0, first_i)) / 2."""
     if features.shape[0] < 2:
         raise ValueError("a video needs at least 2 frames to measure consistency")
     adjacent = (features[1:] * features[:-1]).sum(-1)
@@ -93,7 +96,7 @@ def consistency(features: torch.Tensor) -> dict:
         "first": first.tolist(),
         "mean_adjacent": adjacent.mean().item(),
         "mean_first": first.mean().item(),
-        "subject_consistency": ((adjacent + first) / 2).mean().item(),
+        "subject_consistency": ((adjacent.clamp(min=0) + first.clamp(min=0)) / 2).mean().item(),
     }
 
 
@@ -202,7 +205,8 @@ def evaluate(groups: dict[str, list[tuple[str, np.ndarray]]], embedder: FrameEmb
              fps: int = 8) -> dict:
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    report = {"metric": "DINOv2 CLS cosine similarity; subject_consistency = mean_i (adjacent_i + first_i) / 2",
+    report = {"metric": "DINOv2 CLS cosine similarity; subject_consistency = mean_i (max(0, adjacent_i) + max(0, first_i))"
+              " / 2 (VBench's formula on DINOv2 features: not comparable with published VBench tables)",
               "groups": {}}
     for group, videos in groups.items():
         scored = [{"name": name, "num_frames": len(frames), **consistency(embedder(frames))} for name, frames in videos]

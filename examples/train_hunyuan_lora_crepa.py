@@ -23,6 +23,7 @@ import math
 import os
 import random
 import re
+import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +98,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--output_dir", type=str, default="hunyuan-lora-crepa")
     train.add_argument("--height", type=int, default=512)
     train.add_argument("--width", type=int, default=768)
-    train.add_argument("--video_reshape_mode", type=str, default="center", choices=["center", "random", "none"])
+    train.add_argument("--video_reshape_mode", type=str, default="center", choices=["center", "random", "none", "stretch"],
+                       help="Crop after resizing the short side: center, random, or none (a random crop, as in diffusers' "
+                       "script); stretch resizes to --height x --width ignoring the aspect ratio.")
     train.add_argument("--fps", type=int, default=8, help="Frame rate of the validation videos.")
     train.add_argument("--max_num_frames", type=int, default=49, help="Frames per clip (4k+1).")
     train.add_argument("--skip_frames_start", type=int, default=0)
@@ -179,9 +182,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}.")
-    if args.cache_conditions and (args.random_flip or args.video_reshape_mode == "random"):
+    if args.cache_conditions and (args.random_flip or args.video_reshape_mode in ("random", "none")):
         parser.error("--cache_conditions reuses each clip's features, so the clip must not change between epochs: "
-                     "drop --random_flip / --video_reshape_mode random, or the cache.")
+                     "drop --random_flip / --video_reshape_mode random or none (both crop at random), or the cache.")
     if args.flow_shift is not None and args.flow_shift <= 0:
         parser.error(f"--flow_shift must be > 0, got {args.flow_shift}.")
     if args.report_to in ("wandb", "all") and args.hub_token is not None:
@@ -264,14 +267,15 @@ def sample_frame_indices(num_available: int, max_num_frames: int, skip_start: in
 
 
 def resize_and_crop(frames: torch.Tensor, height: int, width: int, mode: str = "center") -> torch.Tensor:
-    """[F, C, H, W] -> [F, C, height, width]: resize so the frame covers the target, then crop (or stretch: none)."""
-    if mode == "none":
+    """[F, C, H, W] -> [F, C, height, width]: resize so the frame covers the target, then crop (center, or at random
+    for random and none, as diffusers' script does), or stretch to the target."""
+    if mode == "stretch":
         return F.interpolate(frames, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
     src_h, src_w = frames.shape[-2:]
     scale = max(height / src_h, width / src_w)
     new_h, new_w = max(height, math.ceil(src_h * scale - 1e-6)), max(width, math.ceil(src_w * scale - 1e-6))
     frames = F.interpolate(frames, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
-    if mode == "random":
+    if mode in ("random", "none"):
         top, left = random.randint(0, new_h - height), random.randint(0, new_w - width)
     else:
         top, left = (new_h - height) // 2, (new_w - width) // 2
@@ -495,7 +499,7 @@ def main(args: argparse.Namespace) -> Path:
         HunyuanVideoTransformer3DModel,
     )
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
+    from diffusers.training_utils import cast_training_params, free_memory
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -510,6 +514,11 @@ def main(args: argparse.Namespace) -> Path:
     # ---- Checks that need only configs and file headers: fail before any weights load.
     config = HunyuanVideoTransformer3DModel.load_config(base, subfolder="transformer", **load)
     patch = config["patch_size"]
+    if config["in_channels"] != config["out_channels"]:
+        raise SystemExit(f"{base}: transformer/config.json has in_channels={config['in_channels']} and out_channels="
+                         f"{config['out_channels']}: an image-to-video checkpoint (image latents joined to the input). "
+                         "This script trains text-to-video HunyuanVideo (in_channels == out_channels), e.g. "
+                         "hunyuanvideo-community/HunyuanVideo.")
     if config.get("patch_size_t", 1) != 1:
         raise SystemExit(f"patch_size_t={config['patch_size_t']} is not supported (HunyuanVideo uses 1).")
     multiple = VAE_SPATIAL * patch
@@ -537,8 +546,17 @@ def main(args: argparse.Namespace) -> Path:
     )
     if accelerator.mixed_precision == "fp16":
         logger.warning("fp16 gives NaN losses on HunyuanVideo (trained in bf16): use --mixed_precision bf16.")
-    if args.seed is not None:
-        set_seed(args.seed)
+    args.mixed_precision = accelerator.mixed_precision  # what runs, for the trackers and the card
+    resume_state = checkpoints.checkpoint_state(resume_path) if resume_path is not None else {}
+    if args.seed is None and resume_state.get("seed") is not None:
+        args.seed = resume_state["seed"]
+        logger.info("Using seed %d (stored in the checkpoint)", args.seed)
+    elif args.seed is None:  # drawn once, the same on every rank, stored in checkpoints and the card
+        from accelerate.utils import broadcast_object_list
+
+        args.seed = broadcast_object_list([secrets.randbelow(2**31)])[0]
+        logger.info("Using seed %d (drawn: pass --seed %d to repeat this run)", args.seed, args.seed)
+    set_seed(args.seed)
     repo_id = None
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -598,6 +616,10 @@ def main(args: argparse.Namespace) -> Path:
                                                adapter_name="default")
             if getattr(result, "unexpected_keys", None):
                 raise RuntimeError(f"{input_dir}: LoRA keys that do not match this model: {result.unexpected_keys[:5]}")
+            missing = [key for key in getattr(result, "missing_keys", []) if "lora_" in key]
+            if missing:
+                raise RuntimeError(f"{input_dir}: {len(missing)} LoRA tensors missing (e.g. {missing[:3]}): the checkpoint "
+                                   "is incomplete or from another --rank / --lora_layers. Resume from another one.")
             if crepa is not None:
                 crepa.load_projector(input_dir)  # CREPA
 
@@ -620,7 +642,7 @@ def main(args: argparse.Namespace) -> Path:
 
     # ---- Data: decoded lazily by the DataLoader workers; accelerate gives each rank its own shard. The order is a
     # function of (seed, epoch) and the noise of (seed, step, micro-batch, rank), so a resumed run continues exactly.
-    seed = args.seed if args.seed is not None else 0
+    seed = args.seed
     train_dataset = VideoDataset(items, args)
     sampler = training_utils.EpochShuffleSampler(len(train_dataset), seed)
     train_dataloader = torch.utils.data.DataLoader(train_dataset, batch_size=args.train_batch_size, sampler=sampler,
@@ -658,11 +680,11 @@ def main(args: argparse.Namespace) -> Path:
         with torch.no_grad(), torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
             log_validation(pipe, args, accelerator, prompts, "validation", step, pipeline_args)
 
-    global_step = 0
+    global_step, history = 0, []
     if resume_path is not None:
         logger.info("Resuming from %s", resume_path)
         accelerator.load_state(str(resume_path))
-        global_step = checkpoints.checkpoint_step(resume_path)
+        global_step, history = resume_state["global_step"], resume_state.get("history", [])
     first_epoch = global_step // num_update_steps_per_epoch
     logger.info("***** Running training: %d videos, %d epochs, %d steps, %d processes (rank %d) *****",
                 len(train_dataset), args.num_train_epochs, args.max_train_steps, accelerator.num_processes,
@@ -671,7 +693,7 @@ def main(args: argparse.Namespace) -> Path:
     # ---- Training loop
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
-    metrics, history = training_utils.MetricSums(), []
+    metrics = training_utils.MetricSums()
     nonfinite = training_utils.NonFiniteSteps(args.max_nonfinite_steps)
     interrupted = False
     micro_batch = 0  # position inside the current gradient-accumulation window
@@ -720,7 +742,8 @@ def main(args: argparse.Namespace) -> Path:
                     history.append({"step": global_step, **logs})
                 interrupted = stop.requested(accelerator)
                 if global_step % args.checkpointing_steps == 0 or interrupted:
-                    checkpoints.save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+                    checkpoints.save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
+                                                {"seed": args.seed, "history": history})
                 if interrupted:
                     logger.warning("Stopped at step %d after a signal; resume with --resume_from_checkpoint latest.",
                                    global_step)
@@ -733,38 +756,60 @@ def main(args: argparse.Namespace) -> Path:
                 validate(global_step)
     progress_bar.close()
 
-    # ---- The LoRA with its metadata, the loss plot, the final videos from a fresh pipeline with the saved LoRA,
-    # the model card, the Hub upload.
+    # ---- The LoRA with its metadata and the loss plot; then, once training's models are freed, the final videos
+    # from a fresh pipeline with the saved LoRA loaded, the model card and the Hub upload.
     training_utils.check_ranks_agree(accelerator, trained_params)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process and not interrupted:
-        HunyuanVideoPipeline.save_lora_weights(
-            args.output_dir, transformer_lora_layers=get_peft_model_state_dict(transformer),
-            **checkpoints.lora_adapter_metadata(transformer))
+    finished = accelerator.is_main_process and not interrupted
+    if finished:
+        HunyuanVideoPipeline.save_lora_weights(args.output_dir, transformer_lora_layers=get_peft_model_state_dict(transformer),
+                                 **checkpoints.lora_adapter_metadata(transformer))
         write_loss_plot(history, args.output_dir)
+    # Free what training held before loading a second pipeline (as diffusers does): two copies of every model
+    # would not fit next to each other on the GPU.
+    del model, transformer, text_encoder, text_encoder_2, vae, pipe, crepa, parts, optimizer, lr_scheduler
+    del train_dataloader, lora_params, trained_params, clipped_parts, params_to_optimize
+    accelerator.free_memory()
+    free_memory()
+    final_error = None
+    if finished:
         videos = []
         if prompts:
-            fresh = HunyuanVideoPipeline.from_pretrained(base, torch_dtype=weight_dtype, **load)
-            fresh.load_lora_weights(args.output_dir, adapter_name="hunyuan-lora-crepa")  # scale from the metadata
-            videos = log_validation(fresh.to(device), args, accelerator, prompts, "test", global_step, pipeline_args)
+            try:
+                fresh = HunyuanVideoPipeline.from_pretrained(base, torch_dtype=weight_dtype, variant=args.variant, **load)
+                fresh.scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)  # validation's sampling
+                fresh.load_lora_weights(args.output_dir, adapter_name="hunyuan-lora-crepa")  # scale from the metadata
+                if args.enable_slicing:
+                    fresh.vae.enable_slicing()
+                if args.enable_tiling:
+                    fresh.vae.enable_tiling()
+                videos = log_validation(fresh.to(device), args, accelerator, prompts, "test", global_step, pipeline_args)
+                del fresh
+            except Exception as error:  # the LoRA is saved: the card and the upload still follow, then the error
+                logger.exception("The final videos failed; writing the model card (and uploading) without them.")
+                final_error = error
         write_model_card(
             args.output_dir, repo_id=repo_id or args.hub_model_id or Path(args.output_dir).name, base_model=base,
             model_tags=["hunyuan-video", "hunyuanvideo"], pipeline_cls_name="HunyuanVideoPipeline",
             crepa_settings=crepa_card_settings(args),
-            training_settings=training_card_settings(args, global_step, "HunyuanVideo"),
+            training_settings=training_card_settings(args, global_step, "HunyuanVideo",
+                                                     sampling_flow_shift=scheduler.config.shift),
             validation_prompts=prompts, video_files=videos,
             extra="\n## Training curves\n\n![losses](loss.png)\n" if history else "")
         if args.push_to_hub:
             from huggingface_hub import upload_folder
 
+            # Only what a LoRA repository holds (an allow-list): never the condition cache, checkpoints or logs.
             upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training",
-                          ignore_patterns=["step_*", "epoch_*", "checkpoint-*", ".checkpoint-*", "logs/*", "*.tmp"],
-                          token=args.hub_token)
+                          allow_patterns=["pytorch_lora_weights.safetensors", "README.md", "validation_video_*.mp4",
+                                          "test_video_*.mp4", "loss.png", "training_log.json"], token=args.hub_token)
     # Every rank waits until the main one has written everything: a rank that exits early tears down its process
     # group while gloo's threads may still release the last collective's tensors, and the run must not look
     # finished before its files exist.
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if final_error is not None:
+        raise final_error
     return Path(args.output_dir)
 
 

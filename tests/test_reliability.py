@@ -143,6 +143,7 @@ def test_resume_checkpoint_that_does_not_exist(cog, tiny_models, dataset, tmp_pa
 @pytest.mark.parametrize("argv, message", [
     (["--crepa_adjacent_tau", "-1"], "--crepa_adjacent_tau"),
     (["--train_batch_size", "0"], "--train_batch_size must be >= 1"),
+    (["--validation_epochs", "0"], "--validation_epochs must be >= 1"),  # diffusers' script divides by it
 ])
 def test_invalid_flag_values(cog, tiny_models, dataset, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit):
@@ -323,6 +324,14 @@ def test_two_process_run(tiny_models, dataset, tmp_path, script_path, model, blo
     pipe = getattr(diffusers, pipeline_cls).from_pretrained(tiny_models[model])
     pipe.load_lora_weights(out)
     assert any("lora" in name for name, _ in pipe.transformer.named_parameters())
+
+
+def test_large_seeds_give_valid_generators():
+    """A drawn or user seed up to 2**32 - 1 (diffusers' set_seed range) at any step, rank and micro-batch."""
+    generators = [training_utils.step_generator(2**32 - 1, 10**7, 63, "cpu", 15),
+                  training_utils.step_generator(2**32 - 2, 10**7, 63, "cpu", 15)]
+    assert not torch.equal(torch.rand(4, generator=generators[0]), torch.rand(4, generator=generators[1]))
+    assert len(list(training_utils.EpochShuffleSampler(5, 2**32 - 1))) == 5
 
 
 def test_micro_batches_of_a_step_draw_different_noise():

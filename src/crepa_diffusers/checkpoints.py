@@ -54,13 +54,16 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: st
     return path
 
 
-def checkpoint_step(path: Path) -> int:
-    return json.loads((path / CHECKPOINT_COMPLETE).read_text())["global_step"]
+def checkpoint_state(path: Path) -> dict:
+    """What the completion marker holds: the global step, and the run state the loop stored (seed, history)."""
+    return json.loads((path / CHECKPOINT_COMPLETE).read_text())
 
 
-def save_checkpoint(accelerator, output_dir: str, global_step: int, total_limit: int | None) -> Path:
-    """accelerate state into checkpoint-N.tmp, a completion marker last, then an atomic rename; older checkpoints
-    beyond `total_limit` are removed only after the new one is complete. Every process must call this."""
+def save_checkpoint(accelerator, output_dir: str, global_step: int, total_limit: int | None,
+                    run_state: dict | None = None) -> Path:
+    """accelerate state into checkpoint-N.tmp, then a completion marker holding the step and `run_state` (JSON: the
+    seed, the logged history), then an atomic rename; older checkpoints beyond `total_limit` are removed only after
+    the new one is complete. Every process must call this."""
     final = Path(output_dir) / f"checkpoint-{global_step}"
     staging = Path(output_dir) / f".checkpoint-{global_step}.tmp"
     if accelerator.is_main_process:
@@ -69,7 +72,7 @@ def save_checkpoint(accelerator, output_dir: str, global_step: int, total_limit:
     accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (staging / CHECKPOINT_COMPLETE).write_text(json.dumps({"global_step": global_step}))
+        (staging / CHECKPOINT_COMPLETE).write_text(json.dumps({**(run_state or {}), "global_step": global_step}))
         if final.exists():  # re-saving the same step (e.g. after a signal at a checkpoint step)
             shutil.rmtree(final)
         os.replace(staging, final)
@@ -82,7 +85,14 @@ def save_checkpoint(accelerator, output_dir: str, global_step: int, total_limit:
     return final
 
 
+# What `load_lora_weights` needs to rebuild the LoRA at its trained scale. Not peft's whole `to_dict()`: diffusers
+# builds `LoraConfig(**metadata)`, and fields of a newer peft would be a TypeError for a user on an older one.
+LORA_METADATA_FIELDS = ("r", "lora_alpha", "target_modules", "lora_dropout", "bias", "use_dora", "use_rslora",
+                        "rank_pattern", "alpha_pattern")
+
+
 def lora_adapter_metadata(transformer: nn.Module) -> dict:
-    """The LoRA's peft config, for `save_lora_weights(..., **lora_adapter_metadata(transformer))`: the file then
-    carries alpha and rank, and `load_lora_weights` restores the trained scale without `set_adapters`."""
-    return {"transformer_lora_adapter_metadata": transformer.peft_config["default"].to_dict()}
+    """For `save_lora_weights(..., **lora_adapter_metadata(transformer))`: the file then carries alpha and rank, and
+    `load_lora_weights` restores the trained scale without `set_adapters`."""
+    config = transformer.peft_config["default"].to_dict()
+    return {"transformer_lora_adapter_metadata": {key: config[key] for key in LORA_METADATA_FIELDS if key in config}}

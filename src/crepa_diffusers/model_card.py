@@ -87,7 +87,7 @@ def crepa_card_settings(args: argparse.Namespace) -> dict:
             "crepa_lambda_end": config.lambda_end, "crepa_power": config.power, "crepa_cutoff_step": config.cutoff_step}
 
 
-def training_card_settings(args: argparse.Namespace, global_step: int, model_variant: str) -> dict:
+def training_card_settings(args: argparse.Namespace, global_step: int, model_variant: str, **extra) -> dict:
     return {
         "model": model_variant,
         "steps": global_step,
@@ -97,9 +97,10 @@ def training_card_settings(args: argparse.Namespace, global_step: int, model_var
         "train_batch_size": args.train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "resolution": f"{args.max_num_frames}x{args.height}x{args.width}",
-        "mixed_precision": args.mixed_precision or "accelerate default",
+        "mixed_precision": args.mixed_precision,
         "optimizer": args.optimizer,
         "seed": args.seed,
+        **extra,
     }
 
 

@@ -60,7 +60,7 @@ class EpochShuffleSampler(torch.utils.data.Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        generator = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) % 2**63)
         return iter(torch.randperm(self.length, generator=generator).tolist())
 
     def __len__(self) -> int:
@@ -72,7 +72,7 @@ def step_generator(seed: int, step: int, process_index: int, device: torch.devic
     """The random stream of one micro-batch of one optimizer step on one rank: noise, timesteps and VAE samples are a
     function of (seed, step, micro-batch, rank), so resuming from a checkpoint reproduces them exactly."""
     generator = torch.Generator(device=device)
-    generator.manual_seed(((seed * 1_000_003 + step) * 1_009 + process_index) * 101 + micro_batch)
+    generator.manual_seed((((seed * 1_000_003 + step) * 1_009 + process_index) * 101 + micro_batch) % 2**63)
     return generator
 
 
