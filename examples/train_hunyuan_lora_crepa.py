@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import logging
 import math
 import os
@@ -36,7 +37,7 @@ from crepa_diffusers import checkpoints, training_utils
 from crepa_diffusers.cache import ConditionCache, cached, make_condition_cache
 from crepa_diffusers.crepa import CrepaConfig, add_crepa_args  # CREPA
 from crepa_diffusers.features import token_frame_groups  # CREPA
-from crepa_diffusers.model_card import crepa_card_settings, training_card_settings, write_loss_plot, write_model_card
+from crepa_diffusers.model_card import crepa_card_settings, training_card_settings, write_model_card
 from crepa_diffusers.term import CrepaTerm, TransformerWithProjector, build_crepa, check_crepa_args  # CREPA
 
 logger = logging.getLogger("train_hunyuan_lora_crepa")
@@ -462,6 +463,73 @@ def log_validation(pipe, args: argparse.Namespace, accelerator, prompts: list[st
     return paths
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Logging: metrics summed on the device, the loss plot and log, and a cross-rank check of the trained weights
+
+
+class MetricSums:
+    """Logged values summed on the device and read once per logging step (each read is a host sync). Each key is
+    averaged over the micro-batches that reported it (a step at CREPA lambda 0 reports no CREPA loss)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor | float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, values: dict[str, torch.Tensor | float]) -> None:
+        for key, value in values.items():
+            value = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def pop_means(self) -> dict[str, float]:
+        means = {key: total / self.counts[key] for key, total in self.sums.items()}
+        on_device = [key for key, mean in means.items() if isinstance(mean, torch.Tensor)]
+        if on_device:  # one host sync for all
+            means.update(zip(on_device, torch.stack([means[key] for key in on_device]).tolist()))
+        self.sums, self.counts = {}, {}
+        return means
+
+
+def write_loss_plot(history: list[dict], output_dir: str) -> Path | None:
+    """loss.png: total / diffusion / CREPA losses and the similarities over steps (from the logged values)."""
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [row["step"] for row in history]
+    fig, (losses, sims) = plt.subplots(1, 2, figsize=(11, 4))
+    for axes, keys in ((losses, ("loss", "diffusion_loss", "crepa_loss")), (sims, ("similarity_self", "similarity_neighbour"))):
+        for key in keys:  # a row lacks the CREPA values where lambda was 0 all through its window
+            if any(key in row for row in history):
+                axes.plot(steps, [row.get(key, float("nan")) for row in history], label=key)
+    losses.set_xlabel("step"), losses.set_title("losses"), losses.legend()
+    sims.set_xlabel("step"), sims.set_title("CREPA cosine similarity"), sims.legend() if sims.lines else None
+    fig.tight_layout()
+    path = Path(output_dir) / "loss.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    with open(Path(output_dir) / "training_log.json", "w") as handle:
+        json.dump(history, handle)
+    return path
+
+
+def check_ranks_agree(accelerator, params: list[torch.nn.Parameter]) -> None:
+    """With several processes every rank must end with the same trained weights (DDP keeps them in step; a rank that
+    skipped a step alone would not): compare checksums across ranks."""
+    if accelerator.num_processes == 1:
+        return
+    checksum = torch.stack([torch.stack([p.detach().double().sum() for p in params]).sum(),
+                            torch.stack([p.detach().double().abs().sum() for p in params]).sum()])
+    gathered = accelerator.gather(checksum.to(accelerator.device)[None]).cpu()
+    if not torch.allclose(gathered, gathered[:1].expand_as(gathered), rtol=1e-9, atol=0):
+        raise RuntimeError(f"The ranks ended with different trained weights: checksums {gathered.tolist()}")
+    logger.info("Trained weights identical on all %d ranks (checksum %.9g).", accelerator.num_processes,
+                gathered[0, 0].item())
+
+
 def get_optimizer(args: argparse.Namespace, params_to_optimize: list[dict]) -> torch.optim.Optimizer:
     if args.optimizer == "prodigy":
         try:
@@ -693,7 +761,7 @@ def main(args: argparse.Namespace) -> Path:
     # ---- Training loop
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
-    metrics = training_utils.MetricSums()
+    metrics = MetricSums()
     nonfinite = training_utils.NonFiniteSteps(args.max_nonfinite_steps)
     interrupted = False
     micro_batch = 0  # position inside the current gradient-accumulation window
@@ -712,7 +780,7 @@ def main(args: argparse.Namespace) -> Path:
                 logger.debug("rank %d step %d samples %s", accelerator.process_index, global_step + 1,
                              batch["indices"].tolist())
                 # CREPA: lambda is a function of the optimizer step (exact on resume); 0 skips the CREPA work.
-                crepa_lambda = crepa.lambda_at(global_step, args.max_train_steps) if crepa is not None else None
+                crepa_lambda = crepa.config.lambda_at(global_step, args.max_train_steps) if crepa is not None else None
                 with accelerator.accumulate(model):
                     loss, logs = training_loss(batch, generator, parts, crepa, crepa_lambda)
                     step_finite = step_finite & torch.isfinite(loss.detach())
@@ -758,7 +826,7 @@ def main(args: argparse.Namespace) -> Path:
 
     # ---- The LoRA with its metadata and the loss plot; then, once training's models are freed, the final videos
     # from a fresh pipeline with the saved LoRA loaded, the model card and the Hub upload.
-    training_utils.check_ranks_agree(accelerator, trained_params)
+    check_ranks_agree(accelerator, trained_params)
     accelerator.wait_for_everyone()
     finished = accelerator.is_main_process and not interrupted
     if finished:
@@ -767,8 +835,8 @@ def main(args: argparse.Namespace) -> Path:
         write_loss_plot(history, args.output_dir)
     # Free what training held before loading a second pipeline (as diffusers does): two copies of every model
     # would not fit next to each other on the GPU.
-    del model, transformer, text_encoder, text_encoder_2, vae, pipe, crepa, parts, optimizer, lr_scheduler
-    del train_dataloader, lora_params, trained_params, clipped_parts, params_to_optimize
+    model = transformer = text_encoder = text_encoder_2 = vae = pipe = crepa = parts = optimizer = lr_scheduler = None
+    train_dataloader = lora_params = trained_params = clipped_parts = params_to_optimize = None
     accelerator.free_memory()
     free_memory()
     final_error = None

@@ -26,7 +26,8 @@ def test_consistency_against_direct_cosines():
     cos = features @ features.T
     assert scores["adjacent"] == pytest.approx([cos[i, i - 1].item() for i in range(1, 5)], abs=1e-6)
     assert scores["first"] == pytest.approx([cos[i, 0].item() for i in range(1, 5)], abs=1e-6)
-    expected = np.mean([(cos[i, i - 1] + cos[i, 0]).item() / 2 for i in range(1, 5)])
+    # VBench's subject consistency: each similarity clamped at 0 before the two are averaged.
+    expected = np.mean([(cos[i, i - 1].clamp(min=0) + cos[i, 0].clamp(min=0)).item() / 2 for i in range(1, 5)])
     assert scores["subject_consistency"] == pytest.approx(expected, abs=1e-6)
     with pytest.raises(ValueError, match="at least 2 frames"):
         evaluate_crepa.consistency(features[:1])

@@ -156,6 +156,13 @@ def test_resume_matches_uninterrupted_run_and_limits_checkpoints(tiny_models, da
     assert "Resuming from" in result.stderr + result.stdout
 
     assert_same_trained_weights(straight, resumed, "checkpoint-4")
+    # The resumed run's log continues the history kept in the checkpoint: all 4 steps, as the straight run logged them.
+    a = json.loads((straight / "training_log.json").read_text())
+    b = json.loads((resumed / "training_log.json").read_text())
+    assert [row["step"] for row in b] == [1, 2, 3, 4]
+    for row_a, row_b in zip(a, b):
+        assert row_a.keys() == row_b.keys()
+        assert all(row_a[k] == pytest.approx(row_b[k], rel=1e-5, abs=1e-7) for k in row_a)
     # The checkpoint-2 LoRA differs from the final one: training went on after the resume.
     final = lora_state(resumed)
     assert any((lora_state(resumed / "checkpoint-2")[k] - final[k]).abs().max() > 0 for k in final)
@@ -194,7 +201,8 @@ def test_push_to_hub_uploads_weights_and_card(tiny_models, dataset, tmp_path, mo
     repo_id, files, kwargs = calls["upload"]
     assert repo_id == "someone/tiny-crepa"
     assert {"pytorch_lora_weights.safetensors", "README.md"} <= set(files)
-    assert any("checkpoint" in pattern for pattern in kwargs["ignore_patterns"])
+    assert "pytorch_lora_weights.safetensors" in kwargs["allow_patterns"]
+    assert not any("checkpoint" in pattern or "cache" in pattern for pattern in kwargs["allow_patterns"])
 
 
 def test_validation_videos_reach_wandb_offline(tiny_models, dataset, tmp_path):

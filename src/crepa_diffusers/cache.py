@@ -16,11 +16,9 @@ logger = logging.getLogger(__name__)
 
 
 class ConditionCache:
-    """Per-sample tensors (DINOv2 features, text embeddings) on disk, computed once and reused across epochs.
-
-    A file's name is a hash of everything its content depends on (the video file's path, size and mtime, the frame
-    sampling and resolution flags, the encoder or text model), so a changed flag or video never reuses a stale entry.
-    """
+    """Per-sample tensors (DINOv2 features, text embeddings) on disk, computed once and reused across epochs. A file's
+    name is a hash of everything its content depends on (the video file's path, size and mtime, the frame sampling
+    and resolution flags, the encoder or text model), so a changed flag or video never reuses a stale entry."""
 
     def __init__(self, directory: str | os.PathLike, salt: dict, num_samples: int | None = None) -> None:
         self.directory = Path(directory)
@@ -32,7 +30,6 @@ class ConditionCache:
 
     def key(self, kind: str, *parts) -> str:
         import hashlib
-
         return kind + "-" + hashlib.sha1(json.dumps([self.salt, kind, parts], default=str).encode()).hexdigest()[:20]
 
     def video_key(self, kind: str, path: Path, *parts) -> str:
@@ -70,15 +67,13 @@ class ConditionCache:
         logger.info("--cache_conditions: %s entries take %.1f MB each, up to %.2f GB for %d samples in %s (%.1f GB "
                     "free).", kind, entry_bytes / 1e6, needed / 1e9, self.num_samples, self.directory, free / 1e9)
         if needed > free:
-            raise RuntimeError(
-                f"--cache_conditions: {kind} entries take {entry_bytes / 1e6:.1f} MB each, {needed / 1e9:.2f} GB for "
-                f"{self.num_samples} samples, but {self.directory} has only {free / 1e9:.2f} GB free. Point "
-                "--condition_cache_dir at a larger disk, or train without --cache_conditions.")
+            raise RuntimeError(f"--cache_conditions: {kind} entries take {entry_bytes / 1e6:.1f} MB each, {needed / 1e9:.2f} "
+                               f"GB for {self.num_samples} samples, but {self.directory} has only {free / 1e9:.2f} GB "
+                               "free. Point --condition_cache_dir at a larger disk, or train without --cache_conditions.")
 
 
 def make_condition_cache(args: argparse.Namespace, term=None, num_samples: int | None = None) -> ConditionCache | None:
-    """The --cache_conditions cache (also handed to the CREPA term), keyed by every flag the clips depend on;
-    `num_samples` (the dataset's size) lets it check the disk after the first entry."""
+    """The --cache_conditions cache (also handed to the CREPA term), keyed by every flag the clips depend on."""
     if not args.cache_conditions:
         return None
     salt = {name: getattr(args, name) for name in (

@@ -28,10 +28,8 @@ class HiddenStateCapture:
     def __init__(self, transformer: nn.Module, block_index: int) -> None:
         blocks = transformer_blocks(transformer)
         if not 0 <= block_index < len(blocks):
-            raise ValueError(
-                f"--crepa_block_index {block_index} is out of range: {type(transformer).__name__} has "
-                f"{len(blocks)} blocks (valid indices 0..{len(blocks) - 1})."
-            )
+            raise ValueError(f"--crepa_block_index {block_index} is out of range: {type(transformer).__name__} has "
+                             f"{len(blocks)} blocks (valid indices 0..{len(blocks) - 1}).")
         self.block_index = block_index
         self._token_frames: int | None = None
         self._captured: torch.Tensor | None = None

@@ -20,13 +20,8 @@ CHECKPOINT_COMPLETE = "checkpoint_complete.json"
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoint-N folders, oldest first (a folder without the completion marker is ignored)."""
     root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = [
-        (int(match.group(1)), path)
-        for path in root.iterdir()
-        if path.is_dir() and (match := CHECKPOINT_PATTERN.match(path.name)) and (path / CHECKPOINT_COMPLETE).is_file()
-    ]
+    found = [(int(match.group(1)), path) for path in (root.iterdir() if root.is_dir() else [])
+             if (match := CHECKPOINT_PATTERN.match(path.name)) and (path / CHECKPOINT_COMPLETE).is_file()]
     return [path for _, path in sorted(found)]
 
 
@@ -43,14 +38,11 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: st
     if not path.is_absolute() and not path.exists():
         path = Path(output_dir) / path
     if not path.is_dir():
-        raise FileNotFoundError(
-            f"--resume_from_checkpoint {resume_from_checkpoint}: no such folder (looked in {path}). Use \"latest\" "
-            f"or one of: {[p.name for p in list_checkpoints(output_dir)] or 'none found'}."
-        )
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume_from_checkpoint}: no such folder (looked in {path}). "
+                                f"Use \"latest\" or one of: {[p.name for p in list_checkpoints(output_dir)] or 'none found'}.")
     if not (path / CHECKPOINT_COMPLETE).is_file():
-        raise FileNotFoundError(
-            f"--resume_from_checkpoint {path} is incomplete (no {CHECKPOINT_COMPLETE}; the save was interrupted)."
-        )
+        raise FileNotFoundError(f"--resume_from_checkpoint {path} is incomplete (no {CHECKPOINT_COMPLETE}; the save was "
+                                "interrupted).")
     return path
 
 

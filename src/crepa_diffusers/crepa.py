@@ -171,13 +171,14 @@ class CrepaConfig:
 
 
 def _checked(kind: type, test, requirement: str):
+    """An argparse type: a `kind` value passing `test`, else argparse's error naming the flag and `requirement`."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__} {requirement}, got {text!r}") from None
-        if not test(value):
-            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
+            value = None
+        if value is None or not test(value):
+            raise argparse.ArgumentTypeError(f"must be {kind.__name__} {requirement}, got {text!r}")
         return value
 
     parse.__name__ = kind.__name__

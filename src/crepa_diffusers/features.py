@@ -22,26 +22,21 @@ def token_frame_groups(num_frames: int, temporal_compression: int = 4, patch_siz
     """
     r = temporal_compression
     if num_frames < 1 or (num_frames - 1) % r != 0:
-        raise ValueError(
-            f"{num_frames} frames cannot be encoded by a causal VAE with temporal compression {r}: "
-            f"use {r}k+1 frames (e.g. {r * max(0, (num_frames - 1) // r) + 1} or {r * ((num_frames - 1) // r + 1) + 1})."
-        )
+        below, above = r * max(0, (num_frames - 1) // r) + 1, r * ((num_frames - 1) // r + 1) + 1
+        raise ValueError(f"{num_frames} frames cannot be encoded by a causal VAE with temporal compression {r}: use "
+                         f"{r}k+1 frames (e.g. {below} or {above}).")
     latent_groups = [[0]] + [list(range(r * (i - 1) + 1, r * i + 1)) for i in range(1, (num_frames - 1) // r + 1)]
     padding = (-len(latent_groups)) % patch_size_t
     latent_groups = [latent_groups[0]] * padding + latent_groups
-    return [
-        sorted(set().union(*latent_groups[start : start + patch_size_t]))
-        for start in range(0, len(latent_groups), patch_size_t)
-    ]
+    return [sorted(set().union(*latent_groups[start : start + patch_size_t]))
+            for start in range(0, len(latent_groups), patch_size_t)]
 
 
 def select_frames(groups: list[list[int]], pooling: str = "mean") -> list[list[int]]:
     """mean: every frame of a token frame, averaged; center: only its middle frame (a quarter of the encoder
     cost at temporal compression 4)."""
-    if pooling == "mean":
-        return groups
-    if pooling == "center":
-        return [[group[len(group) // 2]] for group in groups]
+    if pooling in ("mean", "center"):
+        return groups if pooling == "mean" else [[group[len(group) // 2]] for group in groups]
     raise ValueError(f"--crepa_frame_pooling must be mean or center, got {pooling!r}")
 
 
@@ -58,11 +53,9 @@ DINOV2_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
 
 def require_dinov2(model_type: str | None, name: str) -> None:
     if model_type not in DINOV2_MODEL_TYPES:
-        raise ValueError(
-            f"--crepa_encoder {name!r} is a {model_type!r} model, not DINOv2: CREPA aligns with DINOv2 patch tokens "
-            "(transformers Dinov2Model / Dinov2WithRegistersModel: facebook/dinov2-giant, facebook/dinov2-base, "
-            "facebook/dinov2-with-registers-giant, ...)."
-        )
+        raise ValueError(f"--crepa_encoder {name!r} is a {model_type!r} model, not DINOv2: CREPA aligns with DINOv2 "
+                         "patch tokens (transformers Dinov2Model / Dinov2WithRegistersModel: facebook/dinov2-giant, "
+                         "facebook/dinov2-base, facebook/dinov2-with-registers-giant, ...).")
 
 
 def load_encoder_config(name_or_path: str | os.PathLike, **kwargs):
@@ -72,10 +65,8 @@ def load_encoder_config(name_or_path: str | os.PathLike, **kwargs):
     try:
         config = AutoConfig.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as error:
-        raise ValueError(
-            f"--crepa_encoder {str(name_or_path)!r} could not be loaded ({error}). Give a Hub id such as "
-            "facebook/dinov2-giant or a local folder saved with save_pretrained."
-        ) from error
+        raise ValueError(f"--crepa_encoder {str(name_or_path)!r} could not be loaded ({error}). Give a Hub id such as "
+                         "facebook/dinov2-giant or a local folder saved with save_pretrained.") from error
     require_dinov2(config.model_type, str(name_or_path))
     return config
 
@@ -83,9 +74,7 @@ def load_encoder_config(name_or_path: str | os.PathLike, **kwargs):
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A small host-built tensor onto the device without a host sync: a copy from pageable memory blocks until the
     device queue drains, one from pinned memory does not."""
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor.to(device)
 
 
 class DinoPatchFeatures(nn.Module):
@@ -112,15 +101,9 @@ class DinoPatchFeatures(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | os.PathLike,
-        *,
-        dtype: torch.dtype = torch.float32,
-        frames_per_chunk: int = 16,
-        autocast_dtype: torch.dtype | None = None,
-        **kwargs,
-    ) -> "DinoPatchFeatures":
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+                        frames_per_chunk: int = 16, autocast_dtype: torch.dtype | None = None,
+                        **kwargs) -> "DinoPatchFeatures":
         from transformers import AutoModel
 
         config = load_encoder_config(name_or_path, **kwargs)
@@ -133,9 +116,7 @@ class DinoPatchFeatures(nn.Module):
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
     @torch.no_grad()
-    def forward(
-        self, frames: torch.Tensor, token_grid: tuple[int, int], groups: list[list[int]]
-    ) -> torch.Tensor:
+    def forward(self, frames: torch.Tensor, token_grid: tuple[int, int], groups: list[list[int]]) -> torch.Tensor:
         if frames.ndim != 5 or frames.shape[2] != 3:
             raise ValueError(f"expected frames [B, F, 3, H, W], got {tuple(frames.shape)}")
         batch = frames.shape[0]

@@ -1,9 +1,8 @@
-"""The model card (README.md with metadata the Hub parses) and its loss plot."""
+"""The model card: README.md with the metadata the Hub parses, every CREPA and training setting, prompts and videos."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 
@@ -58,11 +57,9 @@ export_to_video(video, "output.mp4", fps=8)
 |---|---|
 {train_rows}
 
-## Validation prompts
+## Validation prompts and videos
 
 {prompts}
-
-## Validation videos
 
 {videos}
 {extra}
@@ -74,57 +71,14 @@ export_to_video(video, "output.mp4", fps=8)
 
 
 def crepa_card_settings(args: argparse.Namespace) -> dict:
-    """Every CREPA setting of a run, by flag name (`crepa_mode: none` for plain LoRA)."""
-    from .crepa import CrepaConfig
-
-    config = CrepaConfig.from_args(args)
-    return {"crepa_mode": config.mode, "crepa_lambda": config.lambda_, "crepa_block_index": config.block_index,
-            "crepa_adjacent_distance": config.effective_distance, "crepa_adjacent_tau": config.tau,
-            "crepa_cumulative_neighbors": config.cumulative, "crepa_normalize_by_frames": config.normalize_by_frames,
-            "crepa_encoder": config.encoder, "crepa_projector_dim": config.projector_dim,
-            "crepa_frame_pooling": config.frame_pooling, "crepa_scheduler": config.scheduler,
-            "crepa_warmup_steps": config.warmup_steps, "crepa_decay_steps": config.decay_steps,
-            "crepa_lambda_end": config.lambda_end, "crepa_power": config.power, "crepa_cutoff_step": config.cutoff_step}
+    """Every --crepa_* setting of a run by flag name (`crepa_mode: none` for plain LoRA; REPA* shows distance 0)."""
+    settings = {key: value for key, value in vars(args).items() if key.startswith("crepa_")}
+    return {**settings, "crepa_adjacent_distance": 0 if args.crepa_mode == "repa" else args.crepa_adjacent_distance}
 
 
 def training_card_settings(args: argparse.Namespace, global_step: int, model_variant: str, **extra) -> dict:
-    return {
-        "model": model_variant,
-        "steps": global_step,
-        "rank": args.rank,
-        "lora_alpha": args.lora_alpha,
-        "learning_rate": args.learning_rate,
-        "train_batch_size": args.train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "resolution": f"{args.max_num_frames}x{args.height}x{args.width}",
-        "mixed_precision": args.mixed_precision,
-        "optimizer": args.optimizer,
-        "seed": args.seed,
-        **extra,
-    }
-
-
-def write_loss_plot(history: list[dict], output_dir: str) -> Path | None:
-    """loss.png: total / diffusion / CREPA losses and the similarities over steps (from the logged values)."""
-    if not history:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [row["step"] for row in history]
-    fig, (losses, sims) = plt.subplots(1, 2, figsize=(11, 4))
-    for axes, keys in ((losses, ("loss", "diffusion_loss", "crepa_loss")), (sims, ("similarity_self", "similarity_neighbour"))):
-        for key in keys:  # a row lacks the CREPA values where lambda was 0 all through its window
-            if any(key in row for row in history):
-                axes.plot(steps, [row.get(key, float("nan")) for row in history], label=key)
-    losses.set_xlabel("step"), losses.set_title("losses"), losses.legend()
-    sims.set_xlabel("step"), sims.set_title("CREPA cosine similarity"), sims.legend() if sims.lines else None
-    fig.tight_layout()
-    path = Path(output_dir) / "loss.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    with open(Path(output_dir) / "training_log.json", "w") as handle:
-        json.dump(history, handle)
-    return path
+    return {"model": model_variant, "steps": global_step, "rank": args.rank, "lora_alpha": args.lora_alpha,
+            "learning_rate": args.learning_rate, "train_batch_size": args.train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "resolution": f"{args.max_num_frames}x{args.height}x{args.width}",
+            "mixed_precision": args.mixed_precision, "optimizer": args.optimizer, "seed": args.seed, **extra}

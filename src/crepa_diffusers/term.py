@@ -1,15 +1,8 @@
-"""The CREPA term of a training step, bundled: frozen DINOv2 + block hook + projector.
-
-The five lines a diffusers training loop needs (see README, "Add CREPA to your own diffusers training script"):
-
-    crepa = build_crepa(args, transformer, accelerator.device)              # None for --crepa_mode none
-    model = TransformerWithProjector(transformer, crepa)                    # one module for DDP/DeepSpeed/FSDP
-    params += list(crepa.projector.parameters())                            # trained with the LoRA
-    crepa.prepare(frames, token_grid, token_frame_groups(num_frames))       # before the forward: clean frames
-    output, projected = model(...); loss = diffusion_loss + crepa.lambda_ * crepa.loss(projected)[0]
-
-With a lambda schedule, skip `prepare` at a step where lambda is 0: the model then returns `projected = None` and
-the encoder, hook and projector do no work.
+"""The CREPA term of a training step, bundled: frozen DINOv2 + block hook + projector. In a diffusers loop (README,
+"Add CREPA to your own diffusers training script"): `crepa = build_crepa(args, transformer, device)`, train
+`TransformerWithProjector(transformer, crepa)` with the projector's parameters beside the LoRA's, call
+`crepa.prepare(frames, ...)` before the forward (skip it where lambda is 0: the projector then does no work), and add
+`crepa_lambda * crepa.loss(projected)[0]` to the diffusion loss.
 """
 
 from __future__ import annotations
@@ -64,17 +57,10 @@ class CrepaTerm:
     def __init__(self, config: CrepaConfig, transformer: nn.Module, projector: CrepaProjector,
                  encoder: DinoPatchFeatures) -> None:
         self.config, self.projector, self.encoder = config, projector, encoder
+        self.lambda_ = config.lambda_  # --crepa_lambda (the schedule's peak: see CrepaConfig.lambda_at)
         self.capture = HiddenStateCapture(transformer, config.block_index)
         self.cache = None  # a cache.ConditionCache under --cache_conditions
         self._features: torch.Tensor | None = None
-
-    @property
-    def lambda_(self) -> float:
-        return self.config.lambda_
-
-    def lambda_at(self, step: int, max_train_steps: int) -> float:
-        """lambda of the optimizer step after `step` completed ones (--crepa_scheduler and friends)."""
-        return self.config.lambda_at(step, max_train_steps)
 
     @property
     def cache_dtype(self) -> torch.dtype:

@@ -1,6 +1,6 @@
 """Small mechanisms the training loops call explicitly (as diffusers' examples call `diffusers.training_utils`): video
 probing before any model loads, a reproducible data order and noise stream (exact resume), stop-on-signal, the
-non-finite-step decision, device-side metric sums, and a cross-rank check of the trained weights."""
+non-finite-step decision, and per-part gradient clipping."""
 
 from __future__ import annotations
 
@@ -19,19 +19,16 @@ def check_videos(items: list, min_frames: int, skip_invalid: bool = False) -> li
     import decord
 
     problems = []
-    for index, item in enumerate(items):
-        path = Path(item.path)
-        if not path.is_file():
-            problems.append((index, f"{path}: file not found"))
-            continue
+    for index, path in enumerate(Path(item.path) for item in items):
         try:
-            num_frames = len(decord.VideoReader(str(path)))
+            num_frames = len(decord.VideoReader(str(path))) if path.is_file() else None
         except Exception as error:  # decord raises its own DECORDError, and RuntimeError on corrupt headers
-            reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+            reason = (str(error).splitlines() or [type(error).__name__])[0][:120]
             problems.append((index, f"{path}: cannot be decoded ({reason})"))
             continue
-        if num_frames < min_frames:
-            problems.append((index, f"{path}: {num_frames} frames, fewer than the {min_frames} needed"))
+        if num_frames is None or num_frames < min_frames:
+            problems.append((index, f"{path}: file not found" if num_frames is None else
+                             f"{path}: {num_frames} frames, fewer than the {min_frames} needed"))
     if not problems:
         return items
     listing = "\n  ".join(message for _, message in problems)
@@ -140,44 +137,7 @@ def nonfinite_message(steps: int, mixed_precision: str) -> str:
             "--output_dir is intact: resume from it with --resume_from_checkpoint latest.")
 
 
-class MetricSums:
-    """Logged values summed on the device and read once per logging step (each read is a host sync). Each key is
-    averaged over the micro-batches that reported it (a step at CREPA lambda 0 reports no CREPA loss)."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor | float] = {}
-        self.counts: dict[str, int] = {}
-
-    def add(self, values: dict[str, torch.Tensor | float]) -> None:
-        for key, value in values.items():
-            value = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
-            self.sums[key] = self.sums[key] + value if key in self.sums else value
-            self.counts[key] = self.counts.get(key, 0) + 1
-
-    def pop_means(self) -> dict[str, float]:
-        means = {key: total / self.counts[key] for key, total in self.sums.items()}
-        on_device = [key for key, mean in means.items() if isinstance(mean, torch.Tensor)]
-        if on_device:  # one host sync for all
-            means.update(zip(on_device, torch.stack([means[key] for key in on_device]).tolist()))
-        self.sums, self.counts = {}, {}
-        return means
-
-
 def clip_grad_norms(accelerator, parts: list[list[torch.nn.Parameter]], max_norm: float) -> list[torch.Tensor]:
     """Clip each part's gradients (the LoRA; the CREPA projector) to `max_norm` on its own, so the LoRA's update rule
     is the same with and without CREPA. Returns the norms before clipping."""
     return [accelerator.clip_grad_norm_(params, max_norm) for params in parts if params]
-
-
-def check_ranks_agree(accelerator, params: list[torch.nn.Parameter]) -> None:
-    """With several processes every rank must end with the same trained weights (DDP keeps them in step; a rank that
-    skipped a step alone would not): compare checksums across ranks."""
-    if accelerator.num_processes == 1:
-        return
-    checksum = torch.stack([torch.stack([p.detach().double().sum() for p in params]).sum(),
-                            torch.stack([p.detach().double().abs().sum() for p in params]).sum()])
-    gathered = accelerator.gather(checksum.to(accelerator.device)[None]).cpu()
-    if not torch.allclose(gathered, gathered[:1].expand_as(gathered), rtol=1e-9, atol=0):
-        raise RuntimeError(f"The ranks ended with different trained weights: checksums {gathered.tolist()}")
-    logger.info("Trained weights identical on all %d ranks (checksum %.9g).", accelerator.num_processes,
-                gathered[0, 0].item())
