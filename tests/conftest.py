@@ -29,3 +29,11 @@ def dataset(tmp_path_factory):
     from crepa_diffusers import testing
 
     return testing.make_video_folder(tmp_path_factory.mktemp("videos"), num_videos=3)
+
+
+@pytest.fixture(scope="module")
+def cog():
+    """The CogVideoX training script as a module."""
+    from helpers import COGVIDEOX_SCRIPT, import_script
+
+    return import_script(COGVIDEOX_SCRIPT)

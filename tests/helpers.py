@@ -55,6 +55,16 @@ def launch(script: Path, args: list[str], tmp_path: Path, check: bool = True, en
     return result
 
 
+def run_main(script, argv: list[str]):
+    """The script's main() in this process (so a test can patch what it calls), accelerate's state reset after."""
+    from accelerate.state import AcceleratorState
+
+    try:
+        return script.main(script.parse_args(argv))
+    finally:
+        AcceleratorState._reset_state(True)
+
+
 def import_script(path: Path):
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)

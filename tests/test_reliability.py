@@ -19,28 +19,15 @@ from helpers import (
     launch,
     lora_state,
     offline_env,
+    run_main,
     tiny_train_args,
 )
 
 from crepa_diffusers import checkpoints, testing, training_utils
 
 
-@pytest.fixture(scope="module")
-def cog():
-    return import_script(COGVIDEOX_SCRIPT)
-
-
 def args_for(model, dataset, output_dir, steps=2, extra=()):
     return tiny_train_args(model, dataset, output_dir, steps=steps, extra=extra)
-
-
-def run_main(script, argv):
-    from accelerate.state import AcceleratorState
-
-    try:
-        return script.main(script.parse_args(argv))
-    finally:
-        AcceleratorState._reset_state(True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

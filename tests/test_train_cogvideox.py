@@ -49,8 +49,9 @@ def generate(pipe, seed=0):
 VARIANT_SOURCE = {"2b": "files", "5b": "csv", "1.5": "jsonl"}
 
 
-@pytest.mark.parametrize("variant", ["2b", "5b", "1.5"])
-@pytest.mark.parametrize("mode", ["crepa", "repa", "none"])
+# Every mode on 2B; CREPA (and plain LoRA on 1.5's padded latents) on the rotary variants.
+@pytest.mark.parametrize("variant, mode", [("2b", "crepa"), ("2b", "repa"), ("2b", "none"), ("5b", "crepa"),
+                                           ("1.5", "crepa"), ("1.5", "none")])
 def test_end_to_end(tiny_models, dataset, tmp_path, variant, mode):
     from diffusers import CogVideoXPipeline
     from huggingface_hub import ModelCard

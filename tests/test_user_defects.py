@@ -19,22 +19,9 @@ from helpers import (
     import_script,
     launch,
     lora_state,
+    run_main,
     tiny_train_args,
 )
-
-
-@pytest.fixture(scope="module")
-def cog():
-    return import_script(COGVIDEOX_SCRIPT)
-
-
-def run_main(script, argv):
-    from accelerate.state import AcceleratorState
-
-    try:
-        return script.main(script.parse_args(argv))
-    finally:
-        AcceleratorState._reset_state(True)
 
 
 def fake_hub(monkeypatch):
