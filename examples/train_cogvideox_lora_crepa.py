@@ -557,7 +557,8 @@ def get_optimizer(args: argparse.Namespace, params_to_optimize: list[dict]) -> t
 
 def main(args: argparse.Namespace) -> Path:
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
+    from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params, free_memory
@@ -601,8 +602,17 @@ def main(args: argparse.Namespace) -> Path:
         # CREPA: a step at lambda 0 leaves the projector unused; only then does DDP need to look for unused
         # parameters (a graph traversal every step).
         kwargs_handlers=[DistributedDataParallelKwargs(
-            find_unused_parameters=CrepaConfig.from_args(args).may_skip_steps)],  # CREPA
+            find_unused_parameters=CrepaConfig.from_args(args).may_skip_steps),  # CREPA
+            # DeepSpeed without GPUs (its CPU accelerator): accelerate leaves its backend unset and counts one process
+            # although DeepSpeed started gloo on every rank (accelerate/state.py, PartialState.__init__, "if
+            # self.backend is None: ... num_processes = 1"): every rank then acts as the main one. Naming gloo fixes it.
+            *([InitProcessGroupKwargs(backend="gloo")] if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+              and not torch.cuda.is_available() else [])],
     )
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed and accelerator.state.deepspeed_plugin.deepspeed_config.get("gradient_clipping") in (None, "auto"):
+        # The config's "auto" would become accelerate's fixed 1.0: --max_grad_norm decides, as without DeepSpeed.
+        accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm
     if accelerator.mixed_precision == "fp16" and is_large:
         logger.warning("fp16 gives NaN losses on CogVideoX-5B / 1.5 (trained in bf16): use --mixed_precision bf16.")
     args.mixed_precision = accelerator.mixed_precision  # what runs, for the trackers and the card
@@ -738,7 +748,7 @@ def main(args: argparse.Namespace) -> Path:
     global_step, history = 0, []
     if resume_path is not None:
         logger.info("Resuming from %s", resume_path)
-        accelerator.load_state(str(resume_path))
+        accelerator.load_state(str(resume_path), **({"load_module_strict": False} if deepspeed else {}))  # no frozen base
         global_step, history = resume_state["global_step"], resume_state.get("history", [])
     first_epoch = global_step // num_update_steps_per_epoch
     logger.info("***** Running training: %d videos, %d epochs, %d steps, %d processes (rank %d) *****",
@@ -771,11 +781,14 @@ def main(args: argparse.Namespace) -> Path:
                 with accelerator.accumulate(model):
                     loss, logs = training_loss(batch, generator, parts, crepa, crepa_lambda)
                     step_finite = step_finite & torch.isfinite(loss.detach())
-                    # Every rank runs backward (DDP needs it); a NaN/inf loss on any rank in any micro-batch makes
-                    # the whole optimizer step a skip on every rank, so its gradients never reach the weights.
-                    accelerator.backward(loss)
+                    # A NaN/inf loss on any rank in any micro-batch makes the whole optimizer step a skip on every
+                    # rank, so its gradients never reach the weights. Every rank runs backward (DDP needs it); under
+                    # DeepSpeed, whose engine steps inside backward(), the skip is decided before it.
+                    apply_step = not deepspeed or nonfinite.deepspeed_step_finite(accelerator, step_finite)
+                    if apply_step:
+                        accelerator.backward(loss)
                     if accelerator.sync_gradients:
-                        if nonfinite.all_finite(accelerator, step_finite):
+                        if apply_step and (deepspeed or nonfinite.all_finite(accelerator, step_finite)):
                             training_utils.clip_grad_norms(accelerator, clipped_parts, args.max_grad_norm)
                             optimizer.step()
                             lr_scheduler.step()

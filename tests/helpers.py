@@ -37,9 +37,10 @@ def accelerate_config(directory: Path) -> Path:
 
 
 def launch(script: Path, args: list[str], tmp_path: Path, check: bool = True, env: dict | None = None,
-           timeout: int = 600) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config(tmp_path)),
-               str(script), *args]
+           timeout: int = 600, config_file: Path | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch` (a basic one-process config unless `config_file`) in `tmp_path`."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(config_file or accelerate_config(tmp_path)), str(script), *args]
     # A session of its own, so that on a timeout the launcher's children die with it.
     process = subprocess.Popen(command, cwd=tmp_path, env=env or offline_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)

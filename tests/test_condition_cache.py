@@ -5,23 +5,22 @@ import time
 
 import pytest
 import torch
-from helpers import COGVIDEOX_SCRIPT, launch, lora_state
+from helpers import COGVIDEOX_SCRIPT, launch, lora_state, run_main
 from test_train_cogvideox import base_args, dataset  # noqa: F401  (module fixture)
 
 from crepa_diffusers.cache import ConditionCache
 
 
-def test_cached_run_equals_uncached_run(tiny_models, dataset, tmp_path):  # noqa: F811
+def test_cached_run_equals_uncached_run(cog, tiny_models, dataset, tmp_path):  # noqa: F811
     model = tiny_models["cogvideox-5b"]
     plain, cached = tmp_path / "plain", tmp_path / "cached"
-    launch(COGVIDEOX_SCRIPT, base_args(model, dataset, plain, steps=6), tmp_path)
-    result = launch(COGVIDEOX_SCRIPT, base_args(model, dataset, cached, steps=6, extra=["--cache_conditions"]), tmp_path)
+    run_main(cog, base_args(model, dataset, plain, steps=6))
+    run_main(cog, base_args(model, dataset, cached, steps=6, extra=["--cache_conditions"]))
     files = sorted(p.name.split("-")[0] for p in (cached / "condition_cache").iterdir())
     assert files == ["dino"] * 3 + ["t5"] * 3, files  # 3 clips, 3 prompts: computed once over 2 epochs
     a, b = lora_state(plain), lora_state(cached)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
-    assert result.returncode == 0
 
 
 def test_cache_refuses_changing_clips(tiny_models, dataset, tmp_path):  # noqa: F811

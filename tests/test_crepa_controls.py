@@ -12,7 +12,7 @@ from helpers import (
     HUNYUAN_SCRIPT,
     assert_same_trained_weights,
     import_script,
-    launch,
+    run_main,
     tiny_train_args,
 )
 
@@ -112,12 +112,11 @@ def test_resume_in_the_middle_of_a_decay_equals_the_straight_run(tiny_models, da
     model = tiny_models["cogvideox-2b"]
     schedule = ["--crepa_scheduler", "cosine", "--crepa_warmup_steps", "1", "--crepa_lambda_end", "0.1"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    launch(COGVIDEOX_SCRIPT, tiny_train_args(model, dataset, straight, steps=4, extra=[
-        *schedule, "--checkpointing_steps", "4"]), tmp_path)
-    launch(COGVIDEOX_SCRIPT, tiny_train_args(model, dataset, resumed, steps=2, extra=[
-        *schedule, "--checkpointing_steps", "2"]), tmp_path)
-    launch(COGVIDEOX_SCRIPT, tiny_train_args(model, dataset, resumed, steps=4, extra=[
-        *schedule, "--checkpointing_steps", "4", "--resume_from_checkpoint", "latest"]), tmp_path)
+    cog = import_script(COGVIDEOX_SCRIPT)
+    run_main(cog, tiny_train_args(model, dataset, straight, steps=4, extra=[*schedule, "--checkpointing_steps", "4"]))
+    run_main(cog, tiny_train_args(model, dataset, resumed, steps=2, extra=[*schedule, "--checkpointing_steps", "2"]))
+    run_main(cog, tiny_train_args(model, dataset, resumed, steps=4, extra=[
+        *schedule, "--checkpointing_steps", "4", "--resume_from_checkpoint", "latest"]))
     assert_same_trained_weights(straight, resumed, "checkpoint-4")
     lambdas = [row["crepa_lambda"] for row in json.loads((straight / "training_log.json").read_text())]
     config = config_from(schedule)

@@ -176,16 +176,14 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         checkpoints.resolve_resume_checkpoint(str(tmp_path / "checkpoint-6"), str(tmp_path))
 
 
-def test_half_written_checkpoint_resumes_from_previous(tiny_models, dataset, tmp_path):
+def test_half_written_checkpoint_resumes_from_previous(cog, tiny_models, dataset, tmp_path, caplog):
     out = tmp_path / "out"
-    launch(COGVIDEOX_SCRIPT, args_for(tiny_models["cogvideox-2b"], dataset, out, steps=2,
-                                      extra=["--checkpointing_steps", "2"]), tmp_path)
+    run_main(cog, args_for(tiny_models["cogvideox-2b"], dataset, out, steps=2, extra=["--checkpointing_steps", "2"]))
     shutil.copytree(out / "checkpoint-2", out / "checkpoint-3")
     (out / "checkpoint-3" / checkpoints.CHECKPOINT_COMPLETE).unlink()
     (out / "checkpoint-3" / "optimizer.bin").write_bytes(b"truncated")
-    result = launch(COGVIDEOX_SCRIPT, args_for(tiny_models["cogvideox-2b"], dataset, out, steps=3,
-                                               extra=["--resume_from_checkpoint", "latest"]), tmp_path)
-    assert re.search(r"Resuming from .*checkpoint-2\b", result.stderr)
+    run_main(cog, args_for(tiny_models["cogvideox-2b"], dataset, out, steps=3, extra=["--resume_from_checkpoint", "latest"]))
+    assert re.search(r"Resuming from .*checkpoint-2\b", caplog.text)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -330,13 +328,12 @@ def test_micro_batches_of_a_step_draw_different_noise():
                        torch.rand(4, generator=again))
 
 
-def test_resuming_a_finished_run_trains_no_further(tiny_models, dataset, tmp_path):
+def test_resuming_a_finished_run_trains_no_further(cog, tiny_models, dataset, tmp_path, caplog):
     out = tmp_path / "out"
-    launch(COGVIDEOX_SCRIPT, args_for(tiny_models["cogvideox-2b"], dataset, out, steps=2,
-                                      extra=["--checkpointing_steps", "2"]), tmp_path)
+    run_main(cog, args_for(tiny_models["cogvideox-2b"], dataset, out, steps=2, extra=["--checkpointing_steps", "2"]))
     first = lora_state(out)
-    result = launch(COGVIDEOX_SCRIPT, args_for(tiny_models["cogvideox-2b"], dataset, out, steps=2, extra=[
-        "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"]), tmp_path)
-    assert "Resuming from" in result.stderr
+    run_main(cog, args_for(tiny_models["cogvideox-2b"], dataset, out, steps=2, extra=[
+        "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"]))
+    assert "Resuming from" in caplog.text
     for key, value in lora_state(out).items():
         assert torch.equal(value, first[key])

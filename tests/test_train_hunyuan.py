@@ -12,6 +12,7 @@ from helpers import (
     launch,
     lora_metadata,
     lora_state,
+    run_main,
     tiny_train_args,
 )
 
@@ -104,13 +105,13 @@ def test_resume_matches_uninterrupted_run_and_limits_checkpoints(tiny_models, da
     model = tiny_models["hunyuan"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = ["--crepa_block_index", "2"]
-    launch(HUNYUAN_SCRIPT, base_args(model, dataset, straight, steps=4, extra=[
-        *common, "--checkpointing_steps", "1", "--checkpoints_total_limit", "3"]), tmp_path)
+    hunyuan = import_script(HUNYUAN_SCRIPT)
+    run_main(hunyuan, base_args(model, dataset, straight, steps=4, extra=[
+        *common, "--checkpointing_steps", "1", "--checkpoints_total_limit", "3"]))
     assert sorted(p.name for p in straight.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
-    launch(HUNYUAN_SCRIPT, base_args(model, dataset, resumed, steps=2, extra=[*common, "--checkpointing_steps", "2"]),
-           tmp_path)
-    launch(HUNYUAN_SCRIPT, base_args(model, dataset, resumed, steps=4, extra=[
-        *common, "--checkpointing_steps", "2", "--resume_from_checkpoint", "checkpoint-2"]), tmp_path)
+    run_main(hunyuan, base_args(model, dataset, resumed, steps=2, extra=[*common, "--checkpointing_steps", "2"]))
+    run_main(hunyuan, base_args(model, dataset, resumed, steps=4, extra=[
+        *common, "--checkpointing_steps", "2", "--resume_from_checkpoint", "checkpoint-2"]))
     assert_same_trained_weights(straight, resumed, "checkpoint-4")
 
 

@@ -130,7 +130,7 @@ def without(argv, *flags):
     return argv
 
 
-def test_a_run_without_seed_draws_one_and_resume_reuses_it(tiny_models, dataset, tmp_path):
+def test_a_run_without_seed_draws_one_and_resume_reuses_it(cog, tiny_models, dataset, tmp_path, caplog):
     model = tiny_models["cogvideox-2b"]
 
     def args(out, steps, extra=()):
@@ -138,37 +138,35 @@ def test_a_run_without_seed_draws_one_and_resume_reuses_it(tiny_models, dataset,
                        "--seed")
 
     first, other = tmp_path / "first", tmp_path / "other"
-    launch(COGVIDEOX_SCRIPT, args(first, 2), tmp_path)
-    launch(COGVIDEOX_SCRIPT, args(other, 2), tmp_path)
+    run_main(cog, args(first, 2))
+    run_main(cog, args(other, 2))
     seeds = [int(re.search(r"\| `seed` \| `(\d+)` \|", (out / "README.md").read_text()).group(1))
              for out in (first, other)]
     assert seeds[0] != seeds[1], "two runs without --seed drew the same seed"
     assert any(not torch.equal(a, b) for a, b in zip(lora_state(first).values(), lora_state(other).values()))
 
-    resumed = launch(COGVIDEOX_SCRIPT, args(first, 4, ["--resume_from_checkpoint", "latest"]), tmp_path)
-    assert f"seed {seeds[0]} (stored in the checkpoint)" in resumed.stderr
+    caplog.clear()
+    run_main(cog, args(first, 4, ["--resume_from_checkpoint", "latest"]))
+    assert f"seed {seeds[0]} (stored in the checkpoint)" in caplog.text
     straight = tmp_path / "straight"
-    launch(COGVIDEOX_SCRIPT, tiny_train_args(model, dataset, straight, steps=4, extra=[
-        "--checkpointing_steps", "2", "--seed", str(seeds[0])]), tmp_path)  # the last --seed wins
+    run_main(cog, tiny_train_args(model, dataset, straight, steps=4, extra=[
+        "--checkpointing_steps", "2", "--seed", str(seeds[0])]))  # the last --seed wins
     assert_same_trained_weights(straight, first, "checkpoint-4")
 
 
-def test_checkpoint_missing_lora_tensors_fails_to_resume(tiny_models, dataset, tmp_path):
+def test_checkpoint_missing_lora_tensors_fails_to_resume(cog, tiny_models, dataset, tmp_path):
     from safetensors.torch import load_file, save_file
 
     out = tmp_path / "out"
     model = tiny_models["cogvideox-2b"]
-    launch(COGVIDEOX_SCRIPT, tiny_train_args(model, dataset, out, steps=2, extra=["--checkpointing_steps", "2"]),
-           tmp_path)
+    run_main(cog, tiny_train_args(model, dataset, out, steps=2, extra=["--checkpointing_steps", "2"]))
     path = out / "checkpoint-2" / "pytorch_lora_weights.safetensors"
     state = load_file(str(path))
     dropped = sorted(state)[0]
     del state[dropped]
     save_file(state, str(path), metadata={"format": "pt"})
-    result = launch(COGVIDEOX_SCRIPT, tiny_train_args(model, dataset, out, steps=3, extra=[
-        "--resume_from_checkpoint", "latest"]), tmp_path, check=False)
-    assert result.returncode != 0
-    assert "LoRA tensors missing" in result.stderr and "checkpoint-2" in result.stderr
+    with pytest.raises(RuntimeError, match=r"checkpoint-2: 1 LoRA tensors missing"):
+        run_main(cog, tiny_train_args(model, dataset, out, steps=3, extra=["--resume_from_checkpoint", "latest"]))
 
 
 def test_lora_metadata_and_card_precision(tiny_models, dataset, tmp_path):

@@ -61,7 +61,8 @@ def save_checkpoint(accelerator, output_dir: str, global_step: int, total_limit:
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
+    # Under DeepSpeed the engine would also save the frozen base model (GBs): the hooks save the LoRA and projector.
+    accelerator.save_state(str(staging), **({"exclude_frozen_parameters": True} if accelerator.distributed_type == "DEEPSPEED" else {}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (staging / CHECKPOINT_COMPLETE).write_text(json.dumps({**(run_state or {}), "global_step": global_step}))

@@ -128,6 +128,15 @@ class NonFiniteSteps:
             raise NonFiniteLossError(nonfinite_message(self.in_a_row, accelerator.mixed_precision))
         return False
 
+    def deepspeed_step_finite(self, accelerator, step_finite: torch.Tensor) -> bool:
+        """Under DeepSpeed the engine steps inside backward(), so call this before it, every micro-batch: a skip is then
+        real (no backward, no engine step). With accumulation the engine already holds the step's earlier micro-batches:
+        the run stops instead, its last checkpoint intact."""
+        if self.all_finite(accelerator, step_finite) or accelerator.gradient_accumulation_steps == 1:
+            return self.in_a_row == 0
+        raise NonFiniteLossError("A NaN/inf loss under DeepSpeed with --gradient_accumulation_steps > 1 cannot be skipped. "
+                                 + nonfinite_message(self.in_a_row, accelerator.mixed_precision))
+
 
 def nonfinite_message(steps: int, mixed_precision: str) -> str:
     precision = f" You train in {mixed_precision}:" if mixed_precision == "fp16" else " If you train in fp16:"
