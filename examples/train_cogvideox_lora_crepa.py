@@ -784,7 +784,7 @@ def main(args: argparse.Namespace) -> Path:
                     # A NaN/inf loss on any rank in any micro-batch makes the whole optimizer step a skip on every
                     # rank, so its gradients never reach the weights. Every rank runs backward (DDP needs it); under
                     # DeepSpeed, whose engine steps inside backward(), the skip is decided before it.
-                    apply_step = not deepspeed or nonfinite.deepspeed_step_finite(accelerator, step_finite)
+                    apply_step = not deepspeed or nonfinite.all_finite(accelerator, step_finite)
                     if apply_step:
                         accelerator.backward(loss)
                     if accelerator.sync_gradients:

@@ -128,3 +128,22 @@ def test_nonfinite_loss_under_deepspeed_is_skipped_or_stops(tiny_models, dataset
     assert any(not torch.equal(first[k], lora_state(out / "checkpoint-2")[k]) for k in first)
     history = json.loads((out / "checkpoint-3" / "checkpoint_complete.json").read_text())["history"]
     assert [row["step"] for row in history] == [1, 2, 3] and np.isnan(history[2]["loss"])
+
+
+def test_shipped_multi_gpu_configs_parse_and_name_real_classes():
+    """The GPU configs cannot run here (no GPUs; accelerate runs FSDP on no CPU ranks): check what can be checked,
+    that accelerate reads them and that the DeepSpeed JSON leaves batch, accumulation and clipping to the scripts."""
+    import diffusers.models.transformers.cogvideox_transformer_3d as cogvideox
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    fsdp = load_config_from_file(str(ROOT / "configs" / "accelerate_fsdp2_8gpu.yaml"))
+    assert fsdp.distributed_type == "FSDP" and fsdp.fsdp_config["fsdp_version"] == 2
+    assert hasattr(cogvideox, fsdp.fsdp_config["fsdp_transformer_layer_cls_to_wrap"])
+    for name in ("accelerate_deepspeed_zero2.yaml", "accelerate_deepspeed_zero2_cpu.yaml"):
+        config = load_config_from_file(str(ROOT / "configs" / name))
+        assert config.distributed_type == "DEEPSPEED" and not config.use_cpu
+        assert (ROOT / config.deepspeed_config["deepspeed_config_file"]).is_file()
+    ds = json.loads((ROOT / "configs" / "deepspeed_zero2.json").read_text())
+    assert {ds[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")} == {
+        "auto"}
+    assert ds["zero_optimization"]["stage"] == 2

@@ -62,7 +62,8 @@ def save_checkpoint(accelerator, output_dir: str, global_step: int, total_limit:
         shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
     # Under DeepSpeed the engine would also save the frozen base model (GBs): the hooks save the LoRA and projector.
-    accelerator.save_state(str(staging), **({"exclude_frozen_parameters": True} if accelerator.distributed_type == "DEEPSPEED" else {}))
+    deepspeed = accelerator.distributed_type == "DEEPSPEED"
+    accelerator.save_state(str(staging), **({"exclude_frozen_parameters": True} if deepspeed else {}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (staging / CHECKPOINT_COMPLETE).write_text(json.dumps({**(run_state or {}), "global_step": global_step}))
@@ -85,7 +86,6 @@ LORA_METADATA_FIELDS = ("r", "lora_alpha", "target_modules", "lora_dropout", "bi
 
 
 def lora_adapter_metadata(transformer: nn.Module) -> dict:
-    """For `save_lora_weights(..., **lora_adapter_metadata(transformer))`: the file then carries alpha and rank, and
-    `load_lora_weights` restores the trained scale without `set_adapters`."""
+    """For `save_lora_weights(..., **lora_adapter_metadata(t))`: `load_lora_weights` then restores alpha / rank."""
     config = transformer.peft_config["default"].to_dict()
     return {"transformer_lora_adapter_metadata": {key: config[key] for key in LORA_METADATA_FIELDS if key in config}}

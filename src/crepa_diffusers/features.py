@@ -110,10 +110,8 @@ class DinoPatchFeatures(nn.Module):
         encoder = AutoModel.from_pretrained(name_or_path, config=config, dtype=dtype, **kwargs)
         return cls(encoder, frames_per_chunk=frames_per_chunk, autocast_dtype=autocast_dtype)
 
-    def _autocast(self, device: torch.device):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+    def _autocast(self, device: torch.device):  # bf16 on GPUs; none on the CPU (and the benchmark's meta device)
+        return torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
 
     @torch.no_grad()
     def forward(self, frames: torch.Tensor, token_grid: tuple[int, int], groups: list[list[int]]) -> torch.Tensor:

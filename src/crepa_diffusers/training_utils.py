@@ -78,8 +78,7 @@ class StopRequest:
     at once. Use as a context manager: the previous handlers come back on exit."""
 
     def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict = {}
+        self.signal, self._previous = None, {}  # the signal received; the handlers to restore
 
     def __enter__(self) -> "StopRequest":
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -117,25 +116,20 @@ class NonFiniteSteps:
         self.max_in_a_row, self.in_a_row = max_in_a_row, 0
 
     def all_finite(self, accelerator, step_finite: torch.Tensor) -> bool:
-        """Call once per optimizer step on every rank; one host sync, needed to decide the skip."""
+        """Call once per optimizer step on every rank (one host sync, needed to decide the skip). Under DeepSpeed, whose
+        engine steps inside backward(), call it before backward on every micro-batch: with accumulation the engine
+        already holds the step's earlier micro-batches, so a NaN/inf loss there stops the run instead."""
         finite_ranks = accelerator.reduce(step_finite.float(), reduction="sum")
         if bool(finite_ranks == accelerator.num_processes):
             self.in_a_row = 0
             return True
         self.in_a_row += 1
         logger.warning("Non-finite loss: optimizer step skipped (%d in a row).", self.in_a_row)
-        if self.in_a_row >= self.max_in_a_row:
-            raise NonFiniteLossError(nonfinite_message(self.in_a_row, accelerator.mixed_precision))
+        unskippable = accelerator.distributed_type == "DEEPSPEED" and accelerator.gradient_accumulation_steps > 1
+        if self.in_a_row >= self.max_in_a_row or unskippable:
+            why = "Under DeepSpeed with --gradient_accumulation_steps > 1 a step cannot be skipped. " if unskippable else ""
+            raise NonFiniteLossError(why + nonfinite_message(self.in_a_row, accelerator.mixed_precision))
         return False
-
-    def deepspeed_step_finite(self, accelerator, step_finite: torch.Tensor) -> bool:
-        """Under DeepSpeed the engine steps inside backward(), so call this before it, every micro-batch: a skip is then
-        real (no backward, no engine step). With accumulation the engine already holds the step's earlier micro-batches:
-        the run stops instead, its last checkpoint intact."""
-        if self.all_finite(accelerator, step_finite) or accelerator.gradient_accumulation_steps == 1:
-            return self.in_a_row == 0
-        raise NonFiniteLossError("A NaN/inf loss under DeepSpeed with --gradient_accumulation_steps > 1 cannot be skipped. "
-                                 + nonfinite_message(self.in_a_row, accelerator.mixed_precision))
 
 
 def nonfinite_message(steps: int, mixed_precision: str) -> str:
