@@ -86,6 +86,22 @@ def lora_metadata(directory: Path) -> dict:
     return {k[len("transformer."):]: v for k, v in stored.items() if k.startswith("transformer.")}
 
 
+def assert_lora_changes_output(pipeline_name: str, model_dir: Path, lora_dir: Path) -> None:
+    """The LoRA in `lora_dir` loads into a fresh pipeline of `model_dir` and changes what it generates."""
+    import diffusers
+    import numpy as np
+
+    pipe = getattr(diffusers, pipeline_name).from_pretrained(model_dir)
+
+    def generate():
+        return pipe("a bunny walks", num_frames=9, height=32, width=48, num_inference_steps=2, max_sequence_length=16,
+                    output_type="np", generator=torch.Generator().manual_seed(0)).frames
+
+    before = generate()
+    pipe.load_lora_weights(lora_dir)
+    assert np.abs(generate() - before).max() > 1e-4, f"the LoRA in {lora_dir} does not change the output"
+
+
 def tensorboard_tags(log_dir: Path) -> dict[str, list[str]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
