@@ -177,10 +177,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         parser.error("give --instance_data_root (prompt/video list files) or --dataset_name.")
     if (args.max_num_frames - 1) % VAE_TEMPORAL != 0:
         parser.error(f"--max_num_frames {args.max_num_frames}: the video VAEs take 4k+1 frames (e.g. 49, 81, 9).")
-    for flag in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
-                 "logging_steps", "max_nonfinite_steps", "validation_epochs"):
-        if getattr(args, flag) < 1:
+    for flag in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps", "rank",
+                 "logging_steps", "max_nonfinite_steps", "validation_epochs", "num_validation_videos", "max_num_frames",
+                 "max_train_steps", "validation_steps", "validation_num_inference_steps", "height", "width", "fps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
+    for flag in ("skip_frames_start", "skip_frames_end", "lr_warmup_steps", "dataloader_num_workers", "lora_alpha"):
+        if getattr(args, flag) < 0 or (flag == "lora_alpha" and args.lora_alpha == 0):
+            parser.error(f"--{flag} must be {'> 0' if flag == 'lora_alpha' else '>= 0'}, got {getattr(args, flag)}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}.")
     if args.cache_conditions and (args.random_flip or args.video_reshape_mode in ("random", "none")):
@@ -208,8 +212,11 @@ DATA_FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parque
 
 def _read_lines(path: Path, flag: str) -> list[str]:
     if not path.is_file():
-        raise ValueError(f"{flag}: {path} does not exist (one entry per line is expected).")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raise SystemExit(f"{flag}: {path} does not exist (one entry per line is expected).")
+    try:  # UTF-8 with or without the byte-order mark some editors write
+        return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    except UnicodeDecodeError as error:
+        raise SystemExit(f"{flag}: {path} is not UTF-8 text ({error.reason} at byte {error.start}): save it as UTF-8.")
 
 
 def load_video_items(args: argparse.Namespace) -> list[VideoItem]:
@@ -219,18 +226,17 @@ def load_video_items(args: argparse.Namespace) -> list[VideoItem]:
     if args.dataset_name is None:
         root = Path(args.instance_data_root)
         if not root.is_dir():
-            raise ValueError(f"--instance_data_root {root} is not a folder.")
+            raise SystemExit(f"--instance_data_root {root} is not a folder.")
         prompts = _read_lines(root / args.caption_column, "--caption_column")
         videos = _read_lines(root / args.video_column, "--video_column")
         source = f"{root / args.caption_column} and {root / args.video_column}"
     else:
         import datasets
-
         local = Path(args.dataset_name)
         if local.is_file():
             builder = DATA_FILE_BUILDERS.get(local.suffix.lower())
             if builder is None:
-                raise ValueError(f"--dataset_name {local}: use a .csv, .json, .jsonl or .parquet file, or a folder.")
+                raise SystemExit(f"--dataset_name {local}: use a .csv, .json, .jsonl or .parquet file, or a folder.")
             dataset = datasets.load_dataset(builder, data_files=str(local), cache_dir=args.cache_dir)
             default_root = local.parent
         else:
@@ -240,15 +246,15 @@ def load_video_items(args: argparse.Namespace) -> list[VideoItem]:
         train = dataset["train"]
         for flag, column in (("--caption_column", args.caption_column), ("--video_column", args.video_column)):
             if column not in train.column_names:
-                raise ValueError(f"{flag} {column!r} is not a column of {args.dataset_name}: its columns are "
+                raise SystemExit(f"{flag} {column!r} is not a column of {args.dataset_name}: its columns are "
                                  f"{train.column_names}.")
         prompts = [str(p).strip() for p in train[args.caption_column]]
         videos = [v if isinstance(v, str) else v.get("path", "") for v in train[args.video_column]]
         source = str(args.dataset_name)
     if len(prompts) != len(videos):
-        raise ValueError(f"{source}: {len(prompts)} prompts but {len(videos)} videos; each video needs exactly one prompt.")
+        raise SystemExit(f"{source}: {len(prompts)} prompts but {len(videos)} videos; each video needs exactly one prompt.")
     if not videos:
-        raise ValueError(f"{source}: no videos listed.")
+        raise SystemExit(f"{source}: no videos listed.")
     if args.id_token:
         prompts = [f"{args.id_token} {prompt}" for prompt in prompts]
     return [VideoItem(Path(v) if Path(v).is_absolute() else root / v, p) for v, p in zip(videos, prompts)]
@@ -295,7 +301,6 @@ class VideoDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         import decord
-
         args, item = self.args, self.items[index]
         reader = decord.VideoReader(str(item.path))
         indices = sample_frame_indices(len(reader), args.max_num_frames, args.skip_frames_start, args.skip_frames_end)
@@ -397,10 +402,9 @@ def training_loss(batch: dict, generator: torch.Generator, parts: Parts, crepa: 
             keys = [parts.cache.video_key("dino", path) for path in videos] if videos else None  # CREPA
             crepa.prepare(frames, grid, token_frame_groups(frames.shape[1], VAE_TEMPORAL), keys)  # CREPA
     with timer("transformer_forward"):
-        # CREPA: the trained module returns the projected block tokens beside the transformer's output.
-        output, projected = parts.model(hidden_states=noisy.to(dtype), timestep=timesteps,
-                                        encoder_hidden_states=prompt_embeds, encoder_attention_mask=attention_mask,
-                                        pooled_projections=pooled, guidance=guidance, return_dict=False)
+        output, projected = parts.model(  # CREPA: the projected block tokens come back beside the output
+            hidden_states=noisy.to(dtype), timestep=timesteps, encoder_hidden_states=prompt_embeds,
+            encoder_attention_mask=attention_mask, pooled_projections=pooled, guidance=guidance, return_dict=False)
         model_pred = output[0]
     with timer("loss"):
         loss = ((model_pred.float() - (noise - latents)) ** 2).reshape(batch_size, -1).mean(1).mean()
@@ -421,7 +425,6 @@ def training_loss(batch: dict, generator: torch.Generator, parts: Parts, crepa: 
 def _tensorboard_gif(tag: str, frames: list, fps: int):
     from PIL import Image
     from tensorboard.compat.proto.summary_pb2 import Summary
-
     images = [Image.fromarray(frame) for frame in frames]
     buffer = io.BytesIO()
     images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
@@ -434,7 +437,6 @@ def log_validation(pipe, args: argparse.Namespace, accelerator, prompts: list[st
                    pipeline_args: dict) -> list[Path]:
     import numpy as np
     from diffusers.utils import export_to_video
-
     pipe.set_progress_bar_config(disable=True)
     paths = []
     for prompt in prompts:
@@ -457,7 +459,6 @@ def log_validation(pipe, args: argparse.Namespace, accelerator, prompts: list[st
                     tracker.writer.flush()
                 elif tracker.name == "wandb":
                     import wandb
-
                     tracker.log({phase: [wandb.Video(str(path), caption=f"{index}: {prompt}", format="mp4")]}, step=step)
     logger.info("Validation (%s, step %d): %d videos", phase, step, len(paths))
     return paths
@@ -495,10 +496,8 @@ def write_loss_plot(history: list[dict], output_dir: str) -> Path | None:
     if not history:
         return None
     import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     steps = [row["step"] for row in history]
     fig, (losses, sims) = plt.subplots(1, 2, figsize=(11, 4))
     for axes, keys in ((losses, ("loss", "diffusion_loss", "crepa_loss")), (sims, ("similarity_self", "similarity_neighbour"))):
@@ -574,7 +573,6 @@ def main(args: argparse.Namespace) -> Path:
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, LlamaModel
-
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logging.getLogger("crepa_diffusers").setLevel(os.environ.get("CREPA_LOG_LEVEL", "INFO").upper())
     logger.setLevel(os.environ.get("CREPA_LOG_LEVEL", "INFO").upper())  # DEBUG: which samples each rank trains on
@@ -597,9 +595,11 @@ def main(args: argparse.Namespace) -> Path:
                              f"{patch}): use e.g. {max(multiple, round(value / multiple) * multiple)}.")
     check_crepa_args(args, config["num_layers"] + config["num_single_layers"],  # CREPA: block index, encoder
                      f"HunyuanVideo ({config['num_layers']} double- + {config['num_single_layers']} single-stream)")
-    resume_path = checkpoints.resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    resume_path = checkpoints.resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir, args.rank,
+                                                        CrepaConfig.from_args(args).enabled)  # CREPA: projector or not
     items = training_utils.check_videos(load_video_items(args), args.max_num_frames + args.skip_frames_start
                                         + args.skip_frames_end, args.skip_invalid_videos)
+    training_utils.check_output_dir(args.output_dir)
 
     # ---- Accelerator
     accelerator = Accelerator(
@@ -631,7 +631,6 @@ def main(args: argparse.Namespace) -> Path:
         logger.info("Using seed %d (stored in the checkpoint)", args.seed)
     elif args.seed is None:  # drawn once, the same on every rank, stored in checkpoints and the card
         from accelerate.utils import broadcast_object_list
-
         args.seed = broadcast_object_list([secrets.randbelow(2**31)])[0]
         logger.info("Using seed %d (drawn: pass --seed %d to repeat this run)", args.seed, args.seed)
     set_seed(args.seed)
@@ -640,7 +639,6 @@ def main(args: argparse.Namespace) -> Path:
         os.makedirs(args.output_dir, exist_ok=True)
         if args.push_to_hub:
             from huggingface_hub import create_repo
-
             repo_id = create_repo(args.hub_model_id or Path(args.output_dir).name, exist_ok=True,
                                   token=args.hub_token).repo_id
 
@@ -697,7 +695,7 @@ def main(args: argparse.Namespace) -> Path:
             missing = [key for key in getattr(result, "missing_keys", []) if "lora_" in key]
             if missing:
                 raise RuntimeError(f"{input_dir}: {len(missing)} LoRA tensors missing (e.g. {missing[:3]}): the checkpoint "
-                                   "is incomplete or from another --rank / --lora_layers. Resume from another one.")
+                                   "is incomplete or from another --rank. Resume from another one.")
             if crepa is not None:
                 crepa.load_projector(input_dir)  # CREPA
 
@@ -715,7 +713,7 @@ def main(args: argparse.Namespace) -> Path:
     trained_params = [p for group in params_to_optimize for p in group["params"]]
     # CREPA: the LoRA is clipped as diffusers does and the projector on its own, so --max_grad_norm gives the LoRA
     # the same update rule in all three arms (crepa, repa, none).
-    clipped_parts = [lora_params, list(crepa.projector.parameters()) if crepa is not None else []]
+    clipped_parts = [lora_params, list(crepa.projector.parameters()) if crepa is not None else []]  # CREPA
     optimizer = get_optimizer(args, params_to_optimize)
 
     # ---- Data: decoded lazily by the DataLoader workers; accelerate gives each rank its own shard. The order is a
@@ -790,7 +788,7 @@ def main(args: argparse.Namespace) -> Path:
                 logger.debug("rank %d step %d samples %s", accelerator.process_index, global_step + 1,
                              batch["indices"].tolist())
                 # CREPA: lambda is a function of the optimizer step (exact on resume); 0 skips the CREPA work.
-                crepa_lambda = crepa.config.lambda_at(global_step, args.max_train_steps) if crepa is not None else None
+                crepa_lambda = crepa.config.lambda_at(global_step, args.max_train_steps) if crepa else None  # CREPA
                 with accelerator.accumulate(model):
                     loss, logs = training_loss(batch, generator, parts, crepa, crepa_lambda)
                     step_finite = step_finite & torch.isfinite(loss.detach())
@@ -872,14 +870,13 @@ def main(args: argparse.Namespace) -> Path:
         write_model_card(
             args.output_dir, repo_id=repo_id or args.hub_model_id or Path(args.output_dir).name, base_model=base,
             model_tags=["hunyuan-video", "hunyuanvideo"], pipeline_cls_name="HunyuanVideoPipeline",
-            crepa_settings=crepa_card_settings(args),
+            crepa_settings=crepa_card_settings(args),  # CREPA
             training_settings=training_card_settings(args, global_step, "HunyuanVideo",
                                                      sampling_flow_shift=scheduler.config.shift),
             validation_prompts=prompts, video_files=videos,
             extra="\n## Training curves\n\n![losses](loss.png)\n" if history else "")
         if args.push_to_hub:
             from huggingface_hub import upload_folder
-
             # Only what a LoRA repository holds (an allow-list): never the condition cache, checkpoints or logs.
             upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training",
                           allow_patterns=["pytorch_lora_weights.safetensors", "README.md", "validation_video_*.mp4",

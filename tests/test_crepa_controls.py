@@ -164,3 +164,30 @@ def test_lora_is_clipped_alone_whatever_the_projector_gradients():
         assert projector[0].grad.norm().item() == pytest.approx(1.0, rel=1e-5)
     finally:
         AcceleratorState._reset_state(True)
+
+
+def test_per_part_clipping_unscales_fp16_gradients_once():
+    """Under fp16 mixed precision (GradScaler) the step's gradients are unscaled once, then each part is clipped:
+    clipping part after part with accelerate's clip_grad_norm_ would unscale twice (a RuntimeError on GPUs)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from crepa_diffusers.training_utils import clip_grad_norms
+
+    torch.manual_seed(0)
+    lora, projector = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+    accelerator = Accelerator(cpu=True, mixed_precision="fp16")
+    try:
+        accelerator.native_amp, accelerator.scaler = True, torch.amp.GradScaler("cpu", init_scale=1024.0)
+        accelerator.prepare(torch.optim.SGD([*lora.parameters(), *projector.parameters()], lr=0.1))
+        x = torch.randn(3, 4)
+        loss = lora(x).pow(2).sum() + projector(x).pow(2).sum()
+        expected = [torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(m.parameters()), retain_graph=True)])
+                    .norm() for m in (lora, projector)]
+        accelerator.scaler.scale(loss).backward()
+        norms = clip_grad_norms(accelerator, [list(lora.parameters()), list(projector.parameters())], max_norm=1e9)
+        torch.testing.assert_close(torch.stack(norms), torch.stack(expected), rtol=1e-5, atol=0)
+        with pytest.raises(RuntimeError, match="unscale_"):  # what per-part accelerate calls would have done
+            accelerator.clip_grad_norm_(list(projector.parameters()), 1.0)
+    finally:
+        AcceleratorState._reset_state(True)

@@ -44,20 +44,20 @@ def bad_dataset(tmp_path, dataset, **changes):
 
 def test_missing_data_root(cog, tiny_models, tmp_path):
     argv = args_for(tiny_models["cogvideox-2b"], tmp_path / "nowhere", tmp_path / "out")
-    with pytest.raises(ValueError, match=r"--instance_data_root .*nowhere is not a folder"):
+    with pytest.raises(SystemExit, match=r"--instance_data_root .*nowhere is not a folder"):
         run_main(cog, argv)
 
 
 def test_missing_column_file(cog, tiny_models, dataset, tmp_path):
     root = bad_dataset(tmp_path, dataset)
     (root / "prompts.txt").unlink()
-    with pytest.raises(ValueError, match=r"--caption_column: .*prompts\.txt does not exist"):
+    with pytest.raises(SystemExit, match=r"--caption_column: .*prompts\.txt does not exist"):
         run_main(cog, args_for(tiny_models["cogvideox-2b"], root, tmp_path / "out"))
 
 
 def test_caption_and_video_counts_differ(cog, tiny_models, dataset, tmp_path):
     root = bad_dataset(tmp_path, dataset, prompts_txt="only one prompt\n")
-    with pytest.raises(ValueError, match=r"1 prompts but 3 videos"):
+    with pytest.raises(SystemExit, match=r"1 prompts but 3 videos"):
         run_main(cog, args_for(tiny_models["cogvideox-2b"], root, tmp_path / "out"))
 
 
@@ -123,7 +123,7 @@ def test_encoder_that_is_not_dinov2(cog, tiny_models, dataset, tmp_path):
 def test_resume_checkpoint_that_does_not_exist(cog, tiny_models, dataset, tmp_path):
     argv = args_for(tiny_models["cogvideox-2b"], dataset, tmp_path / "out",
                     extra=["--resume_from_checkpoint", "checkpoint-99"])
-    with pytest.raises(FileNotFoundError, match=r"--resume_from_checkpoint checkpoint-99: no such folder"):
+    with pytest.raises(SystemExit, match=r"--resume_from_checkpoint checkpoint-99: no such folder"):
         run_main(cog, argv)
 
 
@@ -131,6 +131,11 @@ def test_resume_checkpoint_that_does_not_exist(cog, tiny_models, dataset, tmp_pa
     (["--crepa_adjacent_tau", "-1"], "--crepa_adjacent_tau"),
     (["--train_batch_size", "0"], "--train_batch_size must be >= 1"),
     (["--validation_epochs", "0"], "--validation_epochs must be >= 1"),  # diffusers' script divides by it
+    (["--rank", "0"], "--rank must be >= 1"),
+    (["--max_train_steps", "0"], "--max_train_steps must be >= 1"),  # would save an untrained LoRA
+    (["--max_num_frames", "-3"], "--max_num_frames must be >= 1"),  # -3 is 4k+1
+    (["--skip_frames_start", "-1"], "--skip_frames_start must be >= 0"),
+    (["--lora_alpha", "0"], "--lora_alpha must be > 0"),
 ])
 def test_invalid_flag_values(cog, tiny_models, dataset, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit):
@@ -172,7 +177,7 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     # A checkpoint-N folder without the completion marker (e.g. copied half-way) is ignored too.
     shutil.copytree(tmp_path / ".checkpoint-4.tmp", tmp_path / "checkpoint-6")
     assert checkpoints.resolve_resume_checkpoint("latest", str(tmp_path)) == tmp_path / "checkpoint-2"
-    with pytest.raises(FileNotFoundError, match="incomplete"):
+    with pytest.raises(SystemExit, match="incomplete"):
         checkpoints.resolve_resume_checkpoint(str(tmp_path / "checkpoint-6"), str(tmp_path))
 
 

@@ -5,6 +5,8 @@ import gc
 import json
 import re
 import shutil
+import subprocess
+import sys
 import weakref
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from helpers import (
     import_script,
     launch,
     lora_state,
+    offline_env,
     run_main,
     tiny_train_args,
 )
@@ -221,3 +224,62 @@ def test_subject_consistency_follows_vbench_clamp():
     expected = np.mean([(max(0.0, cos[i, i - 1].item()) + max(0.0, cos[i, 0].item())) / 2 for i in (1, 2)])
     assert scores["subject_consistency"] == pytest.approx(expected, abs=1e-6)
     assert min(scores["adjacent"]) < 0  # the raw similarities are still reported unclamped
+
+
+def test_user_mistakes_are_messages_not_tracebacks(tiny_models, dataset, tmp_path):
+    """A count mismatch, a missing resume checkpoint and an output folder that cannot be written each end in one
+    message naming the file or flag, with no traceback and nothing trained."""
+    bad = tmp_path / "bad"
+    shutil.copytree(dataset, bad)
+    (bad / "prompts.txt").write_text("only one prompt\n")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    model = tiny_models["cogvideox-2b"]
+    cases = [
+        (tiny_train_args(model, bad, tmp_path / "o1"), r"1 prompts but 3 videos"),
+        (tiny_train_args(model, dataset, tmp_path / "o2", extra=["--resume_from_checkpoint", "checkpoint-7"]),
+         r"--resume_from_checkpoint checkpoint-7: no such folder"),
+        (tiny_train_args(model, dataset, blocker / "out"), r"--output_dir .*a_file/out cannot be written"),
+    ]
+    for argv, message in cases:
+        # The trainer itself (`accelerate launch` adds its own CalledProcessError traceback for any failing child).
+        result = subprocess.run([sys.executable, str(COGVIDEOX_SCRIPT), *argv], cwd=tmp_path, env=offline_env(),
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode != 0 and re.search(message, result.stderr), result.stderr[-2000:]
+        assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+def test_list_files_as_people_save_them(cog, tiny_models, dataset, tmp_path):
+    """UTF-8 with a byte-order mark reads as plain UTF-8; a Latin-1 file is refused with its name."""
+    root = tmp_path / "data"
+    shutil.copytree(dataset, root)
+    prompts = (root / "prompts.txt").read_text().splitlines()
+    (root / "prompts.txt").write_text("\n".join(["café au lait"] + prompts[1:]) + "\n", encoding="utf-8-sig")
+    items = cog.load_video_items(cog.parse_args(tiny_train_args(tiny_models["cogvideox-2b"], root, tmp_path / "o")))
+    assert items[0].prompt == "café au lait"
+    (root / "prompts.txt").write_bytes("café\n".encode("latin-1") * 3)
+    with pytest.raises(SystemExit, match=r"--caption_column: .*prompts\.txt is not UTF-8 text"):
+        cog.load_video_items(cog.parse_args(tiny_train_args(tiny_models["cogvideox-2b"], root, tmp_path / "o")))
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_before_loading(cog, tiny_models, dataset, tmp_path, monkeypatch):
+    """Another --rank, another --crepa_mode, a damaged file: refused from the checkpoint's files, before any model
+    loads (loading is made to fail loudly here), naming the flag and the fix."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    model, out = tiny_models["cogvideox-2b"], tmp_path / "out"
+    run_main(cog, tiny_train_args(model, dataset, out, steps=2, extra=["--checkpointing_steps", "2"]))
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the checkpoint was checked")
+
+    monkeypatch.setattr(CogVideoXTransformer3DModel, "from_pretrained", no_loading)
+    resume = ["--resume_from_checkpoint", "latest", "--checkpointing_steps", "2"]
+    with pytest.raises(SystemExit, match=r"holds a LoRA of rank \[4\], not --rank 8"):
+        run_main(cog, tiny_train_args(model, dataset, out, steps=3, extra=[*resume, "--rank", "8"]))
+    with pytest.raises(SystemExit, match=r"saved with a CREPA projector, unlike this run: match --crepa_mode"):
+        run_main(cog, tiny_train_args(model, dataset, out, steps=3, extra=[*resume, "--crepa_mode", "none"]))
+    lora = out / "checkpoint-2" / "pytorch_lora_weights.safetensors"
+    lora.write_bytes(lora.read_bytes()[:100])
+    with pytest.raises(SystemExit, match=r"a file in .*checkpoint-2 cannot be read.*use one of \['checkpoint-2'\]"):
+        run_main(cog, tiny_train_args(model, dataset, out, steps=3, extra=resume))

@@ -40,7 +40,6 @@ class ConditionCache:
         """The batch's tensors (stacked on dim 0) from disk when every sample is cached, else `compute()` for the
         batch and each sample's slice written atomically."""
         from safetensors.torch import load_file, save_file
-
         paths = [self.directory / f"{key}.safetensors" for key in keys]
         if all(path.is_file() for path in paths):
             self.hits += len(paths)
@@ -64,12 +63,11 @@ class ConditionCache:
         self._sized.add(kind)
         needed = entry_bytes * self.num_samples
         free = shutil.disk_usage(self.directory).free
-        logger.info("--cache_conditions: %s entries take %.1f MB each, up to %.2f GB for %d samples in %s (%.1f GB "
-                    "free).", kind, entry_bytes / 1e6, needed / 1e9, self.num_samples, self.directory, free / 1e9)
+        sizes = (f"--cache_conditions: {kind} entries take {entry_bytes / 1e6:.1f} MB each, {needed / 1e9:.2f} GB for "
+                 f"{self.num_samples} samples; {self.directory} has {free / 1e9:.2f} GB free")
+        logger.info(sizes)
         if needed > free:
-            raise RuntimeError(f"--cache_conditions: {kind} entries take {entry_bytes / 1e6:.1f} MB each, {needed / 1e9:.2f} "
-                               f"GB for {self.num_samples} samples, but {self.directory} has only {free / 1e9:.2f} GB "
-                               "free. Point --condition_cache_dir at a larger disk, or train without --cache_conditions.")
+            raise RuntimeError(f"{sizes}. Point --condition_cache_dir at a larger disk, or train without --cache_conditions.")
 
 
 def make_condition_cache(args: argparse.Namespace, term=None, num_samples: int | None = None) -> ConditionCache | None:

@@ -61,11 +61,8 @@ class HiddenStateCapture:
         captured, self._captured, self._token_frames = self._captured, None, None
         return captured
 
-    def remove(self) -> None:
-        self._handle.remove()
-
     def __enter__(self) -> "HiddenStateCapture":
         return self
 
     def __exit__(self, *exc) -> None:
-        self.remove()
+        self._handle.remove()  # the hook stays on the block until then

@@ -15,6 +15,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 CHECKPOINT_COMPLETE = "checkpoint_complete.json"
+PROJECTOR_FILE = "crepa_projector.safetensors"  # written by term.CrepaTerm.save_projector
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -25,24 +26,37 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str) -> Path | None:
+def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str, rank: int | None = None,
+                              with_projector: bool | None = None) -> Path | None:
+    """The checkpoint to resume from ("latest": the newest complete one), refused before any weights load when it is
+    missing, incomplete, unreadable, of another LoRA `rank`, or saved with(out) a CREPA projector unlike this run."""
+    from safetensors import safe_open
     if resume_from_checkpoint is None:
         return None
-    if resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        if not checkpoints:
-            logger.warning("--resume_from_checkpoint latest: no complete checkpoint in %s, starting a new run.", output_dir)
-            return None
-        return checkpoints[-1]
-    path = Path(resume_from_checkpoint)
-    if not path.is_absolute() and not path.exists():
-        path = Path(output_dir) / path
-    if not path.is_dir():
-        raise FileNotFoundError(f"--resume_from_checkpoint {resume_from_checkpoint}: no such folder (looked in {path}). "
-                                f"Use \"latest\" or one of: {[p.name for p in list_checkpoints(output_dir)] or 'none found'}.")
+    found = list_checkpoints(output_dir)
+    if resume_from_checkpoint == "latest" and not found:
+        logger.warning("--resume_from_checkpoint latest: no complete checkpoint in %s, starting a new run.", output_dir)
+        return None
+    path = found[-1] if resume_from_checkpoint == "latest" else Path(resume_from_checkpoint)
+    path = path if path.is_absolute() or path.exists() else Path(output_dir) / path
+    flag, fix = f"--resume_from_checkpoint {resume_from_checkpoint}", f"use one of {[p.name for p in found]} or a new run"
     if not (path / CHECKPOINT_COMPLETE).is_file():
-        raise FileNotFoundError(f"--resume_from_checkpoint {path} is incomplete (no {CHECKPOINT_COMPLETE}; the save was "
-                                "interrupted).")
+        raise SystemExit(f"{flag}: no such folder, or incomplete (no {path / CHECKPOINT_COMPLETE}: its save was cut); {fix}.")
+    if rank is None and with_projector is None:  # nothing to check it against
+        return path
+    try:
+        with safe_open(str(path / "pytorch_lora_weights.safetensors"), "pt") as lora:
+            ranks = {lora.get_slice(key).get_shape()[0] for key in lora.keys() if "lora_A" in key}
+        has_projector = (path / PROJECTOR_FILE).is_file()
+        if has_projector:
+            safe_open(str(path / PROJECTOR_FILE), "pt").keys()
+    except Exception as error:  # safetensors raises its own errors for truncated or foreign files
+        raise SystemExit(f"{flag}: a file in {path} cannot be read ({error}); {fix}.") from None
+    if rank is not None and ranks != {rank}:
+        raise SystemExit(f"{flag}: {path} holds a LoRA of rank {sorted(ranks)}, not --rank {rank}: pass that, or {fix}.")
+    if with_projector is not None and has_projector != with_projector:
+        raise SystemExit(f"{flag}: {path} was saved {'with' if has_projector else 'without'} a CREPA projector, unlike "
+                         f"this run: match --crepa_mode, or {fix}.")
     return path
 
 

@@ -37,18 +37,6 @@ def neighbour_weights(num_frames: int, distance: int, tau: float, cumulative: bo
     return weights + torch.eye(num_frames, device=device)
 
 
-def frame_similarity(projected: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """sim(f, k) for every pair of token frames: [B, T, N, D] x [B, T, N, D] -> [B, T, T], in fp32."""
-    if projected.shape != features.shape:
-        raise ValueError(f"CREPA: projected hidden states {tuple(projected.shape)} and encoder features "
-                         f"{tuple(features.shape)} must both be [B, T, N, D] with the same token frames T, tokens per "
-                         "frame N and width D.")
-    projected = F.normalize(projected.float(), dim=-1)
-    features = F.normalize(features.float(), dim=-1)
-    num_tokens = projected.shape[2]
-    return torch.einsum("bfnd,bknd->bfk", projected, features) / num_tokens
-
-
 def crepa_loss(projected: torch.Tensor, features: torch.Tensor, distance: int = 1, tau: float = 1.0,
                cumulative: bool = False, normalize_by_frames: bool = True) -> torch.Tensor:
     """L_align of the module docstring (a scalar to minimise). `distance=0` gives REPA* (self term only)."""
@@ -65,7 +53,13 @@ def crepa_loss_and_stats(projected: torch.Tensor, features: torch.Tensor, distan
     """
     if distance < 0 or tau <= 0:
         raise ValueError(f"CREPA: need distance >= 0 and tau > 0, got distance={distance}, tau={tau}.")
-    sim = frame_similarity(projected, features)
+    if projected.shape != features.shape:
+        raise ValueError(f"CREPA: projected hidden states {tuple(projected.shape)} and encoder features "
+                         f"{tuple(features.shape)} must both be [B, T, N, D] with the same token frames T, tokens per "
+                         "frame N and width D.")
+    # sim(f, k) for every pair of token frames, [B, T, T] in fp32: the per-patch cosine averaged over patches.
+    projected, features = F.normalize(projected.float(), dim=-1), F.normalize(features.float(), dim=-1)
+    sim = torch.einsum("bfnd,bknd->bfk", projected, features) / projected.shape[2]
     num_frames = sim.shape[-1]
     weights = neighbour_weights(num_frames, distance, tau, cumulative, device=sim.device)
     score = (sim * weights).sum(dim=-1)  # [B, T]
@@ -190,46 +184,42 @@ def add_crepa_args(parser: argparse.ArgumentParser, *, default_lambda: float, de
     """Adds the --crepa_* flags. Invalid values fail at parse time with a message naming the flag."""
     group = parser.add_argument_group("CREPA (cross-frame representation alignment, arXiv 2506.09229)")
     add = group.add_argument
+    int_ge0, int_gt0 = _checked(int, lambda v: v >= 0, ">= 0"), _checked(int, lambda v: v > 0, "> 0")
+    float_ge0, float_gt0 = _checked(float, lambda v: v >= 0, ">= 0"), _checked(float, lambda v: v > 0, "> 0")
     add("--crepa_mode", choices=CREPA_MODES, default="crepa",
         help="crepa: align with the frame and its neighbours; repa: REPA* (same frame only); none: plain LoRA.")
-    add("--crepa_lambda", type=_checked(float, lambda v: v >= 0, ">= 0"), default=default_lambda,
+    add("--crepa_lambda", type=float_ge0, default=default_lambda,
         help=f"Weight lambda of the alignment loss (default {default_lambda}: the paper's 0.5 for CogVideoX and 1.0 for "
         "HunyuanVideo, as SimpleTuner's OPTIONS.md reports them; second-hand).")
-    add("--crepa_block_index", type=_checked(int, lambda v: v >= 0, ">= 0"), default=default_block_index,
+    add("--crepa_block_index", type=int_ge0, default=default_block_index,
         help=f"0-based index of the block whose output video tokens are aligned (default {default_block_index}: "
         "\"block 8 for CogVideoX and block 10 for Hunyuan Video\", SimpleTuner's OPTIONS.md citing the paper, 0-based "
         "as SimpleTuner reads it; REPA's own code counts depth from 1, so the paper's block may be one shallower). "
         + block_index_help)
-    add("--crepa_adjacent_distance", type=_checked(int, lambda v: v >= 0, ">= 0"), default=1,
-        help="d: align frame f also with frames f-d and f+d (paper Eq. 6).")
-    add("--crepa_adjacent_tau", type=_checked(float, lambda v: v > 0, "> 0"), default=1.0,
-        help="tau: a neighbour at distance |k-f| is weighted exp(-|k-f|/tau).")
+    add("--crepa_adjacent_distance", type=int_ge0, default=1,
+        help="d: align frame f also with frames f-d and f+d (paper Eq. 6; default 1 as SimpleTuner reads the paper).")
+    add("--crepa_adjacent_tau", type=float_gt0, default=1.0,
+        help="tau: a neighbour at distance |k-f| is weighted exp(-|k-f|/tau) (default 1.0, SimpleTuner's).")
     add("--crepa_cumulative_neighbors", action="store_true",
         help="Align with every frame at distance 1..d instead of exactly d (a deviation from the paper).")
     add("--crepa_normalize_by_frames", action=argparse.BooleanOptionalAction, default=True,
-        help="Divide the per-clip sum over frames by T (clip-length independent). --no-crepa_normalize_by_frames "
-        "gives the paper's plain sum.")
+        help="Divide the per-clip sum over frames by T (clip-length independent); --no-... gives the paper's plain sum.")
     add("--crepa_encoder", default=default_encoder,
         help="DINOv2 encoder (transformers Dinov2Model / Dinov2WithRegistersModel): a Hub id or a local folder. "
         "facebook/dinov2-giant is the paper's; facebook/dinov2-base fits small GPUs.")
-    add("--crepa_projector_dim", type=_checked(int, lambda v: v > 0, "> 0"), default=2048,
-        help="Hidden width of the projector MLP (REPA uses 2048).")
+    add("--crepa_projector_dim", type=int_gt0, default=2048, help="Hidden width of the projector MLP (REPA's 2048).")
     add("--crepa_frame_pooling", choices=("mean", "center"), default="mean",
         help="mean: the features of a token frame are the mean over its pixel frames (4 per latent frame); center: "
         "only its middle frame is encoded (4x less encoder compute).")
-    add("--crepa_encoder_frames_per_chunk", type=_checked(int, lambda v: v > 0, "> 0"), default=16,
+    add("--crepa_encoder_frames_per_chunk", type=int_gt0, default=16,
         help="Frames sent through the encoder at once; lower it to bound encoder memory on long clips.")
     # lambda over training (SimpleTuner's names, so settings carry over); constant is the paper.
     add("--crepa_scheduler", choices=LAMBDA_SCHEDULERS, default="constant",
         help="How lambda moves from --crepa_lambda to --crepa_lambda_end after the warm-up (constant: never).")
-    add("--crepa_warmup_steps", type=_checked(int, lambda v: v >= 0, ">= 0"), default=0,
-        help="Optimizer steps over which lambda ramps linearly from 0 to --crepa_lambda.")
-    add("--crepa_decay_steps", type=_checked(int, lambda v: v > 0, "> 0"), default=None,
-        help="Steps of the decay after the warm-up (default: until --max_train_steps).")
-    add("--crepa_lambda_end", type=_checked(float, lambda v: v >= 0, ">= 0"), default=0.0,
-        help="lambda at the end of the decay.")
-    add("--crepa_power", type=_checked(float, lambda v: v > 0, "> 0"), default=1.0,
-        help="Exponent of the polynomial decay (1: linear).")
-    add("--crepa_cutoff_step", type=_checked(int, lambda v: v >= 0, ">= 0"), default=None,
+    add("--crepa_warmup_steps", type=int_ge0, default=0, help="Optimizer steps of a linear ramp of lambda from 0.")
+    add("--crepa_decay_steps", type=int_gt0, default=None, help="Steps of the decay (default: until --max_train_steps).")
+    add("--crepa_lambda_end", type=float_ge0, default=0.0, help="lambda at the end of the decay.")
+    add("--crepa_power", type=float_gt0, default=1.0, help="Exponent of the polynomial decay (1: linear).")
+    add("--crepa_cutoff_step", type=int_ge0, default=None,
         help="lambda is 0 after this many optimizer steps: the encoder, hook and projector are skipped from then on.")
     return group

@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def token_frame_groups(num_frames: int, temporal_compression: int = 4, patch_size_t: int = 1) -> list[list[int]]:
@@ -61,7 +60,6 @@ def require_dinov2(model_type: str | None, name: str) -> None:
 def load_encoder_config(name_or_path: str | os.PathLike, **kwargs):
     """The encoder's config, checked to be a DINOv2 one: cheap (no weights), so scripts call it before training."""
     from transformers import AutoConfig
-
     try:
         config = AutoConfig.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as error:
@@ -105,7 +103,6 @@ class DinoPatchFeatures(nn.Module):
                         frames_per_chunk: int = 16, autocast_dtype: torch.dtype | None = None,
                         **kwargs) -> "DinoPatchFeatures":
         from transformers import AutoModel
-
         config = load_encoder_config(name_or_path, **kwargs)
         encoder = AutoModel.from_pretrained(name_or_path, config=config, dtype=dtype, **kwargs)
         return cls(encoder, frames_per_chunk=frames_per_chunk, autocast_dtype=autocast_dtype)

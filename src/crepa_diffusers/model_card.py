@@ -12,7 +12,6 @@ def write_model_card(output_dir: str, *, repo_id: str, base_model: str, model_ta
                      video_files: list[Path], extra: str = "") -> Path:
     """README.md with YAML metadata that huggingface_hub.ModelCard parses."""
     from huggingface_hub import ModelCard, ModelCardData
-
     # A Hub id ("org/name") links to its page; a local folder is named as it is.
     on_hub = not Path(base_model).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", base_model) is not None
     base_link = f"[{base_model}](https://huggingface.co/{base_model})" if on_hub else f"the local model `{base_model}`"
@@ -65,9 +64,8 @@ export_to_video(video, "output.mp4", fps=8)
 {extra}
 """
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
-    path = Path(output_dir) / "README.md"
-    card.save(path)
-    return path
+    card.save(Path(output_dir) / "README.md")
+    return Path(output_dir) / "README.md"
 
 
 def crepa_card_settings(args: argparse.Namespace) -> dict:

@@ -14,10 +14,9 @@ import torch
 from torch import nn
 
 from .capture import HiddenStateCapture, transformer_blocks
+from .checkpoints import PROJECTOR_FILE
 from .crepa import CrepaConfig, CrepaProjector
 from .features import DinoPatchFeatures, load_encoder_config, select_frames
-
-PROJECTOR_FILE = "crepa_projector.safetensors"
 
 
 def check_crepa_args(args: argparse.Namespace, num_blocks: int, model_name: str) -> None:
@@ -74,10 +73,8 @@ class CrepaTerm:
         the cache when given keys), and arm the block capture for T token frames."""
         groups = select_frames(groups, self.config.frame_pooling)
         if self.cache is not None and cache_keys is not None:
-            def compute() -> torch.Tensor:
-                return self.encoder(frames, token_grid, groups).to(self.cache_dtype)
-
-            self._features = self.cache.load_or_compute(cache_keys, compute, frames.device).float()
+            self._features = self.cache.load_or_compute(
+                cache_keys, lambda: self.encoder(frames, token_grid, groups).to(self.cache_dtype), frames.device).float()
         else:
             self._features = self.encoder(frames, token_grid, groups)
         self.capture.arm(len(groups))
@@ -91,13 +88,11 @@ class CrepaTerm:
 
     def save_projector(self, directory: str | os.PathLike) -> None:
         from safetensors.torch import save_file
-
         state = {key: value.detach().contiguous().cpu() for key, value in self.projector.state_dict().items()}
         save_file(state, os.path.join(directory, PROJECTOR_FILE))
 
     def load_projector(self, directory: str | os.PathLike) -> None:
         from safetensors.torch import load_file
-
         path = os.path.join(directory, PROJECTOR_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing: this checkpoint was saved without CREPA "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import tempfile
 from pathlib import Path
 
 import torch
@@ -13,11 +14,19 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+def check_output_dir(output_dir: str) -> None:
+    """--output_dir must be writable before any weights load: not found out at the first checkpoint, hours later."""
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=output_dir).close()
+    except OSError as error:
+        raise SystemExit(f"--output_dir {output_dir} cannot be written ({error.strerror}): choose a folder you can write.")
+
+
 def check_videos(items: list, min_frames: int, skip_invalid: bool = False) -> list:
     """Every listed video (items with a `.path`) is opened before training: all missing, undecodable or too-short
     files are reported at once (SystemExit), or dropped with a warning when `skip_invalid`."""
     import decord
-
     problems = []
     for index, path in enumerate(Path(item.path) for item in items):
         try:
@@ -134,13 +143,15 @@ class NonFiniteSteps:
 
 def nonfinite_message(steps: int, mixed_precision: str) -> str:
     precision = f" You train in {mixed_precision}:" if mixed_precision == "fp16" else " If you train in fp16:"
-    return (f"The loss was NaN/inf for {steps} optimizer steps in a row (each was skipped, see "
-            f"--max_nonfinite_steps).{precision} fp16 overflows on CogVideoX-5B/1.5 and HunyuanVideo, use "
-            "--mixed_precision bf16. Otherwise try a lower --learning_rate. The last complete checkpoint in "
-            "--output_dir is intact: resume from it with --resume_from_checkpoint latest.")
+    return (f"The loss was NaN/inf for {steps} optimizer steps in a row (each was skipped, see --max_nonfinite_steps)."
+            f"{precision} fp16 overflows on CogVideoX-5B/1.5 and HunyuanVideo, use --mixed_precision bf16. Otherwise "
+            "try a lower --learning_rate. The last complete checkpoint is intact: --resume_from_checkpoint latest.")
 
 
 def clip_grad_norms(accelerator, parts: list[list[torch.nn.Parameter]], max_norm: float) -> list[torch.Tensor]:
     """Clip each part's gradients (the LoRA; the CREPA projector) to `max_norm` on its own, so the LoRA's update rule
-    is the same with and without CREPA. Returns the norms before clipping."""
-    return [accelerator.clip_grad_norm_(params, max_norm) for params in parts if params]
+    is the same with and without CREPA. Returns the norms before clipping (none under DeepSpeed, which clips itself)."""
+    if accelerator.distributed_type == "DEEPSPEED":
+        return []
+    accelerator.unscale_gradients()  # once per step: a second unscale_ of an fp16 GradScaler step raises
+    return [torch.nn.utils.clip_grad_norm_(params, max_norm) for params in parts if params]
