@@ -120,7 +120,7 @@ def generate_groups(args) -> dict[str, list[tuple[str, np.ndarray]]]:
         prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     else:
         prompts = [p.strip() for p in args.prompts.split(args.prompt_separator) if p.strip()]
-    pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=dtype).to(device)
+    pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     extra = {} if args.max_sequence_length is None else {"max_sequence_length": args.max_sequence_length}
 

@@ -637,10 +637,10 @@ def main(args: argparse.Namespace) -> Path:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
     tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", **load)
-    text_encoder = T5EncoderModel.from_pretrained(base, subfolder="text_encoder", **load)
-    transformer = CogVideoXTransformer3DModel.from_pretrained(base, subfolder="transformer", torch_dtype=weight_dtype,
+    text_encoder = T5EncoderModel.from_pretrained(base, subfolder="text_encoder", dtype=weight_dtype, **load)
+    transformer = CogVideoXTransformer3DModel.from_pretrained(base, subfolder="transformer", dtype=weight_dtype,
                                                               variant=args.variant, **load)
-    vae = AutoencoderKLCogVideoX.from_pretrained(base, subfolder="vae", variant=args.variant, **load)
+    vae = AutoencoderKLCogVideoX.from_pretrained(base, subfolder="vae", dtype=weight_dtype, variant=args.variant, **load)
     scheduler = CogVideoXDPMScheduler.from_pretrained(base, subfolder="scheduler", **load)
     if args.enable_slicing:
         vae.enable_slicing()
@@ -648,7 +648,7 @@ def main(args: argparse.Namespace) -> Path:
         vae.enable_tiling()
     for module in (text_encoder, transformer, vae):
         module.requires_grad_(False)
-        module.to(device, dtype=weight_dtype)
+        module.to(device)  # loaded in weight_dtype: a .to(dtype) cast would undo what diffusers keeps in fp32
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights=True,
@@ -842,7 +842,7 @@ def main(args: argparse.Namespace) -> Path:
         videos = []
         if prompts:
             try:
-                fresh = CogVideoXPipeline.from_pretrained(base, torch_dtype=weight_dtype, variant=args.variant, **load)
+                fresh = CogVideoXPipeline.from_pretrained(base, dtype=weight_dtype, variant=args.variant, **load)
                 fresh.scheduler = CogVideoXDPMScheduler.from_config(fresh.scheduler.config)  # as in validation
                 fresh.load_lora_weights(args.output_dir, adapter_name="cogvideox-lora-crepa")  # scale from the metadata
                 if args.enable_slicing:

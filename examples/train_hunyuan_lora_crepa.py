@@ -647,11 +647,11 @@ def main(args: argparse.Namespace) -> Path:
     device = accelerator.device
     tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", **load)
     tokenizer_2 = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2", **load)
-    text_encoder = LlamaModel.from_pretrained(base, subfolder="text_encoder", **load)
-    text_encoder_2 = CLIPTextModel.from_pretrained(base, subfolder="text_encoder_2", **load)
-    transformer = HunyuanVideoTransformer3DModel.from_pretrained(base, subfolder="transformer", torch_dtype=weight_dtype,
+    text_encoder = LlamaModel.from_pretrained(base, subfolder="text_encoder", dtype=weight_dtype, **load)
+    text_encoder_2 = CLIPTextModel.from_pretrained(base, subfolder="text_encoder_2", dtype=weight_dtype, **load)
+    transformer = HunyuanVideoTransformer3DModel.from_pretrained(base, subfolder="transformer", dtype=weight_dtype,
                                                                  variant=args.variant, **load)
-    vae = AutoencoderKLHunyuanVideo.from_pretrained(base, subfolder="vae", variant=args.variant, **load)
+    vae = AutoencoderKLHunyuanVideo.from_pretrained(base, subfolder="vae", dtype=weight_dtype, variant=args.variant, **load)
     shift = {} if args.flow_shift is None else {"shift": args.flow_shift}
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler", **shift, **load)
     if args.enable_slicing:
@@ -660,7 +660,7 @@ def main(args: argparse.Namespace) -> Path:
         vae.enable_tiling()
     for module in (text_encoder, text_encoder_2, transformer, vae):
         module.requires_grad_(False)
-        module.to(device, dtype=weight_dtype)
+        module.to(device)  # loaded in weight_dtype: a .to(dtype) cast would undo what diffusers keeps in fp32
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights=True,
@@ -855,7 +855,7 @@ def main(args: argparse.Namespace) -> Path:
         videos = []
         if prompts:
             try:
-                fresh = HunyuanVideoPipeline.from_pretrained(base, torch_dtype=weight_dtype, variant=args.variant, **load)
+                fresh = HunyuanVideoPipeline.from_pretrained(base, dtype=weight_dtype, variant=args.variant, **load)
                 fresh.scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)  # validation's sampling
                 fresh.load_lora_weights(args.output_dir, adapter_name="hunyuan-lora-crepa")  # scale from the metadata
                 if args.enable_slicing:

@@ -283,3 +283,43 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_loading(cog, tiny_mode
     lora.write_bytes(lora.read_bytes()[:100])
     with pytest.raises(SystemExit, match=r"a file in .*checkpoint-2 cannot be read.*use one of \['checkpoint-2'\]"):
         run_main(cog, tiny_train_args(model, dataset, out, steps=3, extra=resume))
+
+
+@pytest.mark.parametrize("script_path, model, extra, call", [
+    (COGVIDEOX_SCRIPT, "cogvideox-2b", [], "max_sequence_length=16"),  # the tiny model's text length
+    (HUNYUAN_SCRIPT, "hunyuan", ["--max_sequence_length", "16"], "height=32, width=48, num_frames=9"),
+])
+def test_no_dtype_warnings_and_the_card_snippet_runs(tiny_models, dataset, tmp_path, monkeypatch, capfd,
+                                                     script_path, model, extra, call):
+    """Loading in the training dtype as diffusers recommends: no "should be kept in float32" cast warning and no
+    `torch_dtype` deprecation, in training or in the final test; the card's snippet runs warning-free, and on the
+    oldest diffusers requirements.txt allows (`dtype=` exists from diffusers 0.40)."""
+    import warnings
+
+    from packaging.version import Version
+
+    import logging
+
+    script = import_script(script_path)
+    out = tmp_path / "out"
+    logged = []  # diffusers' and transformers' loggers do not propagate: listen on them directly
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    for name in ("diffusers", "transformers"):
+        monkeypatch.setattr(logging.getLogger(name), "handlers", [*logging.getLogger(name).handlers, handler])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_main(script, tiny_train_args(tiny_models[model], dataset, out, steps=1, extra=[
+            "--mixed_precision", "bf16", "--validation_prompt", "a cat", "--validation_num_inference_steps", "1",
+            *extra]))
+        code = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1)
+        code = code.replace('"cuda"', '"cpu"').replace(f'"{out.name}"', f'"{out}"').replace(
+            '("a cat")', f'("a cat", num_inference_steps=1, {call})')
+        monkeypatch.chdir(tmp_path)
+        exec(compile(code, "card-snippet", "exec"), {})
+    printed = capfd.readouterr()
+    messages = [str(w.message) for w in caught] + logged + (printed.out + printed.err).splitlines()
+    assert not [m for m in messages if "kept in float32" in m or "torch_dtype" in m], messages
+    assert (tmp_path / "output.mp4").is_file()
+    floor = re.search(r"^diffusers>=([\d.]+)", (ROOT / "requirements.txt").read_text(), re.M).group(1)
+    assert "dtype=torch.bfloat16" in code and Version(floor) >= Version("0.40.0")

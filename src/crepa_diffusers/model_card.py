@@ -38,7 +38,7 @@ import torch
 from diffusers import {pipeline_cls_name}
 from diffusers.utils import export_to_video
 
-pipe = {pipeline_cls_name}.from_pretrained("{base_model}", torch_dtype=torch.bfloat16).to("cuda")
+pipe = {pipeline_cls_name}.from_pretrained("{base_model}", dtype=torch.bfloat16).to("cuda")
 pipe.load_lora_weights("{repo_id}", adapter_name="crepa-lora")  # the LoRA scale is stored in the file
 video = pipe("{validation_prompts[0] if validation_prompts else 'your prompt'}").frames[0]
 export_to_video(video, "output.mp4", fps=8)
