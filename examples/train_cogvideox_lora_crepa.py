@@ -830,6 +830,7 @@ def main(args: argparse.Namespace) -> Path:
     if finished:
         CogVideoXPipeline.save_lora_weights(args.output_dir, transformer_lora_layers=get_peft_model_state_dict(transformer),
                                  **checkpoints.lora_adapter_metadata(transformer))
+        checkpoints.match_umask(Path(args.output_dir, "pytorch_lora_weights.safetensors"))
         write_loss_plot(history, args.output_dir)
     # Free what training held before loading a second pipeline (as diffusers does): two copies of every model
     # would not fit next to each other on the GPU.

@@ -323,3 +323,22 @@ def test_no_dtype_warnings_and_the_card_snippet_runs(tiny_models, dataset, tmp_p
     assert (tmp_path / "output.mp4").is_file()
     floor = re.search(r"^diffusers>=([\d.]+)", (ROOT / "requirements.txt").read_text(), re.M).group(1)
     assert "dtype=torch.bfloat16" in code and Version(floor) >= Version("0.40.0")
+
+
+def test_lora_and_projector_files_get_the_umask_mode(cog, tiny_models, dataset, tmp_path):
+    """safetensors writes 0600; the LoRA and the projector (final and in checkpoints) get what the umask gives every
+    other output file (0664 under umask 002, which differs from both 0600 and the common 0644)."""
+    import os
+    import stat
+
+    out = tmp_path / "out"
+    previous = os.umask(0o002)
+    try:
+        run_main(cog, tiny_train_args(tiny_models["cogvideox-2b"], dataset, out, steps=1, extra=[
+            "--checkpointing_steps", "1"]))
+    finally:
+        os.umask(previous)
+    files = [out / "pytorch_lora_weights.safetensors", out / "checkpoint-1" / "pytorch_lora_weights.safetensors",
+             out / "checkpoint-1" / "crepa_projector.safetensors", out / "README.md"]
+    modes = {str(f.relative_to(out)): oct(stat.S_IMODE(f.stat().st_mode)) for f in files}
+    assert modes == {str(f.relative_to(out)): "0o664" for f in files}

@@ -80,6 +80,7 @@ def save_checkpoint(accelerator, output_dir: str, global_step: int, total_limit:
     accelerator.save_state(str(staging), **({"exclude_frozen_parameters": True} if deepspeed else {}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        match_umask(staging)
         (staging / CHECKPOINT_COMPLETE).write_text(json.dumps({**(run_state or {}), "global_step": global_step}))
         if final.exists():  # re-saving the same step (e.g. after a signal at a checkpoint step)
             shutil.rmtree(final)
@@ -91,6 +92,16 @@ def save_checkpoint(accelerator, output_dir: str, global_step: int, total_limit:
         logger.info("Saved state to %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+def match_umask(path: str | os.PathLike) -> None:
+    """safetensors writes its files 0600: give them (a file, or every file under a folder) the mode the user's umask
+    gives every other output, so a LoRA or checkpoint shared through a group or a web folder is readable."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in [Path(path)] if Path(path).is_file() else Path(path).rglob("*"):
+        if file.is_file():
+            file.chmod(0o666 & ~umask)
 
 
 # What `load_lora_weights` needs to rebuild the LoRA at its trained scale. Not peft's whole `to_dict()`: diffusers
