@@ -877,6 +877,8 @@ def main(args: argparse.Namespace) -> Path:
     accelerator.end_training()
     if final_error is not None:
         raise final_error
+    if interrupted:  # a saved checkpoint, not a finished LoRA: 128 + the signal, as a shell reports it
+        sys.exit(stop.exit_status)
     return Path(args.output_dir)
 
 

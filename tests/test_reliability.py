@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 from helpers import (
     COGVIDEOX_SCRIPT,
     HUNYUAN_SCRIPT,
+    accelerate_config,
     import_script,
     launch,
     lora_state,
@@ -209,7 +211,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches(tiny_models, dataset, tmp
             break
     process.send_signal(signal.SIGTERM)
     rest = process.stderr.read()
-    assert process.wait(timeout=120) == 0, rest[-3000:]
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM, rest[-3000:]  # told from a finished run
     stopped = re.search(r"Stopped at step (\d+) after a signal", rest)
     assert stopped, rest[-3000:]
     step = int(stopped.group(1))
@@ -225,6 +227,48 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches(tiny_models, dataset, tmp
     a, b = lora_state(straight), lora_state(out)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_a_signal_to_the_launcher_alone_saves_and_stops_the_trainer(tiny_models, dataset, tmp_path):
+    """`docker stop` or a scheduler signals only `accelerate launch`, which exits at once: the trainer it started
+    (now orphaned) still finishes its step, saves a checkpoint and stops, instead of training on and saving nothing."""
+    out = tmp_path / "out"
+    argv = args_for(tiny_models["cogvideox-2b"], dataset, out, steps=5000, extra=["--checkpointing_steps", "10000"])
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config(tmp_path)),
+               str(COGVIDEOX_SCRIPT), *argv]
+    launcher = subprocess.Popen(command, cwd=tmp_path, env=offline_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # The trainer shares the launcher's stderr pipe: reading it to its end waits for the trainer, whatever its parent.
+    watchdog = threading.Timer(150, os.killpg, (launcher.pid, signal.SIGKILL))
+    watchdog.start()
+    try:
+        seen = ""
+        while not re.search(r"\| *[3-9]/5000", seen):
+            seen += launcher.stderr.read(1) or "(stderr closed)"
+            assert not seen.endswith("(stderr closed)"), seen[-3000:]
+        launcher.send_signal(signal.SIGTERM)  # the launcher only, not its process group
+        assert launcher.wait(timeout=30) != 0
+        rest = launcher.stderr.read()
+    finally:
+        watchdog.cancel()
+    stopped = re.search(r"Stopped at step (\d+) after a signal", rest)
+    assert stopped, rest[-3000:]
+    assert (out / f"checkpoint-{stopped.group(1)}" / checkpoints.CHECKPOINT_COMPLETE).is_file()
+
+
+def test_a_process_group_signal_is_one_stop_request():
+    """A process-group kill reaches the trainer and its launcher: the launcher's death (SIGUSR1) after the trainer's
+    own SIGTERM is the same request, not the second signal that stops at once."""
+    before = signal.getsignal(signal.SIGUSR1)
+    with training_utils.StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.05)
+        assert stop.signal == signal.SIGTERM and stop.exit_status == 143
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert signal.getsignal(signal.SIGUSR1) is before
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ non-finite-step decision, and per-part gradient clipping."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import tempfile
 from pathlib import Path
@@ -83,27 +84,49 @@ def step_generator(seed: int, step: int, process_index: int, device: torch.devic
 
 
 class StopRequest:
-    """SIGTERM / SIGINT set a flag; the loop finishes its step, saves a checkpoint and exits. A second signal stops
-    at once. Use as a context manager: the previous handlers come back on exit."""
+    """SIGTERM / SIGINT / SIGUSR1 set a flag; the loop finishes its step, saves a checkpoint and exits with
+    `exit_status`. A second SIGTERM / SIGINT stops at once. Under a launcher (accelerate launch, torchrun, deepspeed)
+    the kernel sends SIGUSR1 when the launcher dies (`docker stop` and some schedulers signal only it): the trainer
+    saves and stops instead of training on, orphaned. Use as a context manager: the previous handlers come back."""
+
+    LAUNCHERS = ("accelerate", "torchrun", "torch.distributed.run", "deepspeed")
 
     def __init__(self) -> None:
         self.signal, self._previous = None, {}  # the signal received; the handlers to restore
 
     def __enter__(self) -> "StopRequest":
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             self._previous[sig] = signal.signal(sig, self._handle)
+        self._signal_on_launcher_death(signal.SIGUSR1)
         return self
 
     def __exit__(self, *exc) -> None:
+        self._signal_on_launcher_death(0)  # after the loop, an orphaned trainer finishes saving (SIGUSR1 would kill)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def _signal_on_launcher_death(self, signum: int) -> None:
+        try:
+            parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:  # not Linux
+            return
+        if any(name in parent for name in self.LAUNCHERS):
+            import ctypes
+            ctypes.CDLL(None).prctl(1, signum, 0, 0, 0)  # PR_SET_PDEATHSIG: this signal when the parent dies
+
     def _handle(self, signum, frame) -> None:
         if self.signal is not None:
+            if signum == signal.SIGUSR1:  # the launcher died after the whole process group was signalled
+                return
             signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
             raise KeyboardInterrupt
         self.signal = signum
         logger.warning("Received %s: finishing this step, saving a checkpoint, then exiting.", signal.Signals(signum).name)
+
+    @property
+    def exit_status(self) -> int:
+        """128 + the signal, as a shell reports it: `train && upload` does not upload an unfinished LoRA."""
+        return 128 + (self.signal or signal.SIGTERM)
 
     def requested(self, accelerator) -> bool:
         """True on every rank if any rank was signalled (a collective: call it on all ranks at the same step)."""
