@@ -1,26 +1,156 @@
-"""--cache_conditions: DINOv2 features and text embeddings computed once, reused, never stale."""
+"""--cache_conditions: every clip encoded once before training (VAE latent distribution, text embeddings, DINOv2
+features), the frozen encoders freed for the training steps, entries reused by later runs, never stale or damaged."""
 
+import collections
 import os
-import time
+import re
+import shutil
+import sys
 
 import pytest
 import torch
-from helpers import COGVIDEOX_SCRIPT, launch, lora_state, run_main
+from helpers import COGVIDEOX_SCRIPT, HUNYUAN_SCRIPT, ROOT, import_script, launch, lora_state, offline_env, run_main
 from test_train_cogvideox import base_args, dataset  # noqa: F401  (module fixture)
 
+from crepa_diffusers import checkpoints
 from crepa_diffusers.cache import ConditionCache
+from crepa_diffusers.features import DinoPatchFeatures
 
 
-def test_cached_run_equals_uncached_run(cog, tiny_models, dataset, tmp_path):  # noqa: F811
-    model = tiny_models["cogvideox-5b"]
+def projector_state(path):
+    from safetensors.torch import load_file
+    return load_file(str(path / checkpoints.PROJECTOR_FILE))
+
+
+class EncoderCalls:
+    """Counts forwards of the frozen encoders (VAE encoder, text encoders, DINOv2), and what each training step saw."""
+
+    def __init__(self, monkeypatch, script, encoder_classes):
+        self.counts, self.at_steps = collections.Counter(), []
+        for cls in (*encoder_classes, DinoPatchFeatures):
+            method = "encode" if hasattr(cls, "encode") and cls.__name__.startswith("Autoencoder") else "forward"
+            original = getattr(cls, method)
+
+            def counted(module, *args, _original=original, _name=cls.__name__, **kwargs):
+                self.counts[_name] += 1
+                return _original(module, *args, **kwargs)
+            monkeypatch.setattr(cls, method, counted)
+        original_loss = script.training_loss
+
+        def recording_loss(batch, generator, parts, crepa=None, *args, **kwargs):
+            self.at_steps.append((sum(self.counts.values()), parts, crepa))
+            return original_loss(batch, generator, parts, crepa, *args, **kwargs)
+        monkeypatch.setattr(script, "training_loss", recording_loss)
+
+
+@pytest.mark.parametrize("script_path, model, encoders, extra", [
+    (COGVIDEOX_SCRIPT, "cogvideox-5b", ("AutoencoderKLCogVideoX", "T5EncoderModel"), []),
+    (HUNYUAN_SCRIPT, "hunyuan", ("AutoencoderKLHunyuanVideo", "LlamaModel", "CLIPTextModel"),
+     ["--max_sequence_length", "16"]),
+])
+def test_precomputed_run_equals_uncached_run_and_encodes_nothing_in_training(
+        tiny_models, dataset, tmp_path, monkeypatch, script_path, model, encoders, extra):  # noqa: F811
+    """Same seed, 2 epochs: the LoRA and the projector equal the uncached run's; every clip is encoded once, before
+    the first step; no encoder runs during the steps and none is held by them; a second run encodes nothing."""
+    import diffusers
+    import transformers
+
+    script = import_script(script_path)
     plain, cached = tmp_path / "plain", tmp_path / "cached"
-    run_main(cog, base_args(model, dataset, plain, steps=6))
-    run_main(cog, base_args(model, dataset, cached, steps=6, extra=["--cache_conditions"]))
-    files = sorted(p.name.split("-")[0] for p in (cached / "condition_cache").iterdir())
-    assert files == ["dino"] * 3 + ["t5"] * 3, files  # 3 clips, 3 prompts: computed once over 2 epochs
-    a, b = lora_state(plain), lora_state(cached)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    argv = [*extra, "--checkpointing_steps", "6"]
+    run_main(script, base_args(tiny_models[model], dataset, plain, steps=6, extra=argv))
+    classes = [getattr(diffusers, name, None) or getattr(transformers, name) for name in encoders]
+    calls = EncoderCalls(monkeypatch, script, classes)
+    run_main(script, base_args(tiny_models[model], dataset, cached, steps=6, extra=[*argv, "--cache_conditions"]))
+    assert len(list((cached / "condition_cache").glob("*.safetensors"))) == 3
+    # 3 clips x (VAE, each text encoder, DINOv2) in the pass, then nothing during the 6 steps
+    assert dict(calls.counts) == {name: 3 for name in [*encoders, "DinoPatchFeatures"]}, calls.counts
+    assert {count for count, _, _ in calls.at_steps} == {sum(calls.counts.values())}
+    _, parts, crepa = calls.at_steps[0]
+    vae = parts.vae if hasattr(parts, "vae") else parts.pipe.vae
+    held = [getattr(parts, "text_encoder", None), getattr(getattr(parts, "pipe", None), "text_encoder", None),
+            getattr(getattr(parts, "pipe", None), "text_encoder_2", None), vae.encoder, crepa.encoder]
+    assert held == [None] * 5
+    for a, b in ((lora_state(plain), lora_state(cached)),
+                 (projector_state(plain / "checkpoint-6"), projector_state(cached / "checkpoint-6"))):
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+    # A second run reuses every entry; its validation samples from the prompt embeddings computed before the text
+    # encoders were freed.
+    calls.counts.clear()
+    again = tmp_path / "again"
+    run_main(script, base_args(tiny_models[model], dataset, again, steps=1, extra=[
+        *argv, "--cache_conditions", "--condition_cache_dir", str(cached / "condition_cache"),
+        "--validation_prompt", "a cat", "--validation_epochs", "1", "--validation_num_inference_steps", "1"]))
+    assert calls.counts[encoders[0]] == calls.counts["DinoPatchFeatures"] == 0, calls.counts
+    assert len(list(again.glob("validation_video_0_*.mp4"))) == 1
+
+
+def test_resumed_run_reuses_entries_and_a_damaged_one_is_recomputed(cog, tiny_models, dataset, tmp_path, monkeypatch,
+                                                                     caplog):  # noqa: F811
+    from diffusers import AutoencoderKLCogVideoX
+    out = tmp_path / "out"
+    argv = base_args(tiny_models["cogvideox-2b"], dataset, out, steps=2, extra=["--cache_conditions",
+                                                                               "--checkpointing_steps", "1"])
+    run_main(cog, argv)
+    entries = sorted((out / "condition_cache").glob("*.safetensors"))
+    assert len(entries) == 3
+    damaged = entries[1]
+    damaged.write_bytes(damaged.read_bytes()[:-64])  # a copy or a write cut short
+    calls = EncoderCalls(monkeypatch, cog, [AutoencoderKLCogVideoX])
+    run_main(cog, base_args(tiny_models["cogvideox-2b"], dataset, out, steps=4, extra=[
+        "--cache_conditions", "--checkpointing_steps", "1", "--resume_from_checkpoint", "latest"]))
+    assert calls.counts["AutoencoderKLCogVideoX"] == 1  # only the damaged entry
+    assert re.search(rf"{re.escape(str(damaged))} is damaged .*computing it again", caplog.text)
+    from safetensors.torch import load_file
+    assert set(load_file(str(damaged))) == {"latent_dist", "prompt_embeds", "features"}
+
+
+def test_two_ranks_encode_each_clip_once(tiny_models, dataset, tmp_path):  # noqa: F811
+    """A 2-rank gloo pass: each rank encodes its own share (rank r: clips r, r + 2, ...), every clip exactly once."""
+    import subprocess
+    out = tmp_path / "out"
+    argv = base_args(tiny_models["cogvideox-2b"], dataset, out, steps=1, extra=["--cache_conditions"])
+    env = {**offline_env(), "ACCELERATE_USE_CPU": "true", "CREPA_LOG_LEVEL": "DEBUG", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             str(COGVIDEOX_SCRIPT), *argv], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    encoded = re.findall(r"rank (\d) encoded clip (\d)", result.stderr)
+    assert sorted(encoded) == [("0", "0"), ("0", "2"), ("1", "1")], encoded
+    assert len(list((out / "condition_cache").glob("*.safetensors"))) == 3
+
+
+def test_layerwise_upcasting_stores_fp8_and_trains_the_lora(cog, tiny_models, dataset, tmp_path, monkeypatch):  # noqa: F811
+    seen = {}
+    original = cog.training_loss
+
+    def recording_loss(batch, generator, parts, *args, **kwargs):
+        loss, logs = original(batch, generator, parts, *args, **kwargs)
+        transformer = parts.model.transformer
+        seen.setdefault("dtypes", {name: p.dtype for name, p in transformer.named_parameters()})
+        seen.setdefault("losses", []).append(loss.item())
+        return loss, logs
+    monkeypatch.setattr(cog, "training_loss", recording_loss)
+    out = tmp_path / "out"
+    run_main(cog, base_args(tiny_models["cogvideox-2b"], dataset, out, steps=3, extra=["--layerwise_upcasting"]))
+    dtypes = seen["dtypes"]
+    assert dtypes["transformer_blocks.0.attn1.to_q.base_layer.weight"] == torch.float8_e4m3fn
+    assert dtypes["transformer_blocks.0.ff.net.0.proj.weight"] == torch.float8_e4m3fn
+    assert all(dtype == torch.float32 for name, dtype in dtypes.items() if "lora_" in name or "norm" in name)
+    assert all(torch.isfinite(torch.tensor(seen["losses"])))
+    assert any(value.abs().sum() > 0 for key, value in lora_state(out).items() if "lora_B" in key)
+
+
+def test_disk_check_fails_after_the_first_entry_with_the_sizes(cog, tiny_models, dataset, tmp_path, monkeypatch):  # noqa: F811
+    from crepa_diffusers import cache as cache_module
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    with pytest.raises(SystemExit, match=r"entries take [\d.]+ MB each, [\d.]+ GB for the 2 still to write; .* has "
+                                         r"0\.00 GB free\. Point --condition_cache_dir at a larger disk"):
+        run_main(cog, base_args(tiny_models["cogvideox-2b"], dataset, tmp_path / "o", extra=["--cache_conditions"]))
 
 
 def test_cache_refuses_changing_clips(tiny_models, dataset, tmp_path):  # noqa: F811
@@ -30,85 +160,13 @@ def test_cache_refuses_changing_clips(tiny_models, dataset, tmp_path):  # noqa: 
 
 
 def test_keys_depend_on_flags_and_video_file(tmp_path):
-    video = tmp_path / "clip.mp4"
+    video = tmp_path / "a.mp4"
     video.write_bytes(b"x" * 10)
-    one = ConditionCache(tmp_path / "c", {"height": 480})
-    other = ConditionCache(tmp_path / "c", {"height": 512})
-    assert one.video_key("dino", video) != other.video_key("dino", video)
-    assert one.key("t5", "a cat") != one.key("t5", "a dog") and one.key("t5", "a cat") == one.key("t5", "a cat")
-    before = one.video_key("dino", video)
-    time.sleep(0.01)
-    video.write_bytes(b"y" * 11)
-    os.utime(video, None)
-    assert one.video_key("dino", video) != before
-
-
-def test_load_or_compute_hits_after_first_call(tmp_path):
-    cache = ConditionCache(tmp_path / "c", {})
-    calls = []
-
-    def compute():
-        calls.append(1)
-        return torch.arange(6.0).view(2, 3), torch.ones(2, 1, dtype=torch.long)
-
-    first = cache.load_or_compute(["a", "b"], compute, torch.device("cpu"))
-    second = cache.load_or_compute(["a", "b"], compute, torch.device("cpu"))
-    assert len(calls) == 1 and (cache.hits, cache.misses) == (2, 2)
-    for x, y in zip(first, second):
-        assert torch.equal(x, y) and x.dtype == y.dtype
-    swapped = cache.load_or_compute(["b", "a"], compute, torch.device("cpu"))
-    assert torch.equal(swapped[0], first[0].flip(0))
-    with pytest.raises(RuntimeError):
-        cache.load_or_compute(["c"], lambda: (_ for _ in ()).throw(RuntimeError("computed")), torch.device("cpu"))
-
-
-def test_cached_features_are_stored_in_the_encoder_dtype_and_read_back_identically(tmp_path):
-    """Where the encoder runs in bf16 (GPUs) features are cached in bf16: the file holds bf16, and the epoch that
-    computes them trains on the same rounded values (as fp32) as the epochs that read them."""
-    from safetensors import safe_open
-
-    from crepa_diffusers import testing
-    from crepa_diffusers.crepa import CrepaConfig, CrepaProjector
-    from crepa_diffusers.features import DinoPatchFeatures, token_frame_groups
-    from crepa_diffusers.term import CrepaTerm
-
-    transformer = testing.build_tiny_cogvideox_pipeline("2b").transformer
-    encoder = DinoPatchFeatures(testing.build_tiny_dinov2(), autocast_dtype=torch.bfloat16)
-    term = CrepaTerm(CrepaConfig(block_index=1), transformer, CrepaProjector(32, encoder.hidden_size, 16), encoder)
-    term.cache = ConditionCache(tmp_path / "c", {})
-    assert term.cache_dtype == torch.bfloat16
-    frames = torch.rand(2, 9, 3, 32, 48) * 2 - 1
-    groups, grid = token_frame_groups(9, 4, 1), (2, 3)
-    exact = encoder(frames, grid, groups)
-
-    prepared = []
-    for _ in range(2):  # computes, then reads
-        term.prepare(frames, grid, groups, ["clip-a", "clip-b"])
-        prepared.append(term._features)
-    assert (term.cache.misses, term.cache.hits) == (2, 2)
-    for features in prepared:
-        assert features.dtype == torch.float32 and features.shape == exact.shape
-        assert torch.equal(features, exact.to(torch.bfloat16).float())
-    torch.testing.assert_close(prepared[0], exact, rtol=2**-8, atol=0)
-    with safe_open(str(tmp_path / "c" / "clip-a.safetensors"), "pt") as stored:
-        assert stored.get_tensor("0").dtype == torch.bfloat16
-
-
-def test_cache_checks_the_disk_after_its_first_entry(tmp_path, monkeypatch):
-    """A dataset whose cache cannot fit fails at the first entry, naming the sizes and the flag to change."""
-    import collections
-
-    from crepa_diffusers import cache as cache_module
-
-    features = torch.zeros(2, 1000)  # 4000 bytes of data per sample (+ the safetensors header)
-    usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda path: usage(10**9, 0, 400_000))
-    roomy = ConditionCache(tmp_path / "roomy", {}, num_samples=90)  # 90 x ~4.1 kB fits in 400 kB
-    roomy.load_or_compute(["dino-a", "dino-b"], lambda: features, torch.device("cpu"))
-    full = ConditionCache(tmp_path / "full", {}, num_samples=100)  # 100 x ~4.1 kB does not
-    with pytest.raises(RuntimeError, match=r"dino entries take 0\.0 MB each.*--condition_cache_dir"):
-        full.load_or_compute(["dino-a", "dino-b"], lambda: features, torch.device("cpu"))
-    entry = (tmp_path / "full" / "dino-a.safetensors").stat().st_size
-    assert 4000 < entry and 90 * entry <= 400_000 < 100 * entry
-    unsized = ConditionCache(tmp_path / "unsized", {})  # without the dataset's size there is nothing to check
-    unsized.load_or_compute(["dino-a"], lambda: features[:1], torch.device("cpu"))
+    cache = ConditionCache(tmp_path / "c", {"height": 480})
+    key = cache.video_key(video, "a prompt")
+    assert key == cache.video_key(video, "a prompt")
+    assert key != cache.video_key(video, "another prompt")
+    assert key != ConditionCache(tmp_path / "c", {"height": 240}).video_key(video, "a prompt")
+    os.utime(video, ns=(1, 1))  # the video file changed
+    assert key != cache.video_key(video, "a prompt")
+    assert str(ROOT) not in key

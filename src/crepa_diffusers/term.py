@@ -1,7 +1,7 @@
 """The CREPA term of a training step, bundled: frozen DINOv2 + block hook + projector. In a diffusers loop (README,
 "Add CREPA to your own diffusers training script"): `crepa = build_crepa(args, transformer, device)`, train
 `TransformerWithProjector(transformer, crepa)` with the projector's parameters beside the LoRA's, call
-`crepa.prepare(frames, ...)` before the forward (skip it where lambda is 0: the projector then does no work), and add
+`crepa.prepare(crepa.encode(frames, ...))` before the forward (skip it where lambda is 0: the projector then does no work), and add
 `crepa_lambda * crepa.loss(projected)[0]` to the diffusion loss.
 """
 
@@ -58,31 +58,27 @@ class CrepaTerm:
         self.config, self.projector, self.encoder = config, projector, encoder
         self.lambda_ = config.lambda_  # --crepa_lambda (the schedule's peak: see CrepaConfig.lambda_at)
         self.capture = HiddenStateCapture(transformer, config.block_index)
-        self.cache = None  # a cache.ConditionCache under --cache_conditions
         self._features: torch.Tensor | None = None
 
     @property
     def cache_dtype(self) -> torch.dtype:
-        """How --cache_conditions stores features: bf16 where the encoder runs in bf16 (half the disk and the read of
-        fp32); the epoch that computes them uses the same rounded values as the epochs that read them."""
+        """How --cache_conditions stores features: bf16 where the encoder runs in bf16 (half the disk and the read)."""
         return self.encoder.autocast_dtype or torch.float32
 
-    def prepare(self, frames: torch.Tensor, token_grid: tuple[int, int], groups: list[list[int]],
-                cache_keys: list[str] | None = None) -> None:
-        """frames [B, F, 3, H, W] in [-1, 1] (the VAE's input) -> features [B, T, N, D_enc] for this step (read from
-        the cache when given keys), and arm the block capture for T token frames."""
-        groups = select_frames(groups, self.config.frame_pooling)
-        if self.cache is not None and cache_keys is not None:
-            self._features = self.cache.load_or_compute(
-                cache_keys, lambda: self.encoder(frames, token_grid, groups).to(self.cache_dtype), frames.device).float()
-        else:
-            self._features = self.encoder(frames, token_grid, groups)
-        self.capture.arm(len(groups))
+    def encode(self, frames: torch.Tensor, token_grid: tuple[int, int], groups: list[list[int]]) -> torch.Tensor:
+        """frames [B, F, 3, H, W] in [-1, 1] (the VAE's input) -> encoder features [B, T, N, D_enc] on the DiT's token
+        grid, one per token frame (`groups`: the frames of each token frame)."""
+        return self.encoder(frames, token_grid, select_frames(groups, self.config.frame_pooling))
+
+    def prepare(self, features: torch.Tensor) -> None:
+        """This step's features [B, T, N, D_enc] (from `encode`, or the condition cache); arms the block capture."""
+        self._features = features.float()
+        self.capture.arm(features.shape[1])
 
     def loss(self, projected: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """L_align of the projected block tokens against this step's features, and detached statistics to log."""
         if self._features is None:
-            raise RuntimeError("CrepaTerm.loss() before prepare(): call prepare(frames, ...) before the forward.")
+            raise RuntimeError("CrepaTerm.loss() before prepare(): call prepare(features) before the forward.")
         features, self._features = self._features, None
         return self.config.loss_and_stats(projected, features)
 
