@@ -11,8 +11,11 @@ transformer with the block hook and the projector (one module, as trained), the 
 the data already on the device. Modes are interleaved after warm-up:
 - none: plain LoRA; repa: REPA* (self term); crepa: this project's CREPA (grid-exact features of the batch's frames,
   mean over the 4 frames of each latent frame); crepa-center: the same with --crepa_frame_pooling center (one frame);
-- crepa-cached: crepa with the features read from the --cache_conditions cache (filled during warm-up), as in every
-  epoch after the first (timed runs only);
+- none-precomputed, crepa-precomputed: --cache_conditions as the scripts run it: the batch holds the VAE latent
+  distribution, text embeddings and DINOv2 features encoded once before training (moved to the device each step, as
+  the DataLoader gives them), and the memory holds no text encoder, VAE encoder or DINOv2;
+- none-precomputed-fp8, crepa-precomputed-fp8: the same with --layerwise_upcasting (frozen transformer weights in
+  float8_e4m3fn, computed in bf16; run last, as they change the shared transformer);
 - crepa-decode: the decode-based anchor (SimpleTuner's approach): VAE-decode the clean latents, DINOv2 on every
   pixel frame at 518x518, linspace subsampling to the token frames and bilinear token interpolation.
 Reported: median step time (unsynchronised steps, one sync per step boundary), the phase split (a second pass with a
@@ -35,7 +38,6 @@ import json
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import weakref
 from dataclasses import dataclass
@@ -52,7 +54,6 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from crepa_diffusers.term import CrepaTerm, TransformerWithProjector  # noqa: E402
 from crepa_diffusers.training_utils import step_generator  # noqa: E402
-from crepa_diffusers.cache import ConditionCache  # noqa: E402
 from crepa_diffusers.crepa import CrepaConfig, CrepaProjector  # noqa: E402
 from crepa_diffusers.features import DinoPatchFeatures  # noqa: E402
 
@@ -189,7 +190,7 @@ class DecodeAnchorTerm(CrepaTerm):
         self.vae, self.stash, self.latent_layout = vae, stash, latent_layout
 
     @torch.no_grad()
-    def prepare(self, frames, token_grid, groups, cache_keys=None):
+    def encode(self, frames, token_grid, groups):
         latents = self.stash["latent_dist"].mode()  # [B, C, F, h, w], as SimpleTuner decodes the clean latents
         pixels = self.vae.decode(latents).sample.clamp(-1, 1)  # [B, 3, F, H, W]
         batch, _, num_frames = pixels.shape[:3]
@@ -207,17 +208,7 @@ class DecodeAnchorTerm(CrepaTerm):
         index = torch.linspace(0, num_frames - 1, len(groups)).long().to(features.device)
         features = features[:, index].flatten(0, 1).transpose(1, 2).unflatten(2, (grid, grid))
         features = F.interpolate(features, size=token_grid, mode="bilinear", align_corners=False)
-        self._features = features.flatten(2).transpose(1, 2).unflatten(0, (batch, len(groups)))
-        self.capture.arm(len(groups))
-
-
-class CachedFeaturesTerm(CrepaTerm):
-    """CREPA with the encoder features read from the --cache_conditions cache (crepa_diffusers.cache), as every
-    epoch after the first reads them. The text is still encoded each step, as in `none`, so that the ratio is
-    CREPA's own cost."""
-
-    def prepare(self, frames, token_grid, groups, cache_keys=None):
-        super().prepare(frames, token_grid, groups, [f"bench-clip-{i}" for i in range(frames.shape[0])])
+        return features.flatten(2).transpose(1, 2).unflatten(0, (batch, len(groups)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,7 +224,7 @@ class StepSetup:
     encoder: DinoPatchFeatures
     batch: dict
     pipe: object = None  # HunyuanVideoPipeline (its encode_prompt is the text path)
-    cache_dir: object = None  # tempfile.TemporaryDirectory of the crepa-cached mode
+    precomputed: dict = None  # the batch of the *-precomputed modes: its conditions encoded once, on the CPU
 
 
 def build_step_setup(preset_name: str, encoder_name: str, device: torch.device, dtype: torch.dtype,
@@ -289,12 +280,6 @@ def build_step_setup(preset_name: str, encoder_name: str, device: torch.device, 
                                       ("crepa-center", "crepa", "center")):
         config = CrepaConfig(mode=crepa_mode, lambda_=0.5, block_index=preset.block_index, frame_pooling=pooling)
         terms[mode] = CrepaTerm(config, transformer, projector, encoder)
-    cache_dir = None
-    if device.type != "meta":  # a cache holds real values: timed runs only
-        cache_dir = tempfile.TemporaryDirectory(prefix="crepa-bench-cache-")
-        terms["crepa-cached"] = CachedFeaturesTerm(CrepaConfig(mode="crepa", lambda_=0.5, block_index=preset.block_index),
-                                                   transformer, projector, encoder)
-        terms["crepa-cached"].cache = ConditionCache(cache_dir.name, salt={"preset": preset_name, "encoder": encoder_name})
     terms["crepa-decode"] = DecodeAnchorTerm(CrepaConfig(mode="crepa", lambda_=0.5, block_index=preset.block_index),
                                              transformer, projector, encoder, vae, stash, preset.model)
     if preset.model == "cogvideox":
@@ -311,7 +296,40 @@ def build_step_setup(preset_name: str, encoder_name: str, device: torch.device, 
     batch = {"frames": torch.rand(batch_size, preset.frames, 3, preset.height, preset.width, device=device) * 2 - 1,
              "prompts": ["a panda playing a guitar in a bamboo forest, cinematic"] * batch_size,
              "indices": torch.arange(batch_size)}
-    return StepSetup(script, parts, terms, transformer, projector, encoder, batch, pipe, cache_dir)
+    # --cache_conditions: the conditions encoded once before training (CREPA's features included; `none` reads only
+    # the latent distribution and the text embeddings), kept on the CPU as the DataLoader hands them over.
+    conditions = script.encode_conditions(batch["frames"], batch["prompts"], parts, terms["crepa"])
+    conditions["features"] = conditions["features"].to(terms["crepa"].cache_dtype)
+    precomputed = {**batch, "conditions": {name: t.to("cpu" if device.type != "meta" else device) for name, t in
+                                           conditions.items()}}
+    for suffix in ("", "-fp8"):
+        terms["none-precomputed" + suffix], terms["crepa-precomputed" + suffix] = None, terms["crepa"]
+    return StepSetup(script, parts, terms, transformer, projector, encoder, batch, pipe, precomputed)
+
+
+def mode_groups(modes: list[str]) -> list[list[str]]:
+    return [[m for m in modes if "precomputed" not in m], [m for m in modes if m.endswith("-precomputed")],
+            [m for m in modes if m.endswith("-fp8")]]
+
+
+def frozen_encoders(setup: StepSetup) -> list[torch.nn.Module]:
+    """What --cache_conditions frees after its pass: the text encoders, the VAE encoder and DINOv2."""
+    parts = setup.parts
+    texts = [parts.text_encoder] if setup.pipe is None else [setup.pipe.text_encoder, setup.pipe.text_encoder_2]
+    vae = parts.vae if setup.pipe is None else setup.pipe.vae
+    return [*texts, vae.encoder, setup.encoder.encoder]
+
+
+def batch_of(setup: StepSetup, mode: str) -> dict:
+    return setup.precomputed if "precomputed" in mode else setup.batch
+
+
+def layerwise_casting_from(mode: str, setup: StepSetup, dtype: torch.dtype) -> None:
+    """Before the first -fp8 mode (they run last): the frozen transformer weights stored in fp8, as
+    --layerwise_upcasting does (diffusers' enable_layerwise_casting skips norms, embeddings and the LoRA)."""
+    if mode.endswith("-fp8") and not getattr(setup.transformer, "_crepa_bench_fp8", False):
+        setup.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+        setup.transformer._crepa_bench_fp8 = True
 
 
 def run(preset_name: str, encoder_name: str, steps: int, warmup: int, batch_size: int, device: torch.device) -> dict:
@@ -334,7 +352,7 @@ def run(preset_name: str, encoder_name: str, steps: int, warmup: int, batch_size
     def step(mode: str, timer=contextlib.nullcontext):
         generator = step_generator(0, 0, 0, device)
         mode_parts = dataclasses.replace(parts, model=models[mode])
-        loss, _ = script.training_loss(batch, generator, mode_parts, terms[mode], timer=timer)
+        loss, _ = script.training_loss(batch_of(setup, mode), generator, mode_parts, terms[mode], timer=timer)
         with timer("backward"):
             loss.backward()
         with timer("optimizer"):
@@ -343,33 +361,37 @@ def run(preset_name: str, encoder_name: str, steps: int, warmup: int, batch_size
             optimizer.zero_grad(set_to_none=True)
 
     modes = list(terms)
-    for _ in range(warmup):
-        for mode in modes:
-            step(mode)
     times = {mode: [] for mode in modes}
     peaks = {mode: 0 for mode in modes}
-    for _ in range(steps):
-        for mode in modes:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            sync()
-            start = time.perf_counter()
-            step(mode)
-            sync()
-            times[mode].append(time.perf_counter() - start)
-            if device.type == "cuda":
-                peaks[mode] = max(peaks[mode], torch.cuda.max_memory_allocated(device))
     splits = {}
-    for mode in modes:
-        timer = PhaseTimer(device)
+    # Interleaved within a group; the precomputed modes run after the encoders left the GPU, the fp8 ones last.
+    for group in mode_groups(modes):
+        if "precomputed" in group[0]:
+            for module in frozen_encoders(setup):
+                module.to("cpu")
+            torch.cuda.empty_cache() if device.type == "cuda" else None
+        layerwise_casting_from(group[0], setup, dtype)
+        for _ in range(warmup):
+            for mode in group:
+                step(mode)
         for _ in range(steps):
-            step(mode, timer)
-        splits[mode] = {name: total / steps for name, total in timer.totals.items()}
+            for mode in group:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                sync()
+                start = time.perf_counter()
+                step(mode)
+                sync()
+                times[mode].append(time.perf_counter() - start)
+                if device.type == "cuda":
+                    peaks[mode] = max(peaks[mode], torch.cuda.max_memory_allocated(device))
+        for mode in group:
+            timer = PhaseTimer(device)
+            for _ in range(steps):
+                step(mode, timer)
+            splits[mode] = {name: total / steps for name, total in timer.totals.items()}
 
     median = {mode: statistics.median(values) for mode, values in times.items()}
-    cache = terms["crepa-cached"].cache
-    cache_use = {"computed": cache.misses, "read": cache.hits}
-    setup.cache_dir.cleanup()
     encoder_bytes = sum(p.numel() * p.element_size() for p in encoder.parameters())
     return {
         "preset": preset_name,
@@ -386,7 +408,6 @@ def run(preset_name: str, encoder_name: str, steps: int, warmup: int, batch_size
         "phase_split_s": splits,
         "peak_memory_gib": {m: peaks[m] / 2**30 for m in modes} if device.type == "cuda" else None,
         "encoder_weights_gib": encoder_bytes / 2**30,
-        "crepa_cached_features": cache_use,  # clips whose features the crepa-cached mode computed / read from disk
     }
 
 
@@ -498,6 +519,7 @@ def _tensors(*objects) -> list[torch.Tensor]:
             found += [v for state in obj.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
         elif isinstance(obj, dict):
             found += [v for v in obj.values() if isinstance(v, torch.Tensor)]
+            found += _tensors(*[v for v in obj.values() if isinstance(v, dict)])  # a batch's conditions
     return found
 
 
@@ -526,13 +548,17 @@ def count_on_meta(preset_name: str, encoder_name: str, batch_size: int = 1) -> d
     lora = [p for p in transformer.parameters() if p.requires_grad]
     flops, peaks, peak_phases, phase_peaks = {}, {}, {}, {}
     for mode, term in terms.items():
+        layerwise_casting_from(mode, setup, preset.dtype)
         crepa_modules = [setup.encoder.encoder, setup.projector] if term is not None else []
+        if "precomputed" in mode:  # after the pass: no text encoder, VAE encoder or DINOv2 (the VAE decoder stays)
+            crepa_modules = crepa_modules[1:]
+            frozen = [(parts.vae if pipe is None else pipe.vae).decoder]
         optimizer = torch.optim.AdamW(lora + [p for m in crepa_modules[1:] for p in m.parameters()], lr=1e-5)
         model = TransformerWithProjector(transformer, term)
         mode_parts = dataclasses.replace(parts, model=model)
 
         def step(phases):
-            loss, _ = setup.script.training_loss(batch, None, mode_parts, term, timer=phases)
+            loss, _ = setup.script.training_loss(batch_of(setup, mode), None, mode_parts, term, timer=phases)
             with phases("backward"):
                 loss.backward()
             with phases("optimizer"):
@@ -545,7 +571,7 @@ def count_on_meta(preset_name: str, encoder_name: str, batch_size: int = 1) -> d
                 phases = CountedPhases(counter)
                 step(phases)
             # Memory in a pass of its own: the FLOP counter's module tracker keeps tensors recomputed in backward alive.
-            with LiveTensorBytes(_tensors(transformer, *frozen, *crepa_modules, optimizer, batch)) as memory:
+            with LiveTensorBytes(_tensors(transformer, *frozen, *crepa_modules, optimizer, batch_of(setup, mode))) as memory:
                 step(memory.phases)
         flops[mode] = {"total": counter.get_total_flops(), **phases.totals}
         peaks[mode], peak_phases[mode], phase_peaks[mode] = memory.peak, memory.peak_phase, memory.phase_peaks
@@ -601,8 +627,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--encoder", action="append", help="dinov2-g, dinov2-b, dinov2-s or tiny (default: the preset's)")
     parser.add_argument("--steps", type=int, default=5, help="Timed steps per mode.")
-    parser.add_argument("--warmup", type=int, default=2, help="Untimed steps per mode first (at least 1: the "
-                        "crepa-cached mode fills its cache then).")
+    parser.add_argument("--warmup", type=int, default=2, help="Untimed steps per mode first (at least 1).")
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--output", type=str, default=None, help="Write the results as JSON here.")
     parser.add_argument("--count", action="store_true",

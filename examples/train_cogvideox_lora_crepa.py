@@ -788,6 +788,7 @@ def main(args: argparse.Namespace) -> Path:
                                  num_cycles=args.lr_num_cycles, power=args.lr_power)
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, lr_scheduler)
+    parts.model = model  # the prepared (DDP/DeepSpeed-wrapped) module trains
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
     if accelerator.is_main_process:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from crepa_diffusers import checkpoints, training_utils
-from crepa_diffusers.cache import ConditionCache, cached, make_condition_cache
+from crepa_diffusers.cache import ConditionCache, make_condition_cache
 from crepa_diffusers.crepa import CrepaConfig, add_crepa_args  # CREPA
 from crepa_diffusers.features import token_frame_groups  # CREPA
 from crepa_diffusers.model_card import crepa_card_settings, training_card_settings, write_model_card
@@ -125,10 +125,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--enable_slicing", action="store_true", help="VAE slicing.")
     train.add_argument("--enable_tiling", action="store_true", help="VAE tiling.")
     train.add_argument("--cache_conditions", action="store_true",
-                       help="Compute the DINOv2 features of each clip and the embedding of each prompt once and reuse "
-                       "them in later epochs (saved under --condition_cache_dir).")
+                       help="Before training, encode every clip once (VAE latent distribution, Llama + CLIP text "
+                       "embeddings, DINOv2 features; under --condition_cache_dir, reused by later runs), then free the "
+                       "GPU of the text encoders, the VAE encoder and DINOv2.")
     train.add_argument("--condition_cache_dir", type=str, default=None,
                        help="Where --cache_conditions keeps its files (default: OUTPUT_DIR/condition_cache).")
+    train.add_argument("--layerwise_upcasting", action="store_true",
+                       help="Store the frozen transformer weights in fp8 (float8_e4m3fn) and compute in the training "
+                       "dtype (diffusers' enable_layerwise_casting; norms, embeddings and the LoRA stay as they are).")
     train.add_argument("--max_nonfinite_steps", type=int, default=5,
                        help="Stop after this many optimizer steps in a row with a NaN/inf loss (each is skipped).")
     train.add_argument("--logging_steps", type=int, default=10,
@@ -291,10 +295,11 @@ def resize_and_crop(frames: torch.Tensor, height: int, width: int, mode: str = "
 
 class VideoDataset(Dataset):
     """One clip per item, decoded when the DataLoader asks (in its workers), never all at start-up:
-    {"frames": [F, 3, H, W] in [-1, 1], "prompt": str, "index": int}."""
+    {"frames": [F, 3, H, W] in [-1, 1], "prompt": str, "index": int}; with a condition cache, the clip's precomputed
+    {"conditions": {name: tensor}} instead of its frames (nothing is decoded)."""
 
-    def __init__(self, items: list[VideoItem], args: argparse.Namespace) -> None:
-        self.items, self.args = items, args
+    def __init__(self, items: list[VideoItem], args: argparse.Namespace, cache: ConditionCache | None = None) -> None:
+        self.items, self.args, self.cache = items, args, cache
 
     def __len__(self) -> int:
         return len(self.items)
@@ -302,6 +307,9 @@ class VideoDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         import decord
         args, item = self.args, self.items[index]
+        if self.cache is not None:
+            return {"conditions": self.cache.load(self.cache.video_key(item.path, item.prompt)), "prompt": item.prompt,
+                    "index": index}
         reader = decord.VideoReader(str(item.path))
         indices = sample_frame_indices(len(reader), args.max_num_frames, args.skip_frames_start, args.skip_frames_end)
         frames = torch.from_numpy(reader.get_batch(indices).asnumpy())  # [F, H, W, C] uint8
@@ -311,13 +319,16 @@ class VideoDataset(Dataset):
 
 
 def collate_fn(examples: list[dict]) -> dict:
+    batch = {"prompts": [example["prompt"] for example in examples],
+             "indices": torch.tensor([example["index"] for example in examples])}
+    if "conditions" in examples[0]:
+        return {**batch, "conditions": {name: torch.stack([example["conditions"][name] for example in examples])
+                                        for name in examples[0]["conditions"]}}
     lengths = {example["frames"].shape[0] for example in examples}
     if len(lengths) > 1:
         raise ValueError(f"A batch mixes clips of {sorted(lengths)} frames: with --train_batch_size > 1 every video "
                          "needs at least --max_num_frames frames (or use --train_batch_size 1).")
-    return {"frames": torch.stack([example["frames"] for example in examples]),
-            "prompts": [example["prompt"] for example in examples],
-            "indices": torch.tensor([example["index"] for example in examples])}
+    return {**batch, "frames": torch.stack([example["frames"] for example in examples])}
 
 
 def random_flip(frames: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -368,8 +379,47 @@ class Parts:
     width: int
     patch_size: int
     args: argparse.Namespace  # flow_*, guidance_scale, max_sequence_length, random_flip
-    cache: ConditionCache | None = None
-    video_paths: list[Path] | None = None
+
+
+def encode_conditions(frames: torch.Tensor, prompts: list[str], parts: Parts, crepa: CrepaTerm | None = None,
+                      timer=contextlib.nullcontext) -> dict[str, torch.Tensor]:
+    """What the frozen encoders give a batch: the VAE latent distribution's parameters, the Llama + CLIP embeddings
+    and (CREPA) the DINOv2 features on the DiT's token grid. Every step; or once per clip, before training, with
+    the cache."""
+    dtype = parts.weight_dtype
+    with timer("text_vae_encoding"), torch.no_grad():
+        embeds, pooled, mask = parts.pipe.encode_prompt(prompts, device=parts.device, dtype=dtype,
+                                                        max_sequence_length=parts.args.max_sequence_length)
+        conditions = {"latent_dist": parts.pipe.vae.encode(frames.permute(0, 2, 1, 3, 4).to(dtype)).latent_dist.parameters,
+                      "prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "prompt_attention_mask": mask}
+    if crepa is not None:
+        with timer("encoder_features"):  # CREPA: one feature map per token frame, on the DiT's token grid
+            grid = (parts.height // (VAE_SPATIAL * parts.patch_size), parts.width // (VAE_SPATIAL * parts.patch_size))
+            conditions["features"] = crepa.encode(frames, grid, token_frame_groups(frames.shape[1], VAE_TEMPORAL))  # CREPA
+    return conditions
+
+
+def precompute_conditions(items: list[VideoItem], args: argparse.Namespace, cache: ConditionCache, parts: Parts,
+                          crepa: CrepaTerm | None, accelerator) -> None:
+    """--cache_conditions, before the first step: each rank encodes its share of the clips (rank r: clips r, r + W,
+    ...), skipping entries already whole on disk (a second or resumed run encodes nothing)."""
+    from tqdm.auto import tqdm
+    shard = range(accelerator.process_index, len(items), accelerator.num_processes)
+    todo = [i for i in shard if not cache.is_valid(cache.video_key(items[i].path, items[i].prompt))]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(VideoDataset(items, args), todo), batch_size=1,
+                                         collate_fn=collate_fn, num_workers=args.dataloader_num_workers)
+    for n, batch in enumerate(tqdm(loader, desc="Encoding clips", disable=not accelerator.is_local_main_process)):
+        conditions = encode_conditions(batch["frames"].to(parts.device), batch["prompts"], parts, crepa)
+        if crepa is not None:  # CREPA: stored in the encoder's dtype (bf16 on GPUs)
+            conditions["features"] = conditions["features"].to(crepa.cache_dtype)  # CREPA
+        item = items[todo[n]]
+        size = cache.save(cache.video_key(item.path, item.prompt), {k: v[0] for k, v in conditions.items()})
+        logger.debug("rank %d encoded clip %d", accelerator.process_index, todo[n])
+        if n == 0:  # the disk must hold every entry: checked after the first, not when it fills hours later
+            cache.check_space(size, (len(todo) - 1) * accelerator.num_processes)
+    logger.info("--cache_conditions: rank %d encoded %d clips, reused %d", accelerator.process_index, len(todo),
+                len(shard) - len(todo))
+    accelerator.wait_for_everyone()
 
 
 def training_loss(batch: dict, generator: torch.Generator, parts: Parts, crepa: CrepaTerm | None = None,
@@ -377,34 +427,32 @@ def training_loss(batch: dict, generator: torch.Generator, parts: Parts, crepa: 
                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One micro-batch's loss: flow matching, target noise - x0 (+ lambda * L_align), and the values to log.
     `timer(name)` is a context manager around each phase (the benchmark times them; training passes none)."""
-    args, device, dtype, vae = parts.args, parts.device, parts.weight_dtype, parts.pipe.vae
-    frames = batch["frames"].to(device)  # [B, F, 3, H, W] in [-1, 1]: the VAE's input, and the encoder's  # CREPA
-    if args.random_flip:
-        frames = random_flip(frames, generator)
-    videos = [parts.video_paths[i] for i in batch["indices"].tolist()] if parts.cache is not None else None
-    with timer("text_vae_encoding"), torch.no_grad():
-        latent_dist = vae.encode(frames.permute(0, 2, 1, 3, 4).to(dtype)).latent_dist
-        latents = (latent_dist.sample(generator=generator) * vae.config.scaling_factor).float()  # [B, C, F, h, w]
-        prompt_embeds, pooled, attention_mask = cached(parts.cache, "llama_clip", batch["prompts"], lambda: (
-            parts.pipe.encode_prompt(batch["prompts"], device=device, dtype=dtype,
-                                     max_sequence_length=args.max_sequence_length)), device)
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    args, device, dtype = parts.args, parts.device, parts.weight_dtype
+    crepa_lambda = crepa.lambda_ if crepa is not None and crepa_lambda is None else crepa_lambda  # CREPA
+    use_crepa = crepa is not None and crepa_lambda > 0  # CREPA: at lambda 0 the encoder, hook and projector do no work
+    if "conditions" in batch:  # --cache_conditions: encoded before training
+        conditions = {name: tensor.to(device, non_blocking=True) for name, tensor in batch["conditions"].items()}
+    else:
+        frames = batch["frames"].to(device)  # [B, F, 3, H, W] in [-1, 1]: the VAE's input, and the encoder's  # CREPA
+        if args.random_flip:
+            frames = random_flip(frames, generator)
+        conditions = encode_conditions(frames, batch["prompts"], parts, crepa if use_crepa else None, timer)
+    latents = DiagonalGaussianDistribution(conditions["latent_dist"]).sample(generator=generator)
+    latents = (latents * parts.pipe.vae.config.scaling_factor).float()  # [B, C, F, h, w]
     batch_size = latents.shape[0]
     sigmas, timesteps = sample_flow_sigmas(args, parts.scheduler, batch_size, generator, device)
     noise = torch.randn(latents.shape, device=device, dtype=latents.dtype, generator=generator)
     sigma = sigmas.view(-1, 1, 1, 1, 1)
     noisy = (1 - sigma) * latents + sigma * noise
     guidance = torch.full((batch_size,), args.guidance_scale * 1000.0, device=device, dtype=dtype)
-    crepa_lambda = crepa.lambda_ if crepa is not None and crepa_lambda is None else crepa_lambda  # CREPA
-    if crepa is not None and crepa_lambda > 0:  # CREPA: at lambda 0 the encoder, hook and projector do no work
-        with timer("encoder_features"):
-            # CREPA: DINOv2 features of the clean frames on the DiT's token grid, one per token frame; arms the hook.
-            grid = (parts.height // (VAE_SPATIAL * parts.patch_size), parts.width // (VAE_SPATIAL * parts.patch_size))
-            keys = [parts.cache.video_key("dino", path) for path in videos] if videos else None  # CREPA
-            crepa.prepare(frames, grid, token_frame_groups(frames.shape[1], VAE_TEMPORAL), keys)  # CREPA
+    if use_crepa:
+        crepa.prepare(conditions["features"])  # CREPA: this step's DINOv2 features; arms the block hook
     with timer("transformer_forward"):
         output, projected = parts.model(  # CREPA: the projected block tokens come back beside the output
-            hidden_states=noisy.to(dtype), timestep=timesteps, encoder_hidden_states=prompt_embeds,
-            encoder_attention_mask=attention_mask, pooled_projections=pooled, guidance=guidance, return_dict=False)
+            hidden_states=noisy.to(dtype), timestep=timesteps, encoder_hidden_states=conditions["prompt_embeds"],
+            encoder_attention_mask=conditions["prompt_attention_mask"],
+            pooled_projections=conditions["pooled_prompt_embeds"], guidance=guidance, return_dict=False)
         model_pred = output[0]
     with timer("loss"):
         loss = ((model_pred.float() - (noise - latents)) ** 2).reshape(batch_size, -1).mean(1).mean()
@@ -434,15 +482,16 @@ def _tensorboard_gif(tag: str, frames: list, fps: int):
 
 
 def log_validation(pipe, args: argparse.Namespace, accelerator, prompts: list[str], phase: str, step: int,
-                   pipeline_args: dict) -> list[Path]:
+                   pipeline_args: dict, text_inputs: list[dict] | None = None) -> list[Path]:
+    """`text_inputs`: per prompt, the pipeline's text arguments (precomputed embeddings under --cache_conditions)."""
     import numpy as np
     from diffusers.utils import export_to_video
     pipe.set_progress_bar_config(disable=True)
     paths = []
-    for prompt in prompts:
+    for prompt, text_input in zip(prompts, text_inputs or [dict(prompt=prompt) for prompt in prompts]):
         for i in range(args.num_validation_videos):
             generator = torch.Generator(device=accelerator.device).manual_seed((args.seed or 0) + i)
-            video = pipe(prompt=prompt, height=args.height, width=args.width, num_frames=args.max_num_frames,
+            video = pipe(**text_input, height=args.height, width=args.width, num_frames=args.max_num_frames,
                          num_inference_steps=args.validation_num_inference_steps, generator=generator,
                          output_type="np", **pipeline_args).frames[0]
             index = len(paths)
@@ -666,6 +715,8 @@ def main(args: argparse.Namespace) -> Path:
     transformer.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights=True,
                                        target_modules=lora_target_regex(args.lora_layers)))
     cast_training_params(transformer, dtype=torch.float32)  # LoRA weights train in fp32 over the frozen base
+    if args.layerwise_upcasting:  # frozen weights in fp8, upcast per layer; diffusers skips norms, embeddings, LoRA
+        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=weight_dtype)
     crepa = build_crepa(args, transformer, device)  # CREPA: frozen DINOv2 + block hook + projector (None: none)
     model = TransformerWithProjector(transformer, crepa)  # CREPA: one trained module for DDP/DeepSpeed/FSDP
 
@@ -719,7 +770,29 @@ def main(args: argparse.Namespace) -> Path:
     # ---- Data: decoded lazily by the DataLoader workers; accelerate gives each rank its own shard. The order is a
     # function of (seed, epoch) and the noise of (seed, step, micro-batch, rank), so a resumed run continues exactly.
     seed = args.seed
-    train_dataset = VideoDataset(items, args)
+    # One pipeline object: its encode_prompt is the text path of training, and it renders the validation videos
+    # (with its own scheduler: set_timesteps would rewrite the training sigmas).
+    pipe = HunyuanVideoPipeline(text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
+                                scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler.config),
+                                text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+    parts = Parts(pipe=pipe, model=model, scheduler=scheduler, weight_dtype=weight_dtype, device=device,
+                  height=args.height, width=args.width, patch_size=patch, args=args)
+    prompts = [p.strip() for p in (args.validation_prompt or "").split(args.validation_prompt_separator) if p.strip()]
+    pipeline_args = dict(guidance_scale=args.validation_guidance_scale, max_sequence_length=args.max_sequence_length)
+    cache = make_condition_cache(args)
+    validation_inputs = None
+    if cache is not None:  # every clip encoded once; then the frozen encoders leave the GPU for the whole run
+        precompute_conditions(items, args, cache, parts, crepa, accelerator)
+        with torch.no_grad():  # validation samples from these: the text encoders are freed
+            validation_inputs = [dict(zip(("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask"),
+                                          pipe.encode_prompt([p], device=device, dtype=weight_dtype,
+                                                             max_sequence_length=args.max_sequence_length)))
+                                 for p in prompts]
+        pipe.text_encoder = pipe.text_encoder_2 = text_encoder = text_encoder_2 = vae.encoder = None
+        if crepa is not None:
+            crepa.encoder = None  # CREPA: DINOv2 served the pass
+        free_memory()
+    train_dataset = VideoDataset(items, args, cache)
     sampler = training_utils.EpochShuffleSampler(len(train_dataset), seed)
     train_dataloader = torch.utils.data.DataLoader(train_dataset, batch_size=args.train_batch_size, sampler=sampler,
                                                    collate_fn=collate_fn, num_workers=args.dataloader_num_workers)
@@ -733,28 +806,19 @@ def main(args: argparse.Namespace) -> Path:
                                  num_cycles=args.lr_num_cycles, power=args.lr_power)
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, lr_scheduler)
+    parts.model = model  # the prepared (DDP/DeepSpeed-wrapped) module trains
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_name or "hunyuan-lora-crepa", config={
             k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
 
-    # One pipeline object: its encode_prompt is the text path of training, and it renders the validation videos
-    # (with its own scheduler: set_timesteps would rewrite the training sigmas).
-    pipe = HunyuanVideoPipeline(text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
-                                scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler.config),
-                                text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
-    parts = Parts(pipe=pipe, model=model, scheduler=scheduler, weight_dtype=weight_dtype, device=device,
-                  height=args.height, width=args.width, patch_size=patch, args=args,
-                  cache=make_condition_cache(args, crepa, len(items)), video_paths=[item.path for item in items])
-    prompts = [p.strip() for p in (args.validation_prompt or "").split(args.validation_prompt_separator) if p.strip()]
-    pipeline_args = dict(guidance_scale=args.validation_guidance_scale, max_sequence_length=args.max_sequence_length)
 
     def validate(step: int) -> None:
         if not (prompts and accelerator.is_main_process):
             return
         with torch.no_grad(), torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
-            log_validation(pipe, args, accelerator, prompts, "validation", step, pipeline_args)
+            log_validation(pipe, args, accelerator, prompts, "validation", step, pipeline_args, validation_inputs)
 
     global_step, history = 0, []
     if resume_path is not None:

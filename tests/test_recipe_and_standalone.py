@@ -75,7 +75,7 @@ def test_minimal_loop_with_the_public_api_matches_the_script(tiny_models, datase
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator)
     noise = torch.randn(latents.shape, generator=generator)
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    crepa.prepare(frames, (32 // 16, 48 // 16), token_frame_groups(frames.shape[1]))  # before the forward
+    crepa.prepare(crepa.encode(frames, (32 // 16, 48 // 16), token_frame_groups(frames.shape[1])))  # before the forward
     output, projected = model(hidden_states=noisy, encoder_hidden_states=prompt_embeds, timestep=timesteps,
                               return_dict=False)
     prediction = scheduler.get_velocity(output[0], noisy, timesteps)

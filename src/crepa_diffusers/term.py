@@ -1,8 +1,8 @@
 """The CREPA term of a training step, bundled: frozen DINOv2 + block hook + projector. In a diffusers loop (README,
 "Add CREPA to your own diffusers training script"): `crepa = build_crepa(args, transformer, device)`, train
 `TransformerWithProjector(transformer, crepa)` with the projector's parameters beside the LoRA's, call
-`crepa.prepare(crepa.encode(frames, ...))` before the forward (skip it where lambda is 0: the projector then does no work), and add
-`crepa_lambda * crepa.loss(projected)[0]` to the diffusion loss.
+`crepa.prepare(crepa.encode(frames, ...))` before the forward (or prepare precomputed features; skip it where lambda
+is 0: the projector then does no work), and add `crepa_lambda * crepa.loss(projected)[0]` to the diffusion loss.
 """
 
 from __future__ import annotations
