@@ -296,15 +296,20 @@ def build_step_setup(preset_name: str, encoder_name: str, device: torch.device, 
     batch = {"frames": torch.rand(batch_size, preset.frames, 3, preset.height, preset.width, device=device) * 2 - 1,
              "prompts": ["a panda playing a guitar in a bamboo forest, cinematic"] * batch_size,
              "indices": torch.arange(batch_size)}
-    # --cache_conditions: the conditions encoded once before training (CREPA's features included; `none` reads only
-    # the latent distribution and the text embeddings), kept on the CPU as the DataLoader hands them over.
-    conditions = script.encode_conditions(batch["frames"], batch["prompts"], parts, terms["crepa"])
-    conditions["features"] = conditions["features"].to(terms["crepa"].cache_dtype)
-    precomputed = {**batch, "conditions": {name: t.to("cpu" if device.type != "meta" else device) for name, t in
-                                           conditions.items()}}
     for suffix in ("", "-fp8"):
         terms["none-precomputed" + suffix], terms["crepa-precomputed" + suffix] = None, terms["crepa"]
-    return StepSetup(script, parts, terms, transformer, projector, encoder, batch, pipe, precomputed)
+    return StepSetup(script, parts, terms, transformer, projector, encoder, batch, pipe)
+
+
+def precompute(setup: StepSetup) -> None:
+    """--cache_conditions: the batch's conditions encoded once before training (CREPA's features included; `none`
+    reads only the latent distribution and the text embeddings), kept on the CPU as the DataLoader hands them over."""
+    batch, crepa = setup.batch, setup.terms["crepa"]
+    conditions = setup.script.encode_conditions(batch["frames"], batch["prompts"], setup.parts, crepa)
+    conditions["features"] = conditions["features"].to(crepa.cache_dtype)
+    device = batch["frames"].device
+    setup.precomputed = {**batch, "conditions": {name: t.to("cpu" if device.type != "meta" else device)
+                                                 for name, t in conditions.items()}}
 
 
 def mode_groups(modes: list[str]) -> list[list[str]]:
@@ -336,6 +341,7 @@ def run(preset_name: str, encoder_name: str, steps: int, warmup: int, batch_size
     preset = PRESETS[preset_name]
     dtype = preset.dtype if device.type == "cuda" else torch.float32
     setup = build_step_setup(preset_name, encoder_name, device, dtype, batch_size)
+    precompute(setup)
     script, parts, terms, transformer, projector, encoder, batch = (
         setup.script, setup.parts, setup.terms, setup.transformer, setup.projector, setup.encoder, setup.batch)
 
@@ -544,6 +550,7 @@ def count_on_meta(preset_name: str, encoder_name: str, batch_size: int = 1) -> d
             return states, pooled, torch.ones(size, max_sequence_length, dtype=torch.long, device="meta")
 
         pipe.encode_prompt = encode_prompt_on_meta
+    precompute(setup)
     frozen = [parts.text_encoder, parts.vae] if pipe is None else [pipe.text_encoder, pipe.text_encoder_2, pipe.vae]
     lora = [p for p in transformer.parameters() if p.requires_grad]
     flops, peaks, peak_phases, phase_peaks = {}, {}, {}, {}
