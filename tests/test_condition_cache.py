@@ -142,6 +142,7 @@ def test_layerwise_upcasting_stores_fp8_and_trains_the_lora(cog, tiny_models, da
     assert all(dtype == torch.float32 for name, dtype in dtypes.items() if "lora_" in name or "norm" in name)
     assert all(torch.isfinite(torch.tensor(seen["losses"])))
     assert any(value.abs().sum() > 0 for key, value in lora_state(out).items() if "lora_B" in key)
+    assert "| `layerwise_upcasting` | `True` |" in (out / "README.md").read_text()  # the card says the base was fp8
 
 
 def test_disk_check_fails_after_the_first_entry_with_the_sizes(cog, tiny_models, dataset, tmp_path, monkeypatch):  # noqa: F811

@@ -79,4 +79,5 @@ def training_card_settings(args: argparse.Namespace, global_step: int, model_var
             "learning_rate": args.learning_rate, "train_batch_size": args.train_batch_size,
             "gradient_accumulation_steps": args.gradient_accumulation_steps,
             "resolution": f"{args.max_num_frames}x{args.height}x{args.width}",
-            "mixed_precision": args.mixed_precision, "optimizer": args.optimizer, "seed": args.seed, **extra}
+            "mixed_precision": args.mixed_precision, "optimizer": args.optimizer, "seed": args.seed,
+            "layerwise_upcasting": getattr(args, "layerwise_upcasting", False), **extra}
