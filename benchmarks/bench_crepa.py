@@ -560,7 +560,7 @@ def count_on_meta(preset_name: str, encoder_name: str, batch_size: int = 1) -> d
         if "precomputed" in mode:  # after the pass: no text encoder, VAE encoder or DINOv2 (the VAE decoder stays)
             crepa_modules = crepa_modules[1:]
             frozen = [(parts.vae if pipe is None else pipe.vae).decoder]
-        optimizer = torch.optim.AdamW(lora + [p for m in crepa_modules[1:] for p in m.parameters()], lr=1e-5)
+        optimizer = torch.optim.AdamW(lora + (list(setup.projector.parameters()) if term is not None else []), lr=1e-5)
         model = TransformerWithProjector(transformer, term)
         mode_parts = dataclasses.replace(parts, model=model)
 

@@ -397,18 +397,25 @@ def precompute_conditions(items: list[VideoItem], args: argparse.Namespace, cach
     ...), skipping entries already whole on disk (a second or resumed run encodes nothing)."""
     from tqdm.auto import tqdm
     shard = range(accelerator.process_index, len(items), accelerator.num_processes)
-    todo = [i for i in shard if not cache.is_valid(cache.video_key(items[i].path, items[i].prompt))]
+    required = {"latent_dist", "prompt_embeds", *(["features"] if crepa is not None else [])}  # CREPA: features
+    todo = [i for i in shard if not cache.is_valid(cache.video_key(items[i].path, items[i].prompt), required)]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(VideoDataset(items, args), todo), batch_size=1,
                                          collate_fn=collate_fn, num_workers=args.dataloader_num_workers)
-    for n, batch in enumerate(tqdm(loader, desc="Encoding clips", disable=not accelerator.is_local_main_process)):
-        conditions = encode_conditions(batch["frames"].to(parts.device), batch["prompts"], parts, crepa)
-        if crepa is not None:  # CREPA: stored in the encoder's dtype (bf16 on GPUs)
-            conditions["features"] = conditions["features"].to(crepa.cache_dtype)  # CREPA
-        item = items[todo[n]]
-        size = cache.save(cache.video_key(item.path, item.prompt), {k: v[0] for k, v in conditions.items()})
-        logger.debug("rank %d encoded clip %d", accelerator.process_index, todo[n])
-        if n == 0:  # the disk must hold every entry: checked after the first, not when it fills hours later
-            cache.check_space(size, (len(todo) - 1) * accelerator.num_processes)
+    progress = tqdm(loader, desc="Encoding clips", disable=not accelerator.is_local_main_process)
+    with training_utils.StopRequest() as stop:  # preemption during the pass: what is written is whole and reused
+        for n, batch in enumerate(progress):
+            conditions = encode_conditions(batch["frames"].to(parts.device), batch["prompts"], parts, crepa)
+            if crepa is not None:  # CREPA: stored in the encoder's dtype (bf16 on GPUs)
+                conditions["features"] = conditions["features"].to(crepa.cache_dtype)  # CREPA
+            item = items[todo[n]]
+            size = cache.save(cache.video_key(item.path, item.prompt), {k: v[0] for k, v in conditions.items()})
+            logger.debug("rank %d encoded clip %d", accelerator.process_index, todo[n])
+            if n == 0:  # the disk must hold every entry: checked after the first, not when it fills hours later
+                cache.check_space(size, (len(todo) - 1) * accelerator.num_processes)
+            if stop.signal is not None:
+                logger.warning("Stopped the --cache_conditions pass after a signal (%d of %d clips encoded); the next "
+                               "run reuses them.", n + 1, len(todo))
+                sys.exit(stop.exit_status)
     logger.info("--cache_conditions: rank %d encoded %d clips, reused %d", accelerator.process_index, len(todo),
                 len(shard) - len(todo))
     accelerator.wait_for_everyone()
@@ -786,6 +793,10 @@ def main(args: argparse.Namespace) -> Path:
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes,
                                  num_cycles=args.lr_num_cycles, power=args.lr_power)
+    # DDP need not broadcast the frozen base from rank 0 (every rank loaded the same files; GBs at start-up, and gloo
+    # cannot send the fp8 weights of --layerwise_upcasting): it syncs only what trains.
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, [name for name, param in model.named_parameters() if not param.requires_grad])
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, lr_scheduler)
     parts.model = model  # the prepared (DDP/DeepSpeed-wrapped) module trains

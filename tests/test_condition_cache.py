@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import COGVIDEOX_SCRIPT, HUNYUAN_SCRIPT, ROOT, import_script, launch, lora_state, offline_env, run_main
+from helpers import COGVIDEOX_SCRIPT, HUNYUAN_SCRIPT, import_script, launch, lora_state, offline_env, run_main
 from test_train_cogvideox import base_args, dataset  # noqa: F401  (module fixture)
 
 from crepa_diffusers import checkpoints
@@ -170,4 +170,18 @@ def test_keys_depend_on_flags_and_video_file(tmp_path):
     assert key != ConditionCache(tmp_path / "c", {"height": 240}).video_key(video, "a prompt")
     os.utime(video, ns=(1, 1))  # the video file changed
     assert key != cache.video_key(video, "a prompt")
-    assert str(ROOT) not in key
+
+
+def test_entries_without_crepa_features_are_recomputed_for_a_crepa_run(cog, tiny_models, dataset, tmp_path):  # noqa: F811
+    """A --crepa_lambda 0 run stores no DINOv2 features under the same keys; a CREPA run on that cache must not
+    reuse those entries (it would fail at its first step): it encodes them again, with features."""
+    from safetensors import safe_open
+    cache_dir = tmp_path / "cache"
+    for lambda_ in ("0", "0.5"):
+        run_main(cog, base_args(tiny_models["cogvideox-2b"], dataset, tmp_path / f"out{lambda_}", steps=1, extra=[
+            "--cache_conditions", "--condition_cache_dir", str(cache_dir), "--crepa_lambda", lambda_]))
+        entries = sorted(cache_dir.glob("*.safetensors"))
+        assert len(entries) == 3
+        for entry in entries:
+            with safe_open(str(entry), "pt") as handle:
+                assert ("features" in handle.keys()) == (lambda_ == "0.5")

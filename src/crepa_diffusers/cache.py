@@ -36,14 +36,15 @@ class ConditionCache:
     def path(self, key: str) -> Path:
         return self.directory / f"{key}.safetensors"
 
-    def is_valid(self, key: str) -> bool:
-        """The entry exists and its file is whole; a truncated or unreadable one is reported, to be recomputed."""
+    def is_valid(self, key: str, required: set[str]) -> bool:
+        """The entry exists, its file is whole and holds the `required` tensors (a run that stored no CREPA features
+        may have written it); a truncated or unreadable one is reported. Either way it is computed again."""
         from safetensors import safe_open
         if not self.path(key).is_file():
             return False
         try:
-            with safe_open(str(self.path(key)), "pt"):  # checks that the header covers the whole file
-                return True
+            with safe_open(str(self.path(key)), "pt") as entry:  # checks that the header covers the whole file
+                return required <= set(entry.keys())
         except Exception as error:
             logger.warning("--cache_conditions: %s is damaged (%s): computing it again.", self.path(key), error)
             return False

@@ -97,8 +97,9 @@ def save_checkpoint(accelerator, output_dir: str, global_step: int, total_limit:
 def match_umask(path: str | os.PathLike) -> None:
     """safetensors writes its files 0600: give them (a file, or every file under a folder) the mode the user's umask
     gives every other output, so a LoRA or checkpoint shared through a group or a web folder is readable."""
-    umask = os.umask(0)
-    os.umask(umask)
+    status = Path("/proc/self/status")  # read, not set: os.umask(0) would open a window for other threads' files
+    found = re.search(r"Umask:\s*(\d+)", status.read_text()) if status.is_file() else None
+    umask = int(found.group(1), 8) if found else 0o022
     for file in [Path(path)] if Path(path).is_file() else Path(path).rglob("*"):
         if file.is_file():
             file.chmod(0o666 & ~umask)

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -85,14 +86,14 @@ def step_generator(seed: int, step: int, process_index: int, device: torch.devic
 
 class StopRequest:
     """SIGTERM / SIGINT / SIGUSR1 set a flag; the loop finishes its step, saves a checkpoint and exits with
-    `exit_status`. A second SIGTERM / SIGINT stops at once. Under a launcher (accelerate launch, torchrun, deepspeed)
-    the kernel sends SIGUSR1 when the launcher dies (`docker stop` and some schedulers signal only it): the trainer
-    saves and stops instead of training on, orphaned. Use as a context manager: the previous handlers come back."""
+    `exit_status`. A SIGTERM / SIGINT more than a second after the first stops at once. Under a launcher (accelerate
+    launch, torchrun, deepspeed) the kernel sends SIGUSR1 when the launcher dies (`docker stop` and some schedulers
+    signal only it): the trainer saves and stops instead of training on, orphaned. Use as a context manager."""
 
     LAUNCHERS = ("accelerate", "torchrun", "torch.distributed.run", "deepspeed")
 
     def __init__(self) -> None:
-        self.signal, self._previous = None, {}  # the signal received; the handlers to restore
+        self.signal, self._first_at, self._previous = None, 0.0, {}  # the signal received, when; handlers to restore
 
     def __enter__(self) -> "StopRequest":
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
@@ -106,22 +107,30 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _signal_on_launcher_death(self, signum: int) -> None:
+        parent = os.getppid()
         try:
-            parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace")
+            command = Path(f"/proc/{parent}/cmdline").read_bytes().decode(errors="replace")
         except OSError:  # not Linux
             return
-        if any(name in parent for name in self.LAUNCHERS):
+        if any(name in command for name in self.LAUNCHERS):
             import ctypes
             ctypes.CDLL(None).prctl(1, signum, 0, 0, 0)  # PR_SET_PDEATHSIG: this signal when the parent dies
+            if signum and os.getppid() != parent:  # it died before the request: no signal will come
+                os.kill(os.getpid(), signum)
 
     def _handle(self, signum, frame) -> None:
-        if self.signal is not None:
-            if signum == signal.SIGUSR1:  # the launcher died after the whole process group was signalled
-                return
+        # A process-group kill delivers the trainer's SIGTERM and the launcher's death (SIGUSR1) together, handled in
+        # signal-number order; a scheduler may signal every process and torchrun forward it: one request, not two.
+        repeated = self.signal not in (None, signal.SIGUSR1) and signum != signal.SIGUSR1
+        if repeated and time.monotonic() - self._first_at > 1.0:
             signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
             raise KeyboardInterrupt
-        self.signal = signum
-        logger.warning("Received %s: finishing this step, saving a checkpoint, then exiting.", signal.Signals(signum).name)
+        if self.signal is None:
+            self._first_at = time.monotonic()
+            logger.warning("Received %s: finishing this step, saving a checkpoint, then exiting.",
+                           signal.Signals(signum).name)
+        if self.signal in (None, signal.SIGUSR1):
+            self.signal = signum  # a SIGTERM / SIGINT names the exit status rather than the launcher's death
 
     @property
     def exit_status(self) -> int:
