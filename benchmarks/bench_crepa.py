@@ -342,8 +342,8 @@ def run(preset_name: str, encoder_name: str, steps: int, warmup: int, batch_size
     dtype = preset.dtype if device.type == "cuda" else torch.float32
     setup = build_step_setup(preset_name, encoder_name, device, dtype, batch_size)
     precompute(setup)
-    script, parts, terms, transformer, projector, encoder, batch = (
-        setup.script, setup.parts, setup.terms, setup.transformer, setup.projector, setup.encoder, setup.batch)
+    script, parts, terms, transformer, projector, encoder = (
+        setup.script, setup.parts, setup.terms, setup.transformer, setup.projector, setup.encoder)
 
     lora_params = [p for p in transformer.parameters() if p.requires_grad]
     params = lora_params + list(projector.parameters())
@@ -538,7 +538,7 @@ def count_on_meta(preset_name: str, encoder_name: str, batch_size: int = 1) -> d
 
     preset = PRESETS[preset_name]
     setup = build_step_setup(preset_name, encoder_name, torch.device("meta"), preset.dtype, batch_size)
-    parts, terms, transformer, batch, pipe = setup.parts, setup.terms, setup.transformer, setup.batch, setup.pipe
+    parts, terms, transformer, pipe = setup.parts, setup.terms, setup.transformer, setup.pipe
     if pipe is not None:
         def encode_prompt_on_meta(prompts, device=None, dtype=None, max_sequence_length=256):
             # diffusers' encode_prompt reads token values (.item()), which the meta device cannot: run the same two
