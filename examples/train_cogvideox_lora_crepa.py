@@ -772,9 +772,14 @@ def main(args: argparse.Namespace) -> Path:
     cache = make_condition_cache(args)
     if cache is not None:  # every clip encoded once; then the frozen encoders leave the GPU for the whole run
         precompute_conditions(items, args, cache, parts, crepa, accelerator)
-        embeds = [encode_prompts(tokenizer, text_encoder, [p], pipeline_args["max_sequence_length"], device)
-                  for p in ["", *prompts]] if prompts else []  # validation samples from these: the encoder is freed
-        validation_inputs = [dict(prompt_embeds=e, negative_prompt_embeds=embeds[0]) for e in embeds[1:]]
+        # Validation samples from stored prompt embeddings (the text encoder is freed; "" is the CFG negative).
+        key, length = cache.key("validation prompts", prompts), pipeline_args["max_sequence_length"]
+        if prompts and not cache.is_valid(key, {"negative"}):
+            cache.save(key, {name: encode_prompts(tokenizer, text_encoder, [p], length, device)[0]
+                             for name, p in [("negative", ""), *((f"prompt_{i}", p) for i, p in enumerate(prompts))]})
+        embeds = {name: e[None].to(device) for name, e in cache.load(key).items()} if prompts else {}
+        validation_inputs = [dict(prompt_embeds=embeds[f"prompt_{i}"], negative_prompt_embeds=embeds["negative"])
+                             for i in range(len(prompts))]
         text_encoder = tokenizer = parts.text_encoder = parts.tokenizer = vae.encoder = None
         if crepa is not None:
             crepa.encoder = None  # CREPA: DINOv2 served the pass

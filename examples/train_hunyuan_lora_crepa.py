@@ -790,11 +790,16 @@ def main(args: argparse.Namespace) -> Path:
     validation_inputs = None
     if cache is not None:  # every clip encoded once; then the frozen encoders leave the GPU for the whole run
         precompute_conditions(items, args, cache, parts, crepa, accelerator)
-        with torch.no_grad():  # validation samples from these: the text encoders are freed
-            validation_inputs = [dict(zip(("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask"),
-                                          pipe.encode_prompt([p], device=device, dtype=weight_dtype,
-                                                             max_sequence_length=args.max_sequence_length)))
-                                 for p in prompts]
+        # Validation samples from stored prompt embeddings (the text encoders are freed).
+        key, names = cache.key("validation prompts", prompts), ("prompt_embeds", "pooled_prompt_embeds",
+                                                                "prompt_attention_mask")
+        if prompts and not cache.is_valid(key, {"prompt_embeds_0"}):
+            with torch.no_grad():
+                cache.save(key, {f"{name}_{i}": tensor[0] for i, p in enumerate(prompts) for name, tensor in zip(
+                    names, pipe.encode_prompt([p], device=device, dtype=weight_dtype,
+                                              max_sequence_length=args.max_sequence_length))})
+        embeds = {name: e[None].to(device) for name, e in cache.load(key).items()} if prompts else {}
+        validation_inputs = [{name: embeds[f"{name}_{i}"] for name in names} for i in range(len(prompts))]
         pipe.text_encoder = pipe.text_encoder_2 = text_encoder = text_encoder_2 = vae.encoder = None
         if crepa is not None:
             crepa.encoder = None  # CREPA: DINOv2 served the pass

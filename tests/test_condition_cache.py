@@ -77,15 +77,19 @@ def test_precomputed_run_equals_uncached_run_and_encodes_nothing_in_training(
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
-    # A second run reuses every entry; its validation samples from the prompt embeddings computed before the text
-    # encoders were freed.
-    calls.counts.clear()
-    again = tmp_path / "again"
-    run_main(script, base_args(tiny_models[model], dataset, again, steps=1, extra=[
-        *argv, "--cache_conditions", "--condition_cache_dir", str(cached / "condition_cache"),
-        "--validation_prompt", "a cat", "--validation_epochs", "1", "--validation_num_inference_steps", "1"]))
-    assert calls.counts[encoders[0]] == calls.counts["DinoPatchFeatures"] == 0, calls.counts
-    assert len(list(again.glob("validation_video_0_*.mp4"))) == 1
+    # A second run reuses every clip entry and stores the validation prompt's embeddings (then the text encoders
+    # are freed; validation samples from them); a third run encodes nothing at all before its first step.
+    text_calls = {"T5EncoderModel": 2, "LlamaModel": 1, "CLIPTextModel": 1}  # CogVideoX also encodes the "" negative
+    for run in ("again", "third"):
+        calls.counts.clear()
+        calls.at_steps.clear()
+        run_main(script, base_args(tiny_models[model], dataset, tmp_path / run, steps=1, extra=[
+            *argv, "--cache_conditions", "--condition_cache_dir", str(cached / "condition_cache"),
+            "--validation_prompt", "a cat", "--validation_epochs", "1", "--validation_num_inference_steps", "1"]))
+        assert calls.counts[encoders[0]] == calls.counts["DinoPatchFeatures"] == 0, calls.counts
+        expected = sum(text_calls[name] for name in encoders[1:]) if run == "again" else 0
+        assert calls.at_steps[0][0] == expected, (run, calls.counts)
+        assert len(list((tmp_path / run).glob("validation_video_0_*.mp4"))) == 1
 
 
 def test_resumed_run_reuses_entries_and_a_damaged_one_is_recomputed(cog, tiny_models, dataset, tmp_path, monkeypatch,
