@@ -52,6 +52,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from crepa_diffusers import training_utils  # noqa: E402
 from crepa_diffusers.term import CrepaTerm, TransformerWithProjector  # noqa: E402
 from crepa_diffusers.training_utils import step_generator  # noqa: E402
 from crepa_diffusers.crepa import CrepaConfig, CrepaProjector  # noqa: E402
@@ -331,9 +332,9 @@ def batch_of(setup: StepSetup, mode: str) -> dict:
 
 def layerwise_casting_from(mode: str, setup: StepSetup, dtype: torch.dtype) -> None:
     """Before the first -fp8 mode (they run last): the frozen transformer weights stored in fp8, as
-    --layerwise_upcasting does (diffusers' enable_layerwise_casting skips norms, embeddings and the LoRA)."""
+    --layerwise_upcasting does (training_utils.enable_fp8_weights)."""
     if mode.endswith("-fp8") and not getattr(setup.transformer, "_crepa_bench_fp8", False):
-        setup.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+        training_utils.enable_fp8_weights(setup.transformer, compute_dtype=dtype)
         setup.transformer._crepa_bench_fp8 = True
 
 

@@ -143,10 +143,54 @@ def test_layerwise_upcasting_stores_fp8_and_trains_the_lora(cog, tiny_models, da
     dtypes = seen["dtypes"]
     assert dtypes["transformer_blocks.0.attn1.to_q.base_layer.weight"] == torch.float8_e4m3fn
     assert dtypes["transformer_blocks.0.ff.net.0.proj.weight"] == torch.float8_e4m3fn
-    assert all(dtype == torch.float32 for name, dtype in dtypes.items() if "lora_" in name or "norm" in name)
+    assert dtypes["transformer_blocks.0.norm1.linear.weight"] == torch.float8_e4m3fn  # AdaLN modulation
+    kept = ("lora_", "norm1.norm.", "norm_out.", "patch_embed.")
+    assert all(dtype == torch.float32 for name, dtype in dtypes.items() if any(part in name for part in kept))
     assert all(torch.isfinite(torch.tensor(seen["losses"])))
     assert any(value.abs().sum() > 0 for key, value in lora_state(out).items() if "lora_B" in key)
     assert "| `layerwise_upcasting` | `True` |" in (out / "README.md").read_text()  # the card says the base was fp8
+
+
+def test_fp8_weights_cast_every_block_linear_and_compute_with_the_rounded_weights():
+    """enable_fp8_weights on a tiny HunyuanVideo with LoRA: every frozen Linear in the blocks (AdaLN modulation
+    included) is stored in fp8, everything outside the blocks as diffusers' own layerwise casting leaves it, and the
+    forward equals a model whose same weights were rounded to fp8 and back, with no hooks."""
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+    from peft import LoraConfig
+
+    from crepa_diffusers.testing import build_tiny_hunyuan_pipeline
+    from crepa_diffusers.training_utils import enable_fp8_weights
+
+    def tiny_with_lora():
+        transformer = build_tiny_hunyuan_pipeline().transformer
+        transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_v"]))
+        return transformer.eval()
+    transformer, diffusers_default, reference = tiny_with_lora(), tiny_with_lora(), tiny_with_lora()
+    enable_fp8_weights(transformer, compute_dtype=torch.float32)
+    diffusers_default.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    in_blocks = re.compile(r"(single_)?transformer_blocks\.\d+\.")
+    assert any(".norm1.linear." in name for name, _ in transformer.named_parameters())
+    for (name, param), (_, default) in zip(transformer.named_parameters(), diffusers_default.named_parameters()):
+        if not in_blocks.match(name):
+            assert param.dtype == default.dtype, name
+        elif "lora_" in name:
+            assert param.dtype == torch.float32, name
+        elif name.endswith("weight") and param.ndim == 2:  # every Linear in a block, modulation included
+            assert param.dtype == torch.float8_e4m3fn, name
+    assert "norm" in DEFAULT_SKIP_MODULES_PATTERN  # why diffusers alone keeps the modulation Linears in fp32 here:
+    assert diffusers_default.transformer_blocks[0].norm1.linear.weight.dtype == torch.float32
+    with torch.no_grad():
+        for param, stored in zip(reference.parameters(), transformer.parameters()):
+            if stored.dtype == torch.float8_e4m3fn:
+                param.copy_(param.to(torch.float8_e4m3fn).to(torch.float32))
+    generator = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 4, 3, 8, 8, generator=generator), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, 5, 16, generator=generator),
+                  encoder_attention_mask=torch.ones(1, 5, dtype=torch.long),
+                  pooled_projections=torch.randn(1, 8, generator=generator), guidance=torch.tensor([6000.0]))
+    with torch.no_grad():
+        expected, got = reference(**inputs).sample, transformer(**inputs).sample
+    assert torch.equal(got, expected)
 
 
 def test_disk_check_fails_after_the_first_entry_with_the_sizes(cog, tiny_models, dataset, tmp_path, monkeypatch):  # noqa: F811

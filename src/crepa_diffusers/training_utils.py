@@ -1,11 +1,12 @@
 """Small mechanisms the training loops call explicitly (as diffusers' examples call `diffusers.training_utils`): video
 probing before any model loads, a reproducible data order and noise stream (exact resume), stop-on-signal, the
-non-finite-step decision, and per-part gradient clipping."""
+non-finite-step decision, per-part gradient clipping and fp8 weight storage."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import tempfile
 import time
@@ -187,3 +188,17 @@ def clip_grad_norms(accelerator, parts: list[list[torch.nn.Parameter]], max_norm
         return []
     accelerator.unscale_gradients()  # once per step: a second unscale_ of an fp16 GradScaler step raises
     return [torch.nn.utils.clip_grad_norm_(params, max_norm) for params in parts if params]
+
+
+def enable_fp8_weights(transformer: torch.nn.Module, compute_dtype: torch.dtype) -> None:
+    """--layerwise_upcasting: frozen weights stored in float8_e4m3fn, each layer upcast to `compute_dtype` for its
+    forward (diffusers' layerwise casting: Linear, Conv and Embedding layers, minus embeddings, proj_in/out and the
+    LoRA). Its "norm" skip pattern thus spares only Linears inside norm modules: the blocks' AdaLN modulation
+    projections, 3.4 B of HunyuanVideo's 12.8 B parameters. They are stored in fp8 too, as HunyuanVideo's fp8 trainers
+    do (musubi-tuner --fp8_base, diffusion-pipe's float8 transformer, which name them img_mod/txt_mod/modulation)."""
+    from diffusers.hooks import apply_layerwise_casting_hook
+    transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
+    modulation = re.compile(r"(single_)?transformer_blocks\.\d+\.norm\w*\.linear")
+    for name, module in transformer.named_modules():  # a LoRA-wrapped projection is not an nn.Linear: left alone
+        if modulation.fullmatch(name) and isinstance(module, torch.nn.Linear):
+            apply_layerwise_casting_hook(module, torch.float8_e4m3fn, compute_dtype, non_blocking=False)
