@@ -3,6 +3,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,43 +31,47 @@ def zero2(script, argv, tmp_path, check=True, env=None):
                   env=env or offline_env(OMP_NUM_THREADS="1", CREPA_LOG_LEVEL="DEBUG"))
 
 
-@pytest.mark.parametrize("script_path, model, extra", [
-    (COGVIDEOX_SCRIPT, "cogvideox-5b", ["--crepa_block_index", "1"]),
-    (HUNYUAN_SCRIPT, "hunyuan", ["--crepa_block_index", "2", "--max_sequence_length", "16"]),
-])
-def test_zero2_two_ranks_train_save_shards_and_the_lora_loads(tiny_models, dataset, tmp_path, script_path, model,
-                                                               extra):
-    out = tmp_path / "out"
-    result = zero2(script_path, tiny_train_args(tiny_models[model], dataset, out, steps=3, extra=[
-        *extra, "--checkpointing_steps", "3", "--max_grad_norm", "0.5"]), tmp_path)
+def check_zero2_run(result, out: Path, step: int, pipeline: str, model: Path) -> None:
+    """Two ranks trained on different samples with identical weights; checkpoint-`step` holds both ranks' optimizer
+    shards, the projector and an engine model copy of the trained parameters only; the LoRA changes the output."""
     log = result.stdout + result.stderr
     assert "2 processes (rank 0)" in log and "2 processes (rank 1)" in log
     samples = {rank: re.findall(rf"rank {rank} step \d+ samples (\[[\d, ]*\])", log) for rank in (0, 1)}
-    assert len(samples[0]) == len(samples[1]) == 3 and samples[0] != samples[1], samples
+    assert len(samples[0]) == len(samples[1]) == step and samples[0] != samples[1], samples
     assert log.count("Trained weights identical on all 2 ranks") == 2
-    shards = sorted(p.name for p in (out / "checkpoint-3" / "pytorch_model").glob("zero_pp_rank_*_optim_states.pt"))
+    checkpoint = out / f"checkpoint-{step}"
+    shards = sorted(p.name for p in (checkpoint / "pytorch_model").glob("zero_pp_rank_*_optim_states.pt"))
     assert shards == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-    assert (out / "checkpoint-3" / "crepa_projector.safetensors").is_file()
+    assert (checkpoint / "crepa_projector.safetensors").is_file()
     # The engine's copy of the model holds the trained parameters only, not the frozen base.
-    states = torch.load(out / "checkpoint-3" / "pytorch_model" / "mp_rank_00_model_states.pt", weights_only=False)
+    states = torch.load(checkpoint / "pytorch_model" / "mp_rank_00_model_states.pt", weights_only=False)
     assert states["module"] and all("lora" in k or "projector" in k for k in states["module"])
     # The JSON's "auto" values came from the script's flags.
     config = states["ds_config"]
     assert (config["gradient_clipping"], config["train_micro_batch_size_per_gpu"]) == (0.5, 1)
     assert (config["gradient_accumulation_steps"], config["zero_optimization"]["stage"]) == (1, 2)
-    pipeline = "CogVideoXPipeline" if script_path == COGVIDEOX_SCRIPT else "HunyuanVideoPipeline"
-    assert_lora_changes_output(pipeline, tiny_models[model], out)
+    assert_lora_changes_output(pipeline, model, out)
 
 
-def test_zero2_resume_from_latest_equals_the_straight_run(tiny_models, dataset, tmp_path):
-    model = tiny_models["cogvideox-2b"]
+def test_zero2_two_ranks_hunyuan_trains_saves_shards_and_the_lora_loads(tiny_models, dataset, tmp_path):
+    out = tmp_path / "out"
+    result = zero2(HUNYUAN_SCRIPT, tiny_train_args(tiny_models["hunyuan"], dataset, out, steps=3, extra=[
+        "--crepa_block_index", "2", "--max_sequence_length", "16", "--checkpointing_steps", "3",
+        "--max_grad_norm", "0.5"]), tmp_path)
+    check_zero2_run(result, out, 3, "HunyuanVideoPipeline", tiny_models["hunyuan"])
+
+
+def test_zero2_two_ranks_cogvideox_trains_and_resumes_from_latest_as_the_straight_run(tiny_models, dataset, tmp_path):
+    model = tiny_models["cogvideox-5b"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    zero2(COGVIDEOX_SCRIPT, tiny_train_args(model, dataset, straight, steps=4, extra=["--checkpointing_steps", "4"]),
-          tmp_path)
-    zero2(COGVIDEOX_SCRIPT, tiny_train_args(model, dataset, resumed, steps=2, extra=["--checkpointing_steps", "2"]),
+    common = ["--crepa_block_index", "1", "--max_grad_norm", "0.5"]
+    result = zero2(COGVIDEOX_SCRIPT, tiny_train_args(model, dataset, straight, steps=4, extra=[
+        *common, "--checkpointing_steps", "4"]), tmp_path)
+    check_zero2_run(result, straight, 4, "CogVideoXPipeline", model)
+    zero2(COGVIDEOX_SCRIPT, tiny_train_args(model, dataset, resumed, steps=2, extra=[*common, "--checkpointing_steps", "2"]),
           tmp_path)
     result = zero2(COGVIDEOX_SCRIPT, tiny_train_args(model, dataset, resumed, steps=4, extra=[
-        "--checkpointing_steps", "4", "--resume_from_checkpoint", "latest"]), tmp_path)
+        *common, "--checkpointing_steps", "4", "--resume_from_checkpoint", "latest"]), tmp_path)
     assert "Resuming from" in result.stderr
     assert_same_trained_weights(straight, resumed, "checkpoint-4")
     assert any((lora_state(resumed / "checkpoint-2")[k] - v).abs().max() > 0 for k, v in lora_state(resumed).items())

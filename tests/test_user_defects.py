@@ -226,9 +226,10 @@ def test_subject_consistency_follows_vbench_clamp():
     assert min(scores["adjacent"]) < 0  # the raw similarities are still reported unclamped
 
 
-def test_user_mistakes_are_messages_not_tracebacks(tiny_models, dataset, tmp_path):
+def test_user_mistakes_are_messages_not_tracebacks(cog, tiny_models, dataset, tmp_path, capfd):
     """A count mismatch, a missing resume checkpoint and an output folder that cannot be written each end in one
-    message naming the file or flag, with no traceback and nothing trained."""
+    message naming the file or flag, with no traceback and nothing trained: the first as a process (what a user
+    sees), the others in this process (a SystemExit with the message, nothing logged with a traceback)."""
     bad = tmp_path / "bad"
     shutil.copytree(dataset, bad)
     (bad / "prompts.txt").write_text("only one prompt\n")
@@ -241,12 +242,18 @@ def test_user_mistakes_are_messages_not_tracebacks(tiny_models, dataset, tmp_pat
          r"--resume_from_checkpoint checkpoint-7: no such folder"),
         (tiny_train_args(model, dataset, blocker / "out"), r"--output_dir .*a_file/out cannot be written"),
     ]
-    for argv, message in cases:
-        # The trainer itself (`accelerate launch` adds its own CalledProcessError traceback for any failing child).
-        result = subprocess.run([sys.executable, str(COGVIDEOX_SCRIPT), *argv], cwd=tmp_path, env=offline_env(),
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode != 0 and re.search(message, result.stderr), result.stderr[-2000:]
-        assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    argv, message = cases[0]
+    # The trainer itself (`accelerate launch` adds its own CalledProcessError traceback for any failing child).
+    result = subprocess.run([sys.executable, str(COGVIDEOX_SCRIPT), *argv], cwd=tmp_path, env=offline_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and re.search(message, result.stderr), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    for argv, message in cases[1:]:
+        with pytest.raises(SystemExit) as stopped:
+            run_main(cog, argv)
+        assert re.search(message, str(stopped.value)), stopped.value
+        assert "Traceback" not in capfd.readouterr().err
+    assert not list(tmp_path.glob("o*/pytorch_lora_weights.safetensors"))
 
 
 def test_list_files_as_people_save_them(cog, tiny_models, dataset, tmp_path):
