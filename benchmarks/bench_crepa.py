@@ -259,9 +259,12 @@ def build_step_setup(preset_name: str, encoder_name: str, device: torch.device, 
         from diffusers.training_utils import cast_training_params
         from peft import LoraConfig
 
-        # As the scripts add it: LoRA on the attention projections, its weights in fp32.
+        # As the scripts add it: LoRA on the blocks' attention projections (HunyuanVideo's token refiner has none),
+        # its weights in fp32.
+        targets = (["to_k", "to_q", "to_v", "to_out.0"] if preset.model == "cogvideox"
+                   else script.lora_target_regex(script.DEFAULT_LORA_LAYERS))
         transformer.add_adapter(LoraConfig(r=128 if full_size else 16, lora_alpha=128, init_lora_weights=True,
-                                           target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+                                           target_modules=targets))
         cast_training_params(transformer, dtype=torch.float32)
         encoder = DinoPatchFeatures(encoder_model.to(device, dtype=dtype), frames_per_chunk=16,
                                     autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
@@ -332,9 +335,12 @@ def batch_of(setup: StepSetup, mode: str) -> dict:
 
 def layerwise_casting_from(mode: str, setup: StepSetup, dtype: torch.dtype) -> None:
     """Before the first -fp8 mode (they run last): the frozen transformer weights stored in fp8, as
-    --layerwise_upcasting does (training_utils.enable_fp8_weights)."""
+    --layerwise_upcasting does (CogVideoX: diffusers' enable_layerwise_casting; HunyuanVideo: enable_fp8_weights)."""
     if mode.endswith("-fp8") and not getattr(setup.transformer, "_crepa_bench_fp8", False):
-        training_utils.enable_fp8_weights(setup.transformer, compute_dtype=dtype)
+        if setup.pipe is None:
+            setup.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+        else:
+            training_utils.enable_fp8_weights(setup.transformer, compute_dtype=dtype)
         setup.transformer._crepa_bench_fp8 = True
 
 

@@ -127,7 +127,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                        help="Where --cache_conditions keeps its files (default: OUTPUT_DIR/condition_cache).")
     train.add_argument("--layerwise_upcasting", action="store_true",
                        help="Store the frozen transformer weights in fp8 (float8_e4m3fn) and compute in the training "
-                       "dtype (diffusers' layerwise casting; embeddings, norms and the LoRA stay as they are).")
+                       "dtype (diffusers' enable_layerwise_casting; its default skips: the patch embedder, norms with their "
+                       "modulation linears, and the LoRA).")
     train.add_argument("--max_nonfinite_steps", type=int, default=5,
                        help="Stop after this many optimizer steps in a row with a NaN/inf loss (each is skipped).")
     train.add_argument("--logging_steps", type=int, default=10,
@@ -708,8 +709,8 @@ def main(args: argparse.Namespace) -> Path:
     transformer.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights=True,
                                        target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
     cast_training_params(transformer, dtype=torch.float32)  # LoRA weights train in fp32 over the frozen base
-    if args.layerwise_upcasting:  # frozen weights in fp8, upcast per layer (embeddings, norms and the LoRA skipped)
-        training_utils.enable_fp8_weights(transformer, compute_dtype=weight_dtype)
+    if args.layerwise_upcasting:  # frozen weights in fp8, upcast per layer; diffusers skips embedders, norms, LoRA
+        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=weight_dtype)
     crepa = build_crepa(args, transformer, device)  # CREPA: frozen DINOv2 + block hook + projector (None: none)
     model = TransformerWithProjector(transformer, crepa)  # CREPA: one trained module for DDP/DeepSpeed/FSDP
 

@@ -132,7 +132,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                        help="Where --cache_conditions keeps its files (default: OUTPUT_DIR/condition_cache).")
     train.add_argument("--layerwise_upcasting", action="store_true",
                        help="Store the frozen transformer weights in fp8 (float8_e4m3fn) and compute in the training "
-                       "dtype (diffusers' layerwise casting; embeddings, norms and the LoRA stay as they are).")
+                       "dtype (diffusers' layerwise casting; the input embedders, token refiner, norm layers, final layer and LoRA "
+                       "stay as they are; the blocks' AdaLN modulation linears are fp8 too, as in musubi-tuner).")
     train.add_argument("--max_nonfinite_steps", type=int, default=5,
                        help="Stop after this many optimizer steps in a row with a NaN/inf loss (each is skipped).")
     train.add_argument("--logging_steps", type=int, default=10,
@@ -722,7 +723,7 @@ def main(args: argparse.Namespace) -> Path:
     transformer.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights=True,
                                        target_modules=lora_target_regex(args.lora_layers)))
     cast_training_params(transformer, dtype=torch.float32)  # LoRA weights train in fp32 over the frozen base
-    if args.layerwise_upcasting:  # frozen weights in fp8, upcast per layer (embeddings, norms and the LoRA skipped)
+    if args.layerwise_upcasting:  # frozen weights in fp8, upcast per layer; AdaLN modulation linears in fp8 too
         training_utils.enable_fp8_weights(transformer, compute_dtype=weight_dtype)
     crepa = build_crepa(args, transformer, device)  # CREPA: frozen DINOv2 + block hook + projector (None: none)
     model = TransformerWithProjector(transformer, crepa)  # CREPA: one trained module for DDP/DeepSpeed/FSDP

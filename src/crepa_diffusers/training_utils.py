@@ -191,14 +191,16 @@ def clip_grad_norms(accelerator, parts: list[list[torch.nn.Parameter]], max_norm
 
 
 def enable_fp8_weights(transformer: torch.nn.Module, compute_dtype: torch.dtype) -> None:
-    """--layerwise_upcasting: frozen weights stored in float8_e4m3fn, each layer upcast to `compute_dtype` for its
-    forward (diffusers' layerwise casting: Linear, Conv and Embedding layers, minus embeddings, proj_in/out and the
-    LoRA). Its "norm" skip pattern thus spares only Linears inside norm modules: the blocks' AdaLN modulation
-    projections, 3.4 B of HunyuanVideo's 12.8 B parameters. They are stored in fp8 too, as HunyuanVideo's fp8 trainers
-    do (musubi-tuner --fp8_base, diffusion-pipe's float8 transformer, which name them img_mod/txt_mod/modulation)."""
+    """HunyuanVideo's --layerwise_upcasting: frozen weights stored in float8_e4m3fn, each layer upcast to
+    `compute_dtype` for its forward. diffusers' layerwise casting (Linear, Conv and Embedding layers, minus its skip
+    list) first; its "norm" pattern spares no norm layer (never cast), only the Linears inside AdaLayerNorm modules:
+    the blocks' modulation projections, 3.4 B of HunyuanVideo's 12.8 B parameters. They are stored in fp8 too, as
+    HunyuanVideo's fp8 trainers do (musubi-tuner --fp8_base; diffusion-pipe's float8 transformer keeps `norm`, `bias`
+    and the input embedders high, names that miss the original checkpoint's img_mod/txt_mod/modulation)."""
     from diffusers.hooks import apply_layerwise_casting_hook
     transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
     modulation = re.compile(r"(single_)?transformer_blocks\.\d+\.norm\w*\.linear")
     for name, module in transformer.named_modules():  # a LoRA-wrapped projection is not an nn.Linear: left alone
-        if modulation.fullmatch(name) and isinstance(module, torch.nn.Linear):
+        if (modulation.fullmatch(name) and isinstance(module, torch.nn.Linear)
+                and module.weight.dtype != torch.float8_e4m3fn):  # unless diffusers cast it already
             apply_layerwise_casting_hook(module, torch.float8_e4m3fn, compute_dtype, non_blocking=False)
