@@ -701,7 +701,8 @@ def main(args: argparse.Namespace) -> Path:
         vae.enable_slicing()
     if args.enable_tiling:
         vae.enable_tiling()
-    for module in (text_encoder, transformer, vae):
+    transformer.requires_grad_(False)  # reaches the GPU after the --cache_conditions pass (below), not beside it
+    for module in (text_encoder, vae):
         module.requires_grad_(False)
         module.to(device)  # loaded in weight_dtype: a .to(dtype) cast would undo what diffusers keeps in fp32
     if args.gradient_checkpointing:
@@ -787,6 +788,9 @@ def main(args: argparse.Namespace) -> Path:
         free_memory()
     else:
         validation_inputs = None
+    # The transformer (fp8 already with --layerwise_upcasting) joins the GPU now: with the cache, after the encoders
+    # left it, so the two never share it (HunyuanVideo: 24 GiB of bf16 transformer beside 15 GiB of Llama).
+    transformer.to(device)
     train_dataset = VideoDataset(items, args, cache)
     sampler = training_utils.EpochShuffleSampler(len(train_dataset), seed)
     train_dataloader = torch.utils.data.DataLoader(train_dataset, batch_size=args.train_batch_size, sampler=sampler,

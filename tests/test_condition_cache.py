@@ -23,10 +23,18 @@ def projector_state(path):
 
 
 class EncoderCalls:
-    """Counts forwards of the frozen encoders (VAE encoder, text encoders, DINOv2), and what each training step saw."""
+    """Counts forwards of the frozen encoders (VAE encoder, text encoders, DINOv2), what each training step saw, and
+    how many encoder forwards had run when the transformer was first moved (`.to`) to the training device."""
 
-    def __init__(self, monkeypatch, script, encoder_classes):
-        self.counts, self.at_steps = collections.Counter(), []
+    def __init__(self, monkeypatch, script, encoder_classes, transformer_class=None):
+        self.counts, self.at_steps, self.transformer_moves = collections.Counter(), [], []
+        if transformer_class is not None:
+            original_to = transformer_class.to
+
+            def recording_to(module, *args, **kwargs):
+                self.transformer_moves.append(sum(self.counts.values()))
+                return original_to(module, *args, **kwargs)
+            monkeypatch.setattr(transformer_class, "to", recording_to)
         for cls in (*encoder_classes, DinoPatchFeatures):
             method = "encode" if hasattr(cls, "encode") and cls.__name__.startswith("Autoencoder") else "forward"
             original = getattr(cls, method)
@@ -43,15 +51,16 @@ class EncoderCalls:
         monkeypatch.setattr(script, "training_loss", recording_loss)
 
 
-@pytest.mark.parametrize("script_path, model, encoders, extra", [
-    (COGVIDEOX_SCRIPT, "cogvideox-5b", ("AutoencoderKLCogVideoX", "T5EncoderModel"), []),
-    (HUNYUAN_SCRIPT, "hunyuan", ("AutoencoderKLHunyuanVideo", "LlamaModel", "CLIPTextModel"),
-     ["--max_sequence_length", "16"]),
+@pytest.mark.parametrize("script_path, model, transformer_class, encoders, extra", [
+    (COGVIDEOX_SCRIPT, "cogvideox-5b", "CogVideoXTransformer3DModel", ("AutoencoderKLCogVideoX", "T5EncoderModel"), []),
+    (HUNYUAN_SCRIPT, "hunyuan", "HunyuanVideoTransformer3DModel",
+     ("AutoencoderKLHunyuanVideo", "LlamaModel", "CLIPTextModel"), ["--max_sequence_length", "16"]),
 ])
 def test_precomputed_run_equals_uncached_run_and_encodes_nothing_in_training(
-        tiny_models, dataset, tmp_path, monkeypatch, script_path, model, encoders, extra):  # noqa: F811
+        tiny_models, dataset, tmp_path, monkeypatch, script_path, model, transformer_class, encoders, extra):  # noqa: F811
     """Same seed, 2 epochs: the LoRA and the projector equal the uncached run's; every clip is encoded once, before
-    the first step; no encoder runs during the steps and none is held by them; a second run encodes nothing."""
+    the first step; the transformer reaches the device only after that pass; no encoder runs during the steps and
+    none is held by them; a second run encodes nothing."""
     import diffusers
     import transformers
 
@@ -60,11 +69,13 @@ def test_precomputed_run_equals_uncached_run_and_encodes_nothing_in_training(
     argv = [*extra, "--checkpointing_steps", "6"]
     run_main(script, base_args(tiny_models[model], dataset, plain, steps=6, extra=argv))
     classes = [getattr(diffusers, name, None) or getattr(transformers, name) for name in encoders]
-    calls = EncoderCalls(monkeypatch, script, classes)
+    calls = EncoderCalls(monkeypatch, script, classes, getattr(diffusers, transformer_class))
     run_main(script, base_args(tiny_models[model], dataset, cached, steps=6, extra=[*argv, "--cache_conditions"]))
     assert len(list((cached / "condition_cache").glob("*.safetensors"))) == 3
     # 3 clips x (VAE, each text encoder, DINOv2) in the pass, then nothing during the 6 steps
     assert dict(calls.counts) == {name: 3 for name in [*encoders, "DinoPatchFeatures"]}, calls.counts
+    # The transformer is not on the device beside the encoders: it is first moved after the pass's last forward.
+    assert calls.transformer_moves and calls.transformer_moves[0] == sum(calls.counts.values()), calls.transformer_moves
     assert {count for count, _, _ in calls.at_steps} == {sum(calls.counts.values())}
     _, parts, crepa = calls.at_steps[0]
     vae = parts.vae if hasattr(parts, "vae") else parts.pipe.vae
