@@ -392,14 +392,11 @@ def encode_conditions(frames: torch.Tensor, prompts: list[str], parts: Parts, cr
     return conditions
 
 
-def precompute_conditions(items: list[VideoItem], args: argparse.Namespace, cache: ConditionCache, parts: Parts,
-                          crepa: CrepaTerm | None, accelerator) -> None:
-    """--cache_conditions, before the first step: each rank encodes its share of the clips (rank r: clips r, r + W,
-    ...), skipping entries already whole on disk (a second or resumed run encodes nothing)."""
+def precompute_conditions(items: list[VideoItem], todo: list[int], args: argparse.Namespace, cache: ConditionCache,
+                          parts: Parts, crepa: CrepaTerm | None, accelerator) -> None:
+    """--cache_conditions, before the first step: each rank encodes the clips `todo` of its share (rank r: clips r,
+    r + W, ...) whose entries are not already whole on disk (a second or resumed run encodes nothing)."""
     from tqdm.auto import tqdm
-    shard = range(accelerator.process_index, len(items), accelerator.num_processes)
-    required = {"latent_dist", "prompt_embeds", *(["features"] if crepa is not None else [])}  # CREPA: features
-    todo = [i for i in shard if not cache.is_valid(cache.video_key(items[i].path, items[i].prompt), required)]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(VideoDataset(items, args), todo), batch_size=1,
                                          collate_fn=collate_fn, num_workers=args.dataloader_num_workers)
     progress = tqdm(loader, desc="Encoding clips", disable=not accelerator.is_local_main_process)
@@ -418,7 +415,7 @@ def precompute_conditions(items: list[VideoItem], args: argparse.Namespace, cach
                                "run reuses them.", n + 1, len(todo))
                 sys.exit(stop.exit_status)
     logger.info("--cache_conditions: rank %d encoded %d clips, reused %d", accelerator.process_index, len(todo),
-                len(shard) - len(todo))
+                len(range(accelerator.process_index, len(items), accelerator.num_processes)) - len(todo))
     accelerator.wait_for_everyone()
 
 
@@ -691,8 +688,17 @@ def main(args: argparse.Namespace) -> Path:
     # ---- Models: the frozen base in the training dtype, LoRA (fp32) on the attention projections.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
+    prompts = [p.strip() for p in (args.validation_prompt or "").split(args.validation_prompt_separator) if p.strip()]
+    # --cache_conditions: the clips of this rank still to encode. With none, and the validation prompts' embeddings
+    # stored too, the text encoder is never loaded (a resumed or second run).
+    cache = make_condition_cache(args)
+    required = {"latent_dist", "prompt_embeds", *(["features"] if CrepaConfig.from_args(args).enabled else [])}  # CREPA
+    todo = cache.missing(items, required, accelerator.process_index, accelerator.num_processes) if cache else []
+    validation_key = cache.key("validation prompts", prompts) if cache else None
+    need_text = cache is None or todo or (prompts and not cache.is_valid(validation_key, {"negative"}))
     tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", **load)
-    text_encoder = T5EncoderModel.from_pretrained(base, subfolder="text_encoder", dtype=weight_dtype, **load)
+    text_encoder = (T5EncoderModel.from_pretrained(base, subfolder="text_encoder", dtype=weight_dtype, **load)
+                    if need_text else None)
     transformer = CogVideoXTransformer3DModel.from_pretrained(base, subfolder="transformer", dtype=weight_dtype,
                                                               variant=args.variant, **load)
     vae = AutoencoderKLCogVideoX.from_pretrained(base, subfolder="vae", dtype=weight_dtype, variant=args.variant, **load)
@@ -702,7 +708,7 @@ def main(args: argparse.Namespace) -> Path:
     if args.enable_tiling:
         vae.enable_tiling()
     transformer.requires_grad_(False)  # reaches the GPU after the --cache_conditions pass (below), not beside it
-    for module in (text_encoder, vae):
+    for module in (text_encoder, vae) if need_text else (vae,):
         module.requires_grad_(False)
         module.to(device)  # loaded in weight_dtype: a .to(dtype) cast would undo what diffusers keeps in fp32
     if args.gradient_checkpointing:
@@ -768,18 +774,16 @@ def main(args: argparse.Namespace) -> Path:
     parts = Parts(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, model=model, config=transformer.config,
                   scheduler=scheduler, weight_dtype=weight_dtype, device=device, height=args.height, width=args.width,
                   random_flip=args.random_flip)
-    prompts = [p.strip() for p in (args.validation_prompt or "").split(args.validation_prompt_separator) if p.strip()]
     pipeline_args = dict(guidance_scale=args.guidance_scale, use_dynamic_cfg=args.use_dynamic_cfg,
                          max_sequence_length=transformer.config.max_text_seq_length)
-    cache = make_condition_cache(args)
     if cache is not None:  # every clip encoded once; then the frozen encoders leave the GPU for the whole run
-        precompute_conditions(items, args, cache, parts, crepa, accelerator)
+        precompute_conditions(items, todo, args, cache, parts, crepa, accelerator)
         # Validation samples from stored prompt embeddings (the text encoder is freed; "" is the CFG negative).
-        key, length = cache.key("validation prompts", prompts), pipeline_args["max_sequence_length"]
-        if prompts and not cache.is_valid(key, {"negative"}):
-            cache.save(key, {name: encode_prompts(tokenizer, text_encoder, [p], length, device)[0]
-                             for name, p in [("negative", ""), *((f"prompt_{i}", p) for i, p in enumerate(prompts))]})
-        embeds = {name: e[None].to(device) for name, e in cache.load(key).items()} if prompts else {}
+        length = pipeline_args["max_sequence_length"]
+        if prompts and not cache.is_valid(validation_key, {"negative"}):
+            cache.save(validation_key, {name: encode_prompts(tokenizer, text_encoder, [p], length, device)[0] for name, p
+                                        in [("negative", ""), *((f"prompt_{i}", p) for i, p in enumerate(prompts))]})
+        embeds = {name: e[None].to(device) for name, e in cache.load(validation_key).items()} if prompts else {}
         validation_inputs = [dict(prompt_embeds=embeds[f"prompt_{i}"], negative_prompt_embeds=embeds["negative"])
                              for i in range(len(prompts))]
         text_encoder = tokenizer = parts.text_encoder = parts.tokenizer = vae.encoder = None

@@ -400,14 +400,11 @@ def encode_conditions(frames: torch.Tensor, prompts: list[str], parts: Parts, cr
     return conditions
 
 
-def precompute_conditions(items: list[VideoItem], args: argparse.Namespace, cache: ConditionCache, parts: Parts,
-                          crepa: CrepaTerm | None, accelerator) -> None:
-    """--cache_conditions, before the first step: each rank encodes its share of the clips (rank r: clips r, r + W,
-    ...), skipping entries already whole on disk (a second or resumed run encodes nothing)."""
+def precompute_conditions(items: list[VideoItem], todo: list[int], args: argparse.Namespace, cache: ConditionCache,
+                          parts: Parts, crepa: CrepaTerm | None, accelerator) -> None:
+    """--cache_conditions, before the first step: each rank encodes the clips `todo` of its share (rank r: clips r,
+    r + W, ...) whose entries are not already whole on disk (a second or resumed run encodes nothing)."""
     from tqdm.auto import tqdm
-    shard = range(accelerator.process_index, len(items), accelerator.num_processes)
-    required = {"latent_dist", "prompt_embeds", *(["features"] if crepa is not None else [])}  # CREPA: features
-    todo = [i for i in shard if not cache.is_valid(cache.video_key(items[i].path, items[i].prompt), required)]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(VideoDataset(items, args), todo), batch_size=1,
                                          collate_fn=collate_fn, num_workers=args.dataloader_num_workers)
     progress = tqdm(loader, desc="Encoding clips", disable=not accelerator.is_local_main_process)
@@ -426,7 +423,7 @@ def precompute_conditions(items: list[VideoItem], args: argparse.Namespace, cach
                                "run reuses them.", n + 1, len(todo))
                 sys.exit(stop.exit_status)
     logger.info("--cache_conditions: rank %d encoded %d clips, reused %d", accelerator.process_index, len(todo),
-                len(shard) - len(todo))
+                len(range(accelerator.process_index, len(items), accelerator.num_processes)) - len(todo))
     accelerator.wait_for_everyone()
 
 
@@ -704,8 +701,18 @@ def main(args: argparse.Namespace) -> Path:
     device = accelerator.device
     tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", **load)
     tokenizer_2 = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2", **load)
-    text_encoder = LlamaModel.from_pretrained(base, subfolder="text_encoder", dtype=weight_dtype, **load)
-    text_encoder_2 = CLIPTextModel.from_pretrained(base, subfolder="text_encoder_2", dtype=weight_dtype, **load)
+    prompts = [p.strip() for p in (args.validation_prompt or "").split(args.validation_prompt_separator) if p.strip()]
+    # --cache_conditions: the clips of this rank still to encode. With none, and the validation prompts' embeddings
+    # stored too, the text encoders are never loaded (a resumed or second run).
+    cache = make_condition_cache(args)
+    required = {"latent_dist", "prompt_embeds", *(["features"] if CrepaConfig.from_args(args).enabled else [])}  # CREPA
+    todo = cache.missing(items, required, accelerator.process_index, accelerator.num_processes) if cache else []
+    validation_key = cache.key("validation prompts", prompts) if cache else None
+    need_text = cache is None or todo or (prompts and not cache.is_valid(validation_key, {"prompt_embeds_0"}))
+    text_encoder, text_encoder_2 = (
+        LlamaModel.from_pretrained(base, subfolder="text_encoder", dtype=weight_dtype, **load),
+        CLIPTextModel.from_pretrained(base, subfolder="text_encoder_2", dtype=weight_dtype, **load)
+    ) if need_text else (None, None)
     transformer = HunyuanVideoTransformer3DModel.from_pretrained(base, subfolder="transformer", dtype=weight_dtype,
                                                                  variant=args.variant, **load)
     vae = AutoencoderKLHunyuanVideo.from_pretrained(base, subfolder="vae", dtype=weight_dtype, variant=args.variant, **load)
@@ -716,7 +723,7 @@ def main(args: argparse.Namespace) -> Path:
     if args.enable_tiling:
         vae.enable_tiling()
     transformer.requires_grad_(False)  # reaches the GPU after the --cache_conditions pass (below), not beside it
-    for module in (text_encoder, text_encoder_2, vae):
+    for module in (text_encoder, text_encoder_2, vae) if need_text else (vae,):
         module.requires_grad_(False)
         module.to(device)  # loaded in weight_dtype: a .to(dtype) cast would undo what diffusers keeps in fp32
     if args.gradient_checkpointing:
@@ -786,21 +793,18 @@ def main(args: argparse.Namespace) -> Path:
                                 text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
     parts = Parts(pipe=pipe, model=model, scheduler=scheduler, weight_dtype=weight_dtype, device=device,
                   height=args.height, width=args.width, patch_size=patch, args=args)
-    prompts = [p.strip() for p in (args.validation_prompt or "").split(args.validation_prompt_separator) if p.strip()]
     pipeline_args = dict(guidance_scale=args.validation_guidance_scale, max_sequence_length=args.max_sequence_length)
-    cache = make_condition_cache(args)
     validation_inputs = None
     if cache is not None:  # every clip encoded once; then the frozen encoders leave the GPU for the whole run
-        precompute_conditions(items, args, cache, parts, crepa, accelerator)
+        precompute_conditions(items, todo, args, cache, parts, crepa, accelerator)
         # Validation samples from stored prompt embeddings (the text encoders are freed).
-        key, names = cache.key("validation prompts", prompts), ("prompt_embeds", "pooled_prompt_embeds",
-                                                                "prompt_attention_mask")
-        if prompts and not cache.is_valid(key, {"prompt_embeds_0"}):
+        names = ("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask")
+        if prompts and not cache.is_valid(validation_key, {"prompt_embeds_0"}):
             with torch.no_grad():
-                cache.save(key, {f"{name}_{i}": tensor[0] for i, p in enumerate(prompts) for name, tensor in zip(
+                cache.save(validation_key, {f"{name}_{i}": tensor[0] for i, p in enumerate(prompts) for name, tensor in zip(
                     names, pipe.encode_prompt([p], device=device, dtype=weight_dtype,
                                               max_sequence_length=args.max_sequence_length))})
-        embeds = {name: e[None].to(device) for name, e in cache.load(key).items()} if prompts else {}
+        embeds = {name: e[None].to(device) for name, e in cache.load(validation_key).items()} if prompts else {}
         validation_inputs = [{name: embeds[f"{name}_{i}"] for name in names} for i in range(len(prompts))]
         pipe.text_encoder = pipe.text_encoder_2 = text_encoder = text_encoder_2 = vae.encoder = None
         if crepa is not None:

@@ -28,6 +28,14 @@ class EncoderCalls:
 
     def __init__(self, monkeypatch, script, encoder_classes, transformer_class=None):
         self.counts, self.at_steps, self.transformer_moves = collections.Counter(), [], []
+        self.built, self.built_by_first_step = collections.Counter(), None  # from_pretrained calls: models loaded
+        for cls in encoder_classes:
+            original_load = cls.from_pretrained.__func__
+
+            def counted_load(klass, *args, _original=original_load, _name=cls.__name__, **kwargs):
+                self.built[_name] += 1
+                return _original(klass, *args, **kwargs)
+            monkeypatch.setattr(cls, "from_pretrained", classmethod(counted_load))
         if transformer_class is not None:
             original_to = transformer_class.to
 
@@ -47,6 +55,7 @@ class EncoderCalls:
 
         def recording_loss(batch, generator, parts, crepa=None, *args, **kwargs):
             self.at_steps.append((sum(self.counts.values()), parts, crepa))
+            self.built_by_first_step = self.built_by_first_step or dict(self.built)
             return original_loss(batch, generator, parts, crepa, *args, **kwargs)
         monkeypatch.setattr(script, "training_loss", recording_loss)
 
@@ -60,7 +69,7 @@ def test_precomputed_run_equals_uncached_run_and_encodes_nothing_in_training(
         tiny_models, dataset, tmp_path, monkeypatch, script_path, model, transformer_class, encoders, extra):  # noqa: F811
     """Same seed, 2 epochs: the LoRA and the projector equal the uncached run's; every clip is encoded once, before
     the first step; the transformer reaches the device only after that pass; no encoder runs during the steps and
-    none is held by them; a second run encodes nothing."""
+    none is held by them; a second run encodes no clip, a third loads no text encoder."""
     import diffusers
     import transformers
 
@@ -94,12 +103,17 @@ def test_precomputed_run_equals_uncached_run_and_encodes_nothing_in_training(
     for run in ("again", "third"):
         calls.counts.clear()
         calls.at_steps.clear()
+        calls.built.clear()
+        calls.built_by_first_step = None
         run_main(script, base_args(tiny_models[model], dataset, tmp_path / run, steps=1, extra=[
             *argv, "--cache_conditions", "--condition_cache_dir", str(cached / "condition_cache"),
             "--validation_prompt", "a cat", "--validation_epochs", "1", "--validation_num_inference_steps", "1"]))
         assert calls.counts[encoders[0]] == calls.counts["DinoPatchFeatures"] == 0, calls.counts
         expected = sum(text_calls[name] for name in encoders[1:]) if run == "again" else 0
         assert calls.at_steps[0][0] == expected, (run, calls.counts)
+        # The third run finds every entry: it trains without loading its text encoders (the VAE is, for its decoder).
+        loaded = calls.built_by_first_step
+        assert [loaded.get(name, 0) for name in encoders] == [1] + [int(run == "again")] * (len(encoders) - 1), loaded
         assert len(list((tmp_path / run).glob("validation_video_0_*.mp4"))) == 1
 
 

@@ -49,6 +49,12 @@ class ConditionCache:
             logger.warning("--cache_conditions: %s is damaged (%s): computing it again.", self.path(key), error)
             return False
 
+    def missing(self, items: list, required: set[str], rank: int = 0, world_size: int = 1) -> list[int]:
+        """This rank's share of `items` (ones with `.path` and `.prompt`; rank r: r, r + W, ...) whose entries are
+        absent, damaged or lack a `required` tensor: what the pass must encode."""
+        return [i for i in range(rank, len(items), world_size)
+                if not self.is_valid(self.video_key(items[i].path, items[i].prompt), required)]
+
     def save(self, key: str, tensors: dict[str, torch.Tensor]) -> int:
         """Write one entry atomically; returns its size in bytes."""
         from safetensors.torch import save_file
