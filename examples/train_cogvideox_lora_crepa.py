@@ -695,7 +695,12 @@ def main(args: argparse.Namespace) -> Path:
     required = {"latent_dist", "prompt_embeds", *(["features"] if CrepaConfig.from_args(args).enabled else [])}  # CREPA
     todo = cache.missing(items, required, accelerator.process_index, accelerator.num_processes) if cache else []
     validation_key = cache.key("validation prompts", prompts) if cache else None
-    need_text = cache is None or todo or (prompts and not cache.is_valid(validation_key, {"negative"}))
+    validates = bool(prompts) and accelerator.is_main_process  # validation videos come from the main process only
+    encode_validation = cache is not None and validates and not cache.is_valid(validation_key, {"negative"})
+    need_text = cache is None or bool(todo) or encode_validation
+    if not need_text:
+        logger.info("--cache_conditions: rank %d has every entry it needs; no text encoder loaded",
+                    accelerator.process_index)
     tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", **load)
     text_encoder = (T5EncoderModel.from_pretrained(base, subfolder="text_encoder", dtype=weight_dtype, **load)
                     if need_text else None)
@@ -780,12 +785,12 @@ def main(args: argparse.Namespace) -> Path:
         precompute_conditions(items, todo, args, cache, parts, crepa, accelerator)
         # Validation samples from stored prompt embeddings (the text encoder is freed; "" is the CFG negative).
         length = pipeline_args["max_sequence_length"]
-        if prompts and not cache.is_valid(validation_key, {"negative"}):
+        if encode_validation:
             cache.save(validation_key, {name: encode_prompts(tokenizer, text_encoder, [p], length, device)[0] for name, p
                                         in [("negative", ""), *((f"prompt_{i}", p) for i, p in enumerate(prompts))]})
-        embeds = {name: e[None].to(device) for name, e in cache.load(validation_key).items()} if prompts else {}
+        embeds = {name: e[None].to(device) for name, e in cache.load(validation_key).items()} if validates else {}
         validation_inputs = [dict(prompt_embeds=embeds[f"prompt_{i}"], negative_prompt_embeds=embeds["negative"])
-                             for i in range(len(prompts))]
+                             for i in range(len(prompts))] if validates else None
         text_encoder = tokenizer = parts.text_encoder = parts.tokenizer = vae.encoder = None
         if crepa is not None:
             crepa.encoder = None  # CREPA: DINOv2 served the pass

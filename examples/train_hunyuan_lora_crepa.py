@@ -708,7 +708,12 @@ def main(args: argparse.Namespace) -> Path:
     required = {"latent_dist", "prompt_embeds", *(["features"] if CrepaConfig.from_args(args).enabled else [])}  # CREPA
     todo = cache.missing(items, required, accelerator.process_index, accelerator.num_processes) if cache else []
     validation_key = cache.key("validation prompts", prompts) if cache else None
-    need_text = cache is None or todo or (prompts and not cache.is_valid(validation_key, {"prompt_embeds_0"}))
+    validates = bool(prompts) and accelerator.is_main_process  # validation videos come from the main process only
+    encode_validation = cache is not None and validates and not cache.is_valid(validation_key, {"prompt_embeds_0"})
+    need_text = cache is None or bool(todo) or encode_validation
+    if not need_text:
+        logger.info("--cache_conditions: rank %d has every entry it needs; no text encoder loaded",
+                    accelerator.process_index)
     text_encoder, text_encoder_2 = (
         LlamaModel.from_pretrained(base, subfolder="text_encoder", dtype=weight_dtype, **load),
         CLIPTextModel.from_pretrained(base, subfolder="text_encoder_2", dtype=weight_dtype, **load)
@@ -799,13 +804,14 @@ def main(args: argparse.Namespace) -> Path:
         precompute_conditions(items, todo, args, cache, parts, crepa, accelerator)
         # Validation samples from stored prompt embeddings (the text encoders are freed).
         names = ("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask")
-        if prompts and not cache.is_valid(validation_key, {"prompt_embeds_0"}):
+        if encode_validation:
             with torch.no_grad():
                 cache.save(validation_key, {f"{name}_{i}": tensor[0] for i, p in enumerate(prompts) for name, tensor in zip(
                     names, pipe.encode_prompt([p], device=device, dtype=weight_dtype,
                                               max_sequence_length=args.max_sequence_length))})
-        embeds = {name: e[None].to(device) for name, e in cache.load(validation_key).items()} if prompts else {}
-        validation_inputs = [{name: embeds[f"{name}_{i}"] for name in names} for i in range(len(prompts))]
+        embeds = {name: e[None].to(device) for name, e in cache.load(validation_key).items()} if validates else {}
+        validation_inputs = ([{name: embeds[f"{name}_{i}"] for name in names} for i in range(len(prompts))]
+                             if validates else None)
         pipe.text_encoder = pipe.text_encoder_2 = text_encoder = text_encoder_2 = vae.encoder = None
         if crepa is not None:
             crepa.encoder = None  # CREPA: DINOv2 served the pass

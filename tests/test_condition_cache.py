@@ -138,18 +138,28 @@ def test_resumed_run_reuses_entries_and_a_damaged_one_is_recomputed(cog, tiny_mo
 
 
 def test_two_ranks_encode_each_clip_once(tiny_models, dataset, tmp_path):  # noqa: F811
-    """A 2-rank gloo pass: each rank encodes its own share (rank r: clips r, r + 2, ...), every clip exactly once."""
+    """A 2-rank gloo pass: each rank encodes its own share (rank r: clips r, r + 2, ...), every clip exactly once,
+    and the main process the validation prompt. A second 2-rank run finds every entry: no rank loads T5."""
     import subprocess
-    out = tmp_path / "out"
-    argv = base_args(tiny_models["cogvideox-2b"], dataset, out, steps=1, extra=["--cache_conditions"])
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    validation = ["--validation_prompt", "a cat", "--validation_steps", "1", "--validation_num_inference_steps", "1"]
     env = {**offline_env(), "ACCELERATE_USE_CPU": "true", "CREPA_LOG_LEVEL": "DEBUG", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             str(COGVIDEOX_SCRIPT), *argv], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    encoded = re.findall(r"rank (\d) encoded clip (\d)", result.stderr)
+    logs = []
+    for run in ("first", "second"):
+        argv = base_args(tiny_models["cogvideox-2b"], dataset, tmp_path / run, steps=1, extra=[
+            "--cache_conditions", "--condition_cache_dir", str(cache), *validation])
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 str(COGVIDEOX_SCRIPT), *argv], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+        logs.append(result.stderr)
+    encoded = re.findall(r"rank (\d) encoded clip (\d)", logs[0])
     assert sorted(encoded) == [("0", "0"), ("0", "2"), ("1", "1")], encoded
-    assert len(list((out / "condition_cache").glob("*.safetensors"))) == 3
+    assert len(list(cache.glob("*.safetensors"))) == 4  # 3 clips + the validation prompt's embeddings
+    assert "no text encoder loaded" not in logs[0]
+    assert not re.findall(r"encoded clip", logs[1])
+    assert sorted(re.findall(r"rank (\d) has every entry it needs; no text encoder loaded", logs[1])) == ["0", "1"]
+    assert list((tmp_path / "second").glob("validation_video_0_*.mp4"))
 
 
 def test_layerwise_upcasting_stores_fp8_and_trains_the_lora(cog, tiny_models, dataset, tmp_path, monkeypatch):  # noqa: F811
@@ -217,6 +227,26 @@ def test_fp8_weights_cast_every_block_linear_and_compute_with_the_rounded_weight
     with torch.no_grad():
         expected_output, output = reference(**inputs).sample, transformer(**inputs).sample
     assert torch.equal(output, expected_output)
+
+
+def test_missing_gives_each_rank_its_share_of_absent_damaged_or_incomplete_entries(tmp_path):
+    from types import SimpleNamespace
+    cache = ConditionCache(tmp_path / "cache", {"flag": 1})
+    items = []
+    for i in range(5):
+        (tmp_path / f"clip{i}.mp4").write_bytes(b"x" * (i + 1))
+        items.append(SimpleNamespace(path=tmp_path / f"clip{i}.mp4", prompt=f"prompt {i}"))
+    whole = {"latent_dist": torch.zeros(2), "prompt_embeds": torch.zeros(3)}
+    for i in (0, 1, 3):
+        cache.save(cache.video_key(items[i].path, items[i].prompt), whole)
+    cache.save(cache.video_key(items[4].path, items[4].prompt), {"latent_dist": torch.zeros(2)})  # no embeddings
+    damaged = cache.path(cache.video_key(items[3].path, items[3].prompt))
+    damaged.write_bytes(damaged.read_bytes()[:-8])
+    required = {"latent_dist", "prompt_embeds"}
+    assert cache.missing(items, required) == [2, 3, 4]
+    assert cache.missing(items, required, rank=0, world_size=2) == [2, 4]  # clips 0, 2, 4
+    assert cache.missing(items, required, rank=1, world_size=2) == [3]  # clips 1, 3
+    assert cache.missing(items, {"latent_dist"}, rank=1, world_size=2) == [3]
 
 
 def test_disk_check_fails_after_the_first_entry_with_the_sizes(cog, tiny_models, dataset, tmp_path, monkeypatch):  # noqa: F811
