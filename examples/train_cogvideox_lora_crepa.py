@@ -798,7 +798,7 @@ def main(args: argparse.Namespace) -> Path:
     else:
         validation_inputs = None
     # The transformer (fp8 already with --layerwise_upcasting) joins the GPU now: with the cache, after the encoders
-    # left it, so the two never share it (HunyuanVideo: 24 GiB of bf16 transformer beside 15 GiB of Llama).
+    # left it, so the two never share it (CogVideoX-5B: 10 GiB of bf16 transformer beside 9 GiB of T5-XXL).
     transformer.to(device)
     train_dataset = VideoDataset(items, args, cache)
     sampler = training_utils.EpochShuffleSampler(len(train_dataset), seed)
