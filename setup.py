@@ -2,6 +2,7 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+
 here = Path(__file__).parent
 requirements = [
     line.strip()
@@ -20,5 +21,5 @@ setup(
     packages=find_packages("src"),
     python_requires=">=3.10",
     install_requires=requirements,
-    extras_require={"test": ["pytest>=7.4", "pytest-timeout>=2.2", "deepspeed>=0.16"]},
+    extras_require={"test": ["pytest>=7.4", "pytest-timeout>=2.2", "deepspeed>=0.16", "ruff==0.17.6"]},
 )

@@ -49,14 +49,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from crepa_diffusers import training_utils  # noqa: E402
-from crepa_diffusers.term import CrepaTerm, TransformerWithProjector  # noqa: E402
-from crepa_diffusers.training_utils import step_generator  # noqa: E402
 from crepa_diffusers.crepa import CrepaConfig, CrepaProjector  # noqa: E402
 from crepa_diffusers.features import DinoPatchFeatures  # noqa: E402
+from crepa_diffusers.term import CrepaTerm, TransformerWithProjector  # noqa: E402
+from crepa_diffusers.training_utils import step_generator  # noqa: E402
 
 
 @dataclass
@@ -101,9 +102,9 @@ def build_encoder(name: str):
     if name == "tiny":
         return build_tiny_dinov2(registers=True)
     configs = {  # the released facebook/dinov2-* configs
-        "dinov2-s": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6),
-        "dinov2-b": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12),
-        "dinov2-g": dict(hidden_size=1536, num_hidden_layers=40, num_attention_heads=24, use_swiglu_ffn=True),
+        "dinov2-s": {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6},
+        "dinov2-b": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12},
+        "dinov2-g": {"hidden_size": 1536, "num_hidden_layers": 40, "num_attention_heads": 24, "use_swiglu_ffn": True},
     }
     return Dinov2Model(Dinov2Config(patch_size=14, image_size=518, mlp_ratio=4, **configs[name])).eval()
 
@@ -120,43 +121,100 @@ def build_cogvideox(preset_name: str):
     tiny = build_tiny_cogvideox_pipeline("5b")
     if preset_name == "cpu-mid":
         transformer = CogVideoXTransformer3DModel(
-            num_attention_heads=4, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=128,
-            text_embed_dim=256, num_layers=6, sample_width=18, sample_height=12, sample_frames=17, patch_size=2,
-            max_text_seq_length=32, use_rotary_positional_embeddings=True)
-        vae = AutoencoderKLCogVideoX(block_out_channels=(32, 32, 64, 64), latent_channels=16, layers_per_block=1,
-                                     norm_num_groups=8)
-        text_encoder = T5EncoderModel(T5Config(vocab_size=len(tiny.tokenizer), d_model=256, d_ff=512, d_kv=32,
-                                               num_layers=2, num_heads=8))
+            num_attention_heads=4,
+            attention_head_dim=64,
+            in_channels=16,
+            out_channels=16,
+            time_embed_dim=128,
+            text_embed_dim=256,
+            num_layers=6,
+            sample_width=18,
+            sample_height=12,
+            sample_frames=17,
+            patch_size=2,
+            max_text_seq_length=32,
+            use_rotary_positional_embeddings=True,
+        )
+        vae = AutoencoderKLCogVideoX(
+            block_out_channels=(32, 32, 64, 64), latent_channels=16, layers_per_block=1, norm_num_groups=8
+        )
+        text_encoder = T5EncoderModel(
+            T5Config(vocab_size=len(tiny.tokenizer), d_model=256, d_ff=512, d_kv=32, num_layers=2, num_heads=8)
+        )
     else:  # the released CogVideoX-2B / 5B configs
         large = preset_name == "cogvideox-5b"
         transformer = CogVideoXTransformer3DModel(
-            num_attention_heads=48 if large else 30, attention_head_dim=64, in_channels=16, out_channels=16,
-            time_embed_dim=512, text_embed_dim=4096, num_layers=42 if large else 30, sample_width=90,
-            sample_height=60, sample_frames=49, patch_size=2, max_text_seq_length=226,
-            use_rotary_positional_embeddings=large)
+            num_attention_heads=48 if large else 30,
+            attention_head_dim=64,
+            in_channels=16,
+            out_channels=16,
+            time_embed_dim=512,
+            text_embed_dim=4096,
+            num_layers=42 if large else 30,
+            sample_width=90,
+            sample_height=60,
+            sample_frames=49,
+            patch_size=2,
+            max_text_seq_length=226,
+            use_rotary_positional_embeddings=large,
+        )
         vae = AutoencoderKLCogVideoX()  # the default config is the released one
-        text_encoder = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_layers=24,
-                                               num_heads=64, feed_forward_proj="gated-gelu"))
+        text_encoder = T5EncoderModel(
+            T5Config(
+                vocab_size=32128,
+                d_model=4096,
+                d_ff=10240,
+                d_kv=64,
+                num_layers=24,
+                num_heads=64,
+                feed_forward_proj="gated-gelu",
+            )
+        )
     scheduler = CogVideoXDDIMScheduler(**tiny.scheduler.config)
     return tiny.tokenizer, text_encoder, vae, transformer, scheduler
 
 
 def build_hunyuan():
-    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
-    from diffusers import HunyuanVideoTransformer3DModel
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 
     from crepa_diffusers.testing import build_tiny_hunyuan_pipeline
 
     tiny = build_tiny_hunyuan_pipeline()
-    text_encoder = LlamaModel(LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128320))
-    text_encoder_2 = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                                  num_attention_heads=12, projection_dim=768, vocab_size=49408))
-    return HunyuanVideoPipeline(text_encoder=text_encoder, tokenizer=tiny.tokenizer,
-                                transformer=HunyuanVideoTransformer3DModel(), vae=AutoencoderKLHunyuanVideo(),
-                                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=text_encoder_2,
-                                tokenizer_2=tiny.tokenizer_2)
+    text_encoder = LlamaModel(
+        LlamaConfig(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128320,
+        )
+    )
+    text_encoder_2 = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            projection_dim=768,
+            vocab_size=49408,
+        )
+    )
+    return HunyuanVideoPipeline(
+        text_encoder=text_encoder,
+        tokenizer=tiny.tokenizer,
+        transformer=HunyuanVideoTransformer3DModel(),
+        vae=AutoencoderKLHunyuanVideo(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tiny.tokenizer_2,
+    )
 
 
 class PhaseTimer:
@@ -186,7 +244,9 @@ class PhaseTimer:
 class DecodeAnchorTerm(CrepaTerm):
     """Features from VAE-decoded clean latents at 518x518, linspace in time, tokens interpolated to the DiT grid."""
 
-    def __init__(self, config, transformer, projector, encoder: DinoPatchFeatures, vae, stash: dict, latent_layout: str):
+    def __init__(
+        self, config, transformer, projector, encoder: DinoPatchFeatures, vae, stash: dict, latent_layout: str
+    ):
         super().__init__(config, transformer, projector, encoder)
         self.vae, self.stash, self.latent_layout = vae, stash, latent_layout
 
@@ -204,7 +264,7 @@ class DecodeAnchorTerm(CrepaTerm):
             chunk = (chunk - encoder.mean) / encoder.std
             with encoder._autocast(chunk.device):
                 out = encoder.encoder(pixel_values=chunk.to(encoder.encoder.dtype)).last_hidden_state
-            features.append(out[:, encoder.num_prefix_tokens:].float())
+            features.append(out[:, encoder.num_prefix_tokens :].float())
         features = torch.cat(features).unflatten(0, (batch, num_frames))  # [B, F, grid^2, D]
         index = torch.linspace(0, num_frames - 1, len(groups)).long().to(features.device)
         features = features[:, index].flatten(0, 1).transpose(1, 2).unflatten(2, (grid, grid))
@@ -228,8 +288,9 @@ class StepSetup:
     precomputed: dict = None  # the batch of the *-precomputed modes: its conditions encoded once, on the CPU
 
 
-def build_step_setup(preset_name: str, encoder_name: str, device: torch.device, dtype: torch.dtype,
-                     batch_size: int) -> StepSetup:
+def build_step_setup(
+    preset_name: str, encoder_name: str, device: torch.device, dtype: torch.dtype, batch_size: int
+) -> StepSetup:
     """Models from configs (random weights), built directly in `dtype` on `device` (a GPU, the CPU, or the meta
     device for FLOP counting), with LoRA, the encoder, the projector and one CREPA term per mode."""
     preset = PRESETS[preset_name]
@@ -261,13 +322,20 @@ def build_step_setup(preset_name: str, encoder_name: str, device: torch.device, 
 
         # As the scripts add it: LoRA on the blocks' attention projections (HunyuanVideo's token refiner has none),
         # its weights in fp32.
-        targets = (["to_k", "to_q", "to_v", "to_out.0"] if preset.model == "cogvideox"
-                   else script.lora_target_regex(script.DEFAULT_LORA_LAYERS))
-        transformer.add_adapter(LoraConfig(r=128 if full_size else 16, lora_alpha=128, init_lora_weights=True,
-                                           target_modules=targets))
+        targets = (
+            ["to_k", "to_q", "to_v", "to_out.0"]
+            if preset.model == "cogvideox"
+            else script.lora_target_regex(script.DEFAULT_LORA_LAYERS)
+        )
+        transformer.add_adapter(
+            LoraConfig(r=128 if full_size else 16, lora_alpha=128, init_lora_weights=True, target_modules=targets)
+        )
         cast_training_params(transformer, dtype=torch.float32)
-        encoder = DinoPatchFeatures(encoder_model.to(device, dtype=dtype), frames_per_chunk=16,
-                                    autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+        encoder = DinoPatchFeatures(
+            encoder_model.to(device, dtype=dtype),
+            frames_per_chunk=16,
+            autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
+        )
         hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
         projector = CrepaProjector(hidden, encoder.hidden_size, 2048 if full_size else 256)
     stash: dict = {}
@@ -280,26 +348,61 @@ def build_step_setup(preset_name: str, encoder_name: str, device: torch.device, 
 
     vae.encode = encode_and_stash
     terms = {"none": None}
-    for mode, crepa_mode, pooling in (("repa", "repa", "mean"), ("crepa", "crepa", "mean"),
-                                      ("crepa-center", "crepa", "center")):
+    for mode, crepa_mode, pooling in (
+        ("repa", "repa", "mean"),
+        ("crepa", "crepa", "mean"),
+        ("crepa-center", "crepa", "center"),
+    ):
         config = CrepaConfig(mode=crepa_mode, lambda_=0.5, block_index=preset.block_index, frame_pooling=pooling)
         terms[mode] = CrepaTerm(config, transformer, projector, encoder)
-    terms["crepa-decode"] = DecodeAnchorTerm(CrepaConfig(mode="crepa", lambda_=0.5, block_index=preset.block_index),
-                                             transformer, projector, encoder, vae, stash, preset.model)
+    terms["crepa-decode"] = DecodeAnchorTerm(
+        CrepaConfig(mode="crepa", lambda_=0.5, block_index=preset.block_index),
+        transformer,
+        projector,
+        encoder,
+        vae,
+        stash,
+        preset.model,
+    )
     if preset.model == "cogvideox":
-        parts = script.Parts(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, model=transformer,
-                             config=transformer.config, scheduler=scheduler, weight_dtype=dtype, device=device,
-                             height=preset.height, width=preset.width)
+        parts = script.Parts(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=vae,
+            model=transformer,
+            config=transformer.config,
+            scheduler=scheduler,
+            weight_dtype=dtype,
+            device=device,
+            height=preset.height,
+            width=preset.width,
+        )
     else:
-        args = argparse.Namespace(random_flip=False, max_sequence_length=256, guidance_scale=1.0,
-                                  flow_weighting_scheme="none", flow_logit_mean=0.0, flow_logit_std=1.0,
-                                  flow_mode_scale=1.29)
-        parts = script.Parts(pipe=pipe, model=transformer, scheduler=pipe.scheduler, weight_dtype=dtype,
-                             device=device, height=preset.height, width=preset.width,
-                             patch_size=transformer.config.patch_size, args=args)
-    batch = {"frames": torch.rand(batch_size, preset.frames, 3, preset.height, preset.width, device=device) * 2 - 1,
-             "prompts": ["a panda playing a guitar in a bamboo forest, cinematic"] * batch_size,
-             "indices": torch.arange(batch_size)}
+        args = argparse.Namespace(
+            random_flip=False,
+            max_sequence_length=256,
+            guidance_scale=1.0,
+            flow_weighting_scheme="none",
+            flow_logit_mean=0.0,
+            flow_logit_std=1.0,
+            flow_mode_scale=1.29,
+        )
+        parts = script.Parts(
+            pipe=pipe,
+            model=transformer,
+            scheduler=pipe.scheduler,
+            weight_dtype=dtype,
+            device=device,
+            height=preset.height,
+            width=preset.width,
+            patch_size=transformer.config.patch_size,
+            args=args,
+        )
+    batch = {
+        "frames": torch.rand(batch_size, preset.frames, 3, preset.height, preset.width, device=device) * 2 - 1,
+        "prompts": ["a panda playing a guitar in a bamboo forest, cinematic"] * batch_size,
+        "indices": torch.arange(batch_size),
+    }
     for suffix in ("", "-fp8"):
         terms["none-precomputed" + suffix], terms["crepa-precomputed" + suffix] = None, terms["crepa"]
     return StepSetup(script, parts, terms, transformer, projector, encoder, batch, pipe)
@@ -312,13 +415,18 @@ def precompute(setup: StepSetup) -> None:
     conditions = setup.script.encode_conditions(batch["frames"], batch["prompts"], setup.parts, crepa)
     conditions["features"] = conditions["features"].to(crepa.cache_dtype)
     device = batch["frames"].device
-    setup.precomputed = {**batch, "conditions": {name: t.to("cpu" if device.type != "meta" else device)
-                                                 for name, t in conditions.items()}}
+    setup.precomputed = {
+        **batch,
+        "conditions": {name: t.to("cpu" if device.type != "meta" else device) for name, t in conditions.items()},
+    }
 
 
 def mode_groups(modes: list[str]) -> list[list[str]]:
-    return [[m for m in modes if "precomputed" not in m], [m for m in modes if m.endswith("-precomputed")],
-            [m for m in modes if m.endswith("-fp8")]]
+    return [
+        [m for m in modes if "precomputed" not in m],
+        [m for m in modes if m.endswith("-precomputed")],
+        [m for m in modes if m.endswith("-fp8")],
+    ]
 
 
 def frozen_encoders(setup: StepSetup) -> list[torch.nn.Module]:
@@ -350,11 +458,18 @@ def run(preset_name: str, encoder_name: str, steps: int, warmup: int, batch_size
     setup = build_step_setup(preset_name, encoder_name, device, dtype, batch_size)
     precompute(setup)
     script, parts, terms, transformer, projector, encoder = (
-        setup.script, setup.parts, setup.terms, setup.transformer, setup.projector, setup.encoder)
+        setup.script,
+        setup.parts,
+        setup.terms,
+        setup.transformer,
+        setup.projector,
+        setup.encoder,
+    )
 
     lora_params = [p for p in transformer.parameters() if p.requires_grad]
     params = lora_params + list(projector.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-5)
+
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -375,7 +490,7 @@ def run(preset_name: str, encoder_name: str, steps: int, warmup: int, batch_size
 
     modes = list(terms)
     times = {mode: [] for mode in modes}
-    peaks = {mode: 0 for mode in modes}
+    peaks = dict.fromkeys(modes, 0)
     splits = {}
     # Interleaved within a group; the precomputed modes run after the encoders left the GPU, the fp8 ones last.
     for group in mode_groups(modes):
@@ -413,7 +528,9 @@ def run(preset_name: str, encoder_name: str, steps: int, warmup: int, batch_size
         "batch_size": batch_size,
         "dtype": str(dtype).replace("torch.", ""),
         "gradient_checkpointing": preset.gradient_checkpointing,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "date": datetime.date.today().isoformat(),
         "steps_timed": steps,
         "median_step_s": median,
@@ -456,6 +573,7 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def phases(self, name: str):
         """Stands in for the phase timer: names the phase that allocations (and the peak) belong to."""
+
         @contextlib.contextmanager
         def phase():
             self.phase = name
@@ -472,26 +590,46 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
-def fused_attention_on_meta(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                            enable_gqa=False, *, _sdpa=F.scaled_dot_product_attention):
+def fused_attention_on_meta(
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p=0.0,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    *,
+    _sdpa=F.scaled_dot_product_attention,
+):
     """`scaled_dot_product_attention` as a GPU runs it, for the meta device. There SDPA takes the math path, which
     materialises the [N, N] attention matrix (in fp32): a GPU never does. The fused kernels' meta versions (flash
     attention in bf16/fp16, memory-efficient attention with a mask or in fp32) give the GPU's shapes: the output and
     the log-sum-exp saved for backward, and the backward's recomputation counted as FLOPs."""
     if query.device.type != "meta" or enable_gqa or query.shape[-1] > 256:
-        return _sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                     enable_gqa=enable_gqa)
+        return _sdpa(
+            query,
+            key,
+            value,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=enable_gqa,
+        )
     if attn_mask is None and query.dtype in (torch.bfloat16, torch.float16):
-        return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False,
-                                                                  scale=scale)[0]
+        return torch.ops.aten._scaled_dot_product_flash_attention(
+            query, key, value, dropout_p, is_causal, False, scale=scale
+        )[0]
     bias = attn_mask
     if bias is not None and bias.dtype == torch.bool:  # what SDPA does with a boolean mask: an additive bias
         bias = torch.zeros(bias.shape, dtype=query.dtype, device=bias.device).masked_fill(~bias, float("-inf"))
     if bias is not None:
         bias = bias.to(query.dtype).expand(*query.shape[:-1], key.shape[-2])
     need_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    return torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, bias, need_lse, dropout_p,
-                                                                  is_causal, scale=scale)[0]
+    return torch.ops.aten._scaled_dot_product_efficient_attention(
+        query, key, value, bias, need_lse, dropout_p, is_causal, scale=scale
+    )[0]
 
 
 @contextlib.contextmanager
@@ -547,6 +685,7 @@ def count_on_meta(preset_name: str, encoder_name: str, batch_size: int = 1) -> d
     setup = build_step_setup(preset_name, encoder_name, torch.device("meta"), preset.dtype, batch_size)
     parts, terms, transformer, pipe = setup.parts, setup.terms, setup.transformer, setup.pipe
     if pipe is not None:
+
         def encode_prompt_on_meta(prompts, device=None, dtype=None, max_sequence_length=256):
             # diffusers' encode_prompt reads token values (.item()), which the meta device cannot: run the same two
             # encoders on inputs of the same length (template crop 95 + max_sequence_length; CLIP 77 tokens).
@@ -585,17 +724,23 @@ def count_on_meta(preset_name: str, encoder_name: str, batch_size: int = 1) -> d
                 phases = CountedPhases(counter)
                 step(phases)
             # Memory in a pass of its own: the FLOP counter's module tracker keeps tensors recomputed in backward alive.
-            with LiveTensorBytes(_tensors(transformer, *frozen, *crepa_modules, optimizer, batch_of(setup, mode))) as memory:
+            with LiveTensorBytes(
+                _tensors(transformer, *frozen, *crepa_modules, optimizer, batch_of(setup, mode))
+            ) as memory:
                 step(memory.phases)
         flops[mode] = {"total": counter.get_total_flops(), **phases.totals}
         peaks[mode], peak_phases[mode], phase_peaks[mode] = memory.peak, memory.peak_phase, memory.phase_peaks
     gib = 2**30
     encoder_bytes = sum(t.nbytes for t in _tensors(setup.encoder.encoder))
     return {
-        "preset": preset_name, "encoder": encoder_name, "clip": f"{preset.frames}x{preset.height}x{preset.width}",
-        "batch_size": batch_size, "gradient_checkpointing": preset.gradient_checkpointing,
+        "preset": preset_name,
+        "encoder": encoder_name,
+        "clip": f"{preset.frames}x{preset.height}x{preset.width}",
+        "batch_size": batch_size,
+        "gradient_checkpointing": preset.gradient_checkpointing,
         "dtype": str(preset.dtype).replace("torch.", ""),
-        "date": datetime.date.today().isoformat(), "tflops": {m: {k: v / 1e12 for k, v in f.items()} for m, f in flops.items()},
+        "date": datetime.date.today().isoformat(),
+        "tflops": {m: {k: v / 1e12 for k, v in f.items()} for m, f in flops.items()},
         "ratio_to_none": {m: f["total"] / flops["none"]["total"] for m, f in flops.items()},
         "peak_tensor_memory_gib": {m: peaks[m] / gib for m in peaks},
         "peak_phase": peak_phases,
@@ -607,51 +752,71 @@ def count_on_meta(preset_name: str, encoder_name: str, batch_size: int = 1) -> d
 
 def counted_markdown(result: dict) -> str:
     phases = ["text_vae_encoding", "encoder_features", "transformer_forward", "loss", "backward"]
-    lines = [f"**{result['preset']}** ({result['clip']}, batch {result['batch_size']}, {result['dtype']}, encoder "
-             f"{result['encoder']} ({result['encoder_weights_gib']:.2f} GiB), gradient checkpointing "
-             f"{'on' if result['gradient_checkpointing'] else 'off'}): TFLOP and peak tensor memory per training "
-             f"step, counted on the meta device, {result['date']}",
-             "", "| mode | TFLOP | ratio to none | " + " | ".join(phases)
-             + " | peak memory (GiB) | over none (GiB) | peak during |", "|---" * (6 + len(phases)) + "|"]
+    lines = [
+        f"**{result['preset']}** ({result['clip']}, batch {result['batch_size']}, {result['dtype']}, encoder "
+        f"{result['encoder']} ({result['encoder_weights_gib']:.2f} GiB), gradient checkpointing "
+        f"{'on' if result['gradient_checkpointing'] else 'off'}): TFLOP and peak tensor memory per training "
+        f"step, counted on the meta device, {result['date']}",
+        "",
+        "| mode | TFLOP | ratio to none | "
+        + " | ".join(phases)
+        + " | peak memory (GiB) | over none (GiB) | peak during |",
+        "|---" * (6 + len(phases)) + "|",
+    ]
     for mode, split in result["tflops"].items():
-        lines.append(f"| {mode} | {split['total']:.1f} | {result['ratio_to_none'][mode]:.3f} | "
-                     + " | ".join(f"{split.get(p, 0.0):.1f}" for p in phases)
-                     + f" | {result['peak_tensor_memory_gib'][mode]:.2f} | {result['memory_overhead_gib'][mode]:+.2f}"
-                     + f" | {result['peak_phase'][mode]} |")
+        lines.append(
+            f"| {mode} | {split['total']:.1f} | {result['ratio_to_none'][mode]:.3f} | "
+            + " | ".join(f"{split.get(p, 0.0):.1f}" for p in phases)
+            + f" | {result['peak_tensor_memory_gib'][mode]:.2f} | {result['memory_overhead_gib'][mode]:+.2f}"
+            + f" | {result['peak_phase'][mode]} |"
+        )
     return "\n".join(lines)
 
 
 def markdown(result: dict) -> str:
     phases = ["text_vae_encoding", "encoder_features", "transformer_forward", "loss", "backward", "optimizer"]
-    lines = [f"**{result['preset']}** ({result['clip']}, batch {result['batch_size']}, {result['dtype']}, "
-             f"encoder {result['encoder']}, gradient checkpointing {'on' if result['gradient_checkpointing'] else 'off'}) "
-             f"on {result['device']}, {result['date']}, median of {result['steps_timed']} steps",
-             "", "| mode | step (s) | ratio to none | " + " | ".join(phases) + " | peak memory (GiB) |",
-             "|---" * (4 + len(phases)) + "|"]
+    lines = [
+        f"**{result['preset']}** ({result['clip']}, batch {result['batch_size']}, {result['dtype']}, "
+        f"encoder {result['encoder']}, gradient checkpointing {'on' if result['gradient_checkpointing'] else 'off'}) "
+        f"on {result['device']}, {result['date']}, median of {result['steps_timed']} steps",
+        "",
+        "| mode | step (s) | ratio to none | " + " | ".join(phases) + " | peak memory (GiB) |",
+        "|---" * (4 + len(phases)) + "|",
+    ]
     for mode, seconds in result["median_step_s"].items():
         split = result["phase_split_s"][mode]
         peak = f"{result['peak_memory_gib'][mode]:.2f}" if result["peak_memory_gib"] else "n/a (CPU)"
-        lines.append(f"| {mode} | {seconds:.4f} | {result['ratio_to_none'][mode]:.3f} | "
-                     + " | ".join(f"{split.get(p, 0.0):.4f}" for p in phases) + f" | {peak} |")
+        lines.append(
+            f"| {mode} | {seconds:.4f} | {result['ratio_to_none'][mode]:.3f} | "
+            + " | ".join(f"{split.get(p, 0.0):.4f}" for p in phases)
+            + f" | {peak} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--encoder", action="append", help="dinov2-g, dinov2-b, dinov2-s or tiny (default: the preset's)")
+    parser.add_argument(
+        "--encoder", action="append", help="dinov2-g, dinov2-b, dinov2-s or tiny (default: the preset's)"
+    )
     parser.add_argument("--steps", type=int, default=5, help="Timed steps per mode.")
     parser.add_argument("--warmup", type=int, default=2, help="Untimed steps per mode first (at least 1).")
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--output", type=str, default=None, help="Write the results as JSON here.")
-    parser.add_argument("--count", action="store_true",
-                        help="Count the FLOPs and the peak tensor memory of one step per mode on the meta device "
-                        "instead of timing (any preset; needs no GPU and no memory for the weights).")
+    parser.add_argument(
+        "--count",
+        action="store_true",
+        help="Count the FLOPs and the peak tensor memory of one step per mode on the meta device "
+        "instead of timing (any preset; needs no GPU and no memory for the weights).",
+    )
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.steps < 1:
         parser.error(f"--warmup and --steps must be at least 1, got --warmup {args.warmup} --steps {args.steps}.")
     if args.count:
-        results = [count_on_meta(args.preset, name, args.batch_size) for name in args.encoder or PRESETS[args.preset].encoders]
+        results = [
+            count_on_meta(args.preset, name, args.batch_size) for name in args.encoder or PRESETS[args.preset].encoders
+        ]
         for result in results:
             print(counted_markdown(result), "\n", flush=True)
         if args.output:

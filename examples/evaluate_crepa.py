@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".gif"}
@@ -51,7 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_sequence_length", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fps", type=int, default=8)
-    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16" if torch.cuda.is_available() else "fp32")
+    parser.add_argument(
+        "--dtype", choices=["bf16", "fp16", "fp32"], default="bf16" if torch.cuda.is_available() else "fp32"
+    )
     args = parser.parse_args(argv)
     if not args.video_dirs and not (args.pretrained_model_name_or_path and args.prompts):
         parser.error("give --video_dirs, or --pretrained_model_name_or_path with --prompts (and --lora).")
@@ -128,9 +131,17 @@ def generate_groups(args) -> dict[str, list[tuple[str, np.ndarray]]]:
         videos = []
         for prompt in prompts:
             generator = torch.Generator(device=device).manual_seed(args.seed)
-            frames = pipe(prompt=prompt, num_frames=args.num_frames, height=args.height, width=args.width,
-                          num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                          generator=generator, output_type="np", **extra).frames[0]
+            frames = pipe(
+                prompt=prompt,
+                num_frames=args.num_frames,
+                height=args.height,
+                width=args.width,
+                num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale,
+                generator=generator,
+                output_type="np",
+                **extra,
+            ).frames[0]
             videos.append((prompt, (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)))
         return videos
 
@@ -201,15 +212,23 @@ def write_grid(groups: dict[str, list[tuple[str, np.ndarray]]], path: Path, fps:
     export_to_video([f.astype(np.float32) / 255.0 for f in frames], str(path), fps=fps)
 
 
-def evaluate(groups: dict[str, list[tuple[str, np.ndarray]]], embedder: FrameEmbedder, output_dir: str | os.PathLike,
-             fps: int = 8) -> dict:
+def evaluate(
+    groups: dict[str, list[tuple[str, np.ndarray]]],
+    embedder: FrameEmbedder,
+    output_dir: str | os.PathLike,
+    fps: int = 8,
+) -> dict:
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    report = {"metric": "DINOv2 CLS cosine similarity; subject_consistency = mean_i (max(0, adjacent_i) + max(0, first_i))"
-              " / 2 (VBench's formula on DINOv2 features: not comparable with published VBench tables)",
-              "groups": {}}
+    report = {
+        "metric": "DINOv2 CLS cosine similarity; subject_consistency = mean_i (max(0, adjacent_i) + max(0, first_i))"
+        " / 2 (VBench's formula on DINOv2 features: not comparable with published VBench tables)",
+        "groups": {},
+    }
     for group, videos in groups.items():
-        scored = [{"name": name, "num_frames": len(frames), **consistency(embedder(frames))} for name, frames in videos]
+        scored = [
+            {"name": name, "num_frames": len(frames), **consistency(embedder(frames))} for name, frames in videos
+        ]
         report["groups"][group] = {
             "videos": scored,
             "mean_adjacent": float(np.mean([v["mean_adjacent"] for v in scored])),
@@ -228,8 +247,10 @@ def main(argv=None) -> dict:
     embedder = FrameEmbedder(args.encoder, args.image_size, "cuda" if torch.cuda.is_available() else "cpu")
     report = evaluate(groups, embedder, args.output_dir, args.fps)
     for group, entry in report["groups"].items():
-        print(f"{group:>24}: subject consistency {entry['subject_consistency']:.4f}  "
-              f"(adjacent {entry['mean_adjacent']:.4f}, first frame {entry['mean_first']:.4f})")
+        print(
+            f"{group:>24}: subject consistency {entry['subject_consistency']:.4f}  "
+            f"(adjacent {entry['mean_adjacent']:.4f}, first frame {entry['mean_first']:.4f})"
+        )
     print(f"Wrote {Path(args.output_dir) / 'report.json'}, similarity.png, grid.mp4")
     return report
 

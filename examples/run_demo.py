@@ -24,12 +24,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+
 HERE = Path(__file__).resolve().parent
 
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30, help="Optimizer steps (default 30: a few minutes on 2 cores).")
+    parser.add_argument(
+        "--steps", type=int, default=30, help="Optimizer steps (default 30: a few minutes on 2 cores)."
+    )
     parser.add_argument("--output_dir", default="demo_output")
     parser.add_argument("--crepa_mode", default="crepa", choices=["crepa", "repa", "none"])
     parser.add_argument("extra", nargs="*", help="Further flags for train_cogvideox_lora_crepa.py (after --).")
@@ -59,22 +62,80 @@ def main(argv: list[str] | None = None) -> Path:
     data = data or str(work / "data")
 
     train_args = [
-        "--pretrained_model_name_or_path", model, "--instance_data_root", data,
-        "--caption_column", "prompts.txt", "--video_column", "videos.txt",
-        "--crepa_mode", args.crepa_mode, "--crepa_encoder", encoder,
-        "--output_dir", str(output), "--max_train_steps", str(args.steps), "--seed", "0",
-        "--train_batch_size", "1", "--checkpointing_steps", str(max(1, args.steps // 2)),
-        "--checkpoints_total_limit", "1", "--validation_prompt", "a bunny walks in a green meadow",
-        "--validation_steps", str(max(1, args.steps // 2)), "--report_to", "tensorboard", "--logging_steps", "1",
+        "--pretrained_model_name_or_path",
+        model,
+        "--instance_data_root",
+        data,
+        "--caption_column",
+        "prompts.txt",
+        "--video_column",
+        "videos.txt",
+        "--crepa_mode",
+        args.crepa_mode,
+        "--crepa_encoder",
+        encoder,
+        "--output_dir",
+        str(output),
+        "--max_train_steps",
+        str(args.steps),
+        "--seed",
+        "0",
+        "--train_batch_size",
+        "1",
+        "--checkpointing_steps",
+        str(max(1, args.steps // 2)),
+        "--checkpoints_total_limit",
+        "1",
+        "--validation_prompt",
+        "a bunny walks in a green meadow",
+        "--validation_steps",
+        str(max(1, args.steps // 2)),
+        "--report_to",
+        "tensorboard",
+        "--logging_steps",
+        "1",
     ]
     if tiny:  # sizes of the tiny model: 2x3 tokens per frame, 3 blocks
-        train_args += ["--height", "32", "--width", "48", "--max_num_frames", "9", "--rank", "8", "--lora_alpha", "8",
-                       "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--crepa_block_index", "1",
-                       "--crepa_projector_dim", "64", "--validation_num_inference_steps", "4", "--mixed_precision", "no"]
+        train_args += [
+            "--height",
+            "32",
+            "--width",
+            "48",
+            "--max_num_frames",
+            "9",
+            "--rank",
+            "8",
+            "--lora_alpha",
+            "8",
+            "--learning_rate",
+            "1e-3",
+            "--lr_warmup_steps",
+            "0",
+            "--crepa_block_index",
+            "1",
+            "--crepa_projector_dim",
+            "64",
+            "--validation_num_inference_steps",
+            "4",
+            "--mixed_precision",
+            "no",
+        ]
     train_args += args.extra
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
-               "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no",
-               str(HERE / "train_cogvideox_lora_crepa.py"), *train_args]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--dynamo_backend",
+        "no",
+        "--mixed_precision",
+        "no",
+        str(HERE / "train_cogvideox_lora_crepa.py"),
+        *train_args,
+    ]
     env = dict(os.environ)
     if tiny:
         env.setdefault("HF_HUB_OFFLINE", "1")

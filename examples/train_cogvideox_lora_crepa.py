@@ -38,6 +38,7 @@ from crepa_diffusers.features import token_frame_groups  # CREPA
 from crepa_diffusers.model_card import crepa_card_settings, training_card_settings, write_model_card
 from crepa_diffusers.term import CrepaTerm, TransformerWithProjector, build_crepa, check_crepa_args  # CREPA
 
+
 logger = logging.getLogger("train_cogvideox_lora_crepa")
 
 VAE_SPATIAL, VAE_TEMPORAL = 8, 4  # CogVideoX's VAE: 8x spatial, 4x temporal (4k+1 frames -> k+1 latent frames)
@@ -50,37 +51,72 @@ VAE_SPATIAL, VAE_TEMPORAL = 8, 4  # CogVideoX's VAE: 8x spatial, 4x temporal (4k
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="CogVideoX LoRA training with CREPA.")
     model = parser.add_argument_group("Model")
-    model.add_argument("--pretrained_model_name_or_path", type=str, required=True,
-                       help="Hub id or local folder of the base diffusers pipeline.")
+    model.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        required=True,
+        help="Hub id or local folder of the base diffusers pipeline.",
+    )
     model.add_argument("--revision", type=str, default=None)
     model.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
     model.add_argument("--cache_dir", type=str, default=None)
 
     data = parser.add_argument_group("Dataset")
-    data.add_argument("--dataset_name", type=str, default=None,
-                      help="A Hub dataset id, a local dataset folder, or a .csv/.json/.jsonl/.parquet file with the "
-                      "caption and video columns.")
+    data.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="A Hub dataset id, a local dataset folder, or a .csv/.json/.jsonl/.parquet file with the "
+        "caption and video columns.",
+    )
     data.add_argument("--dataset_config_name", type=str, default=None)
-    data.add_argument("--instance_data_root", type=str, default=None,
-                      help="Folder holding the caption and video list files (and the videos they name).")
-    data.add_argument("--video_column", type=str, default="video",
-                      help="The video-path column, or (with --instance_data_root) the file listing one video per line.")
-    data.add_argument("--caption_column", type=str, default="text",
-                      help="The caption column, or (with --instance_data_root) the file listing one prompt per line.")
+    data.add_argument(
+        "--instance_data_root",
+        type=str,
+        default=None,
+        help="Folder holding the caption and video list files (and the videos they name).",
+    )
+    data.add_argument(
+        "--video_column",
+        type=str,
+        default="video",
+        help="The video-path column, or (with --instance_data_root) the file listing one video per line.",
+    )
+    data.add_argument(
+        "--caption_column",
+        type=str,
+        default="text",
+        help="The caption column, or (with --instance_data_root) the file listing one prompt per line.",
+    )
     data.add_argument("--id_token", type=str, default=None, help="Prepended to every training prompt.")
-    data.add_argument("--dataloader_num_workers", type=int, default=0,
-                      help="Workers that decode videos in the background (0: in the main process).")
-    data.add_argument("--skip_invalid_videos", action="store_true",
-                      help="Drop missing, unreadable or too-short videos with a warning instead of stopping.")
+    data.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=0,
+        help="Workers that decode videos in the background (0: in the main process).",
+    )
+    data.add_argument(
+        "--skip_invalid_videos",
+        action="store_true",
+        help="Drop missing, unreadable or too-short videos with a warning instead of stopping.",
+    )
 
     val = parser.add_argument_group("Validation")
-    val.add_argument("--validation_prompt", type=str, default=None,
-                     help="One or more prompts separated by --validation_prompt_separator.")
+    val.add_argument(
+        "--validation_prompt",
+        type=str,
+        default=None,
+        help="One or more prompts separated by --validation_prompt_separator.",
+    )
     val.add_argument("--validation_prompt_separator", type=str, default=":::")
     val.add_argument("--num_validation_videos", type=int, default=1)
     val.add_argument("--validation_epochs", type=int, default=50, help="Validate every N epochs.")
-    val.add_argument("--validation_steps", type=int, default=None,
-                     help="Validate every N optimizer steps (in addition to --validation_epochs).")
+    val.add_argument(
+        "--validation_steps",
+        type=int,
+        default=None,
+        help="Validate every N optimizer steps (in addition to --validation_epochs).",
+    )
     val.add_argument("--validation_num_inference_steps", type=int, default=50)
     val.add_argument("--guidance_scale", type=float, default=6.0)
     val.add_argument("--use_dynamic_cfg", action="store_true", help="Dynamic CFG in validation (CogVideoX-5B).")
@@ -89,14 +125,24 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--seed", type=int, default=None)
     train.add_argument("--rank", type=int, default=128, help="LoRA rank.")
     train.add_argument("--lora_alpha", type=float, default=128, help="LoRA alpha (scale = alpha / rank).")
-    train.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
-                       help="Defaults to the accelerate config; bf16 on GPUs for CogVideoX-5B / 1.5 (NaN in fp16).")
+    train.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Defaults to the accelerate config; bf16 on GPUs for CogVideoX-5B / 1.5 (NaN in fp16).",
+    )
     train.add_argument("--output_dir", type=str, default="cogvideox-lora")
     train.add_argument("--height", type=int, default=480)
     train.add_argument("--width", type=int, default=720)
-    train.add_argument("--video_reshape_mode", type=str, default="center", choices=["center", "random", "none", "stretch"],
-                       help="Crop after resizing the short side: center, random, or none (a random crop, as in diffusers' "
-                       "script); stretch resizes to --height x --width ignoring the aspect ratio.")
+    train.add_argument(
+        "--video_reshape_mode",
+        type=str,
+        default="center",
+        choices=["center", "random", "none", "stretch"],
+        help="Crop after resizing the short side: center, random, or none (a random crop, as in diffusers' "
+        "script); stretch resizes to --height x --width ignoring the aspect ratio.",
+    )
     train.add_argument("--fps", type=int, default=8, help="Frame rate of the validation videos.")
     train.add_argument("--max_num_frames", type=int, default=49, help="Frames per clip (4k+1).")
     train.add_argument("--skip_frames_start", type=int, default=0)
@@ -107,8 +153,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--max_train_steps", type=int, default=None)
     train.add_argument("--checkpointing_steps", type=int, default=500)
     train.add_argument("--checkpoints_total_limit", type=int, default=None)
-    train.add_argument("--resume_from_checkpoint", type=str, default=None,
-                       help='A checkpoint-N folder, or "latest" for the newest complete one in --output_dir.')
+    train.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help='A checkpoint-N folder, or "latest" for the newest complete one in --output_dir.',
+    )
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
     train.add_argument("--gradient_checkpointing", action="store_true")
     train.add_argument("--learning_rate", type=float, default=1e-4)
@@ -119,20 +169,38 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--lr_power", type=float, default=1.0)
     train.add_argument("--enable_slicing", action="store_true", help="VAE slicing.")
     train.add_argument("--enable_tiling", action="store_true", help="VAE tiling.")
-    train.add_argument("--cache_conditions", action="store_true",
-                       help="Before training, encode every clip once (VAE latent distribution, T5 embedding, DINOv2 "
-                       "features; under --condition_cache_dir, reused by later runs), then free the GPU of the text "
-                       "encoder, the VAE encoder and DINOv2.")
-    train.add_argument("--condition_cache_dir", type=str, default=None,
-                       help="Where --cache_conditions keeps its files (default: OUTPUT_DIR/condition_cache).")
-    train.add_argument("--layerwise_upcasting", action="store_true",
-                       help="Store the frozen transformer weights in fp8 (float8_e4m3fn) and compute in the training "
-                       "dtype (diffusers' enable_layerwise_casting; its default skips: the patch embedder, norms with their "
-                       "modulation linears, and the LoRA).")
-    train.add_argument("--max_nonfinite_steps", type=int, default=5,
-                       help="Stop after this many optimizer steps in a row with a NaN/inf loss (each is skipped).")
-    train.add_argument("--logging_steps", type=int, default=10,
-                       help="Read the logged metrics off the device every N steps (each read is a host sync).")
+    train.add_argument(
+        "--cache_conditions",
+        action="store_true",
+        help="Before training, encode every clip once (VAE latent distribution, T5 embedding, DINOv2 "
+        "features; under --condition_cache_dir, reused by later runs), then free the GPU of the text "
+        "encoder, the VAE encoder and DINOv2.",
+    )
+    train.add_argument(
+        "--condition_cache_dir",
+        type=str,
+        default=None,
+        help="Where --cache_conditions keeps its files (default: OUTPUT_DIR/condition_cache).",
+    )
+    train.add_argument(
+        "--layerwise_upcasting",
+        action="store_true",
+        help="Store the frozen transformer weights in fp8 (float8_e4m3fn) and compute in the training "
+        "dtype (diffusers' enable_layerwise_casting; its default skips: the patch embedder, norms with their "
+        "modulation linears, and the LoRA).",
+    )
+    train.add_argument(
+        "--max_nonfinite_steps",
+        type=int,
+        default=5,
+        help="Stop after this many optimizer steps in a row with a NaN/inf loss (each is skipped).",
+    )
+    train.add_argument(
+        "--logging_steps",
+        type=int,
+        default=10,
+        help="Read the logged metrics off the device every N steps (each read is a host sync).",
+    )
 
     opt = parser.add_argument_group("Optimizer")
     opt.add_argument("--optimizer", type=lambda s: s.lower(), default="adam", choices=["adam", "adamw", "prodigy"])
@@ -156,8 +224,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     other.add_argument("--allow_tf32", action="store_true")
     other.add_argument("--report_to", type=str, default=None, help='"tensorboard", "wandb" or "all".')
 
-    add_crepa_args(parser, default_lambda=0.5, default_block_index=8,  # CREPA: the --crepa_* flags
-                   block_index_help="CogVideoX-2B has 30 blocks (0..29), 5B and 1.5 have 42 (0..41).")
+    add_crepa_args(
+        parser,
+        default_lambda=0.5,
+        default_block_index=8,  # CREPA: the --crepa_* flags
+        block_index_help="CogVideoX-2B has 30 blocks (0..29), 5B and 1.5 have 42 (0..41).",
+    )
     args = parser.parse_args(input_args)
 
     # Errors that need no model, argparse-style, naming the flag.
@@ -165,9 +237,24 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         parser.error("give --instance_data_root (prompt/video list files) or --dataset_name.")
     if (args.max_num_frames - 1) % VAE_TEMPORAL != 0:
         parser.error(f"--max_num_frames {args.max_num_frames}: the video VAEs take 4k+1 frames (e.g. 49, 81, 9).")
-    for flag in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps", "rank",
-                 "logging_steps", "max_nonfinite_steps", "validation_epochs", "num_validation_videos", "max_num_frames",
-                 "max_train_steps", "validation_steps", "validation_num_inference_steps", "height", "width", "fps"):
+    for flag in (
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "num_train_epochs",
+        "checkpointing_steps",
+        "rank",
+        "logging_steps",
+        "max_nonfinite_steps",
+        "validation_epochs",
+        "num_validation_videos",
+        "max_num_frames",
+        "max_train_steps",
+        "validation_steps",
+        "validation_num_inference_steps",
+        "height",
+        "width",
+        "fps",
+    ):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
     for flag in ("skip_frames_start", "skip_frames_end", "lr_warmup_steps", "dataloader_num_workers", "lora_alpha"):
@@ -176,8 +263,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}.")
     if args.cache_conditions and (args.random_flip or args.video_reshape_mode in ("random", "none")):
-        parser.error("--cache_conditions reuses each clip's features, so the clip must not change between epochs: "
-                     "drop --random_flip / --video_reshape_mode random or none (both crop at random), or the cache.")
+        parser.error(
+            "--cache_conditions reuses each clip's features, so the clip must not change between epochs: "
+            "drop --random_flip / --video_reshape_mode random or none (both crop at random), or the cache."
+        )
     if args.report_to in ("wandb", "all") and args.hub_token is not None:
         parser.error("--report_to wandb with --hub_token would expose the token: log in with `hf auth login`.")
     return args
@@ -218,6 +307,7 @@ def load_video_items(args: argparse.Namespace) -> list[VideoItem]:
         source = f"{root / args.caption_column} and {root / args.video_column}"
     else:
         import datasets
+
         local = Path(args.dataset_name)
         if local.is_file():
             builder = DATA_FILE_BUILDERS.get(local.suffix.lower())
@@ -232,13 +322,16 @@ def load_video_items(args: argparse.Namespace) -> list[VideoItem]:
         train = dataset["train"]
         for flag, column in (("--caption_column", args.caption_column), ("--video_column", args.video_column)):
             if column not in train.column_names:
-                raise SystemExit(f"{flag} {column!r} is not a column of {args.dataset_name}: its columns are "
-                                 f"{train.column_names}.")
+                raise SystemExit(
+                    f"{flag} {column!r} is not a column of {args.dataset_name}: its columns are {train.column_names}."
+                )
         prompts = [str(p).strip() for p in train[args.caption_column]]
         videos = [v if isinstance(v, str) else v.get("path", "") for v in train[args.video_column]]
         source = str(args.dataset_name)
     if len(prompts) != len(videos):
-        raise SystemExit(f"{source}: {len(prompts)} prompts but {len(videos)} videos; each video needs exactly one prompt.")
+        raise SystemExit(
+            f"{source}: {len(prompts)} prompts but {len(videos)} videos; each video needs exactly one prompt."
+        )
     if not videos:
         raise SystemExit(f"{source}: no videos listed.")
     if args.id_token:
@@ -288,10 +381,14 @@ class VideoDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         import decord
+
         args, item = self.args, self.items[index]
         if self.cache is not None:
-            return {"conditions": self.cache.load(self.cache.video_key(item.path, item.prompt)), "prompt": item.prompt,
-                    "index": index}
+            return {
+                "conditions": self.cache.load(self.cache.video_key(item.path, item.prompt)),
+                "prompt": item.prompt,
+                "index": index,
+            }
         reader = decord.VideoReader(str(item.path))
         indices = sample_frame_indices(len(reader), args.max_num_frames, args.skip_frames_start, args.skip_frames_end)
         frames = torch.from_numpy(reader.get_batch(indices).asnumpy())  # [F, H, W, C] uint8
@@ -301,15 +398,24 @@ class VideoDataset(Dataset):
 
 
 def collate_fn(examples: list[dict]) -> dict:
-    batch = {"prompts": [example["prompt"] for example in examples],
-             "indices": torch.tensor([example["index"] for example in examples])}
+    batch = {
+        "prompts": [example["prompt"] for example in examples],
+        "indices": torch.tensor([example["index"] for example in examples]),
+    }
     if "conditions" in examples[0]:
-        return {**batch, "conditions": {name: torch.stack([example["conditions"][name] for example in examples])
-                                        for name in examples[0]["conditions"]}}
+        return {
+            **batch,
+            "conditions": {
+                name: torch.stack([example["conditions"][name] for example in examples])
+                for name in examples[0]["conditions"]
+            },
+        }
     lengths = {example["frames"].shape[0] for example in examples}
     if len(lengths) > 1:
-        raise ValueError(f"A batch mixes clips of {sorted(lengths)} frames: with --train_batch_size > 1 every video "
-                         "needs at least --max_num_frames frames (or use --train_batch_size 1).")
+        raise ValueError(
+            f"A batch mixes clips of {sorted(lengths)} frames: with --train_batch_size > 1 every video "
+            "needs at least --max_num_frames frames (or use --train_batch_size 1)."
+        )
     return {**batch, "frames": torch.stack([example["frames"] for example in examples])}
 
 
@@ -324,8 +430,14 @@ def random_flip(frames: torch.Tensor, generator: torch.Generator) -> torch.Tenso
 
 
 def encode_prompts(tokenizer, text_encoder, prompts: list[str], max_length: int, device) -> torch.Tensor:
-    ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=max_length,
+        truncation=True,
+        add_special_tokens=True,
+        return_tensors="pt",
+    ).input_ids
     with torch.no_grad():
         return text_encoder(ids.to(device))[0]
 
@@ -334,6 +446,7 @@ def rotary_embeddings(config, height: int, width: int, latent_frames: int, devic
     """As CogVideoXPipeline builds them at inference, for 1.0 (crop grid) and 1.5 (patch_size_t, slice grid)."""
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
     from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
     if not config.use_rotary_positional_embeddings:
         return None
     p, p_t = config.patch_size, config.patch_size_t
@@ -341,11 +454,22 @@ def rotary_embeddings(config, height: int, width: int, latent_frames: int, devic
     base_w, base_h = config.sample_width // p, config.sample_height // p
     if p_t is None:
         crops = get_resize_crop_region_for_grid(grid, base_w, base_h)
-        return get_3d_rotary_pos_embed(embed_dim=config.attention_head_dim, crops_coords=crops, grid_size=grid,
-                                       temporal_size=latent_frames, device=device)
-    return get_3d_rotary_pos_embed(embed_dim=config.attention_head_dim, crops_coords=None, grid_size=grid,
-                                   temporal_size=(latent_frames + p_t - 1) // p_t, grid_type="slice",
-                                   max_size=(base_h, base_w), device=device)
+        return get_3d_rotary_pos_embed(
+            embed_dim=config.attention_head_dim,
+            crops_coords=crops,
+            grid_size=grid,
+            temporal_size=latent_frames,
+            device=device,
+        )
+    return get_3d_rotary_pos_embed(
+        embed_dim=config.attention_head_dim,
+        crops_coords=None,
+        grid_size=grid,
+        temporal_size=(latent_frames + p_t - 1) // p_t,
+        grid_type="slice",
+        max_size=(base_h, base_w),
+        device=device,
+    )
 
 
 def pad_latent_frames(latents: torch.Tensor, patch_size_t: int | None) -> torch.Tensor:
@@ -374,31 +498,55 @@ class Parts:
     random_flip: bool = False
 
 
-def encode_conditions(frames: torch.Tensor, prompts: list[str], parts: Parts, crepa: CrepaTerm | None = None,
-                      timer=contextlib.nullcontext) -> dict[str, torch.Tensor]:
+def encode_conditions(
+    frames: torch.Tensor,
+    prompts: list[str],
+    parts: Parts,
+    crepa: CrepaTerm | None = None,
+    timer=contextlib.nullcontext,
+) -> dict[str, torch.Tensor]:
     """What the frozen encoders give a batch: the VAE latent distribution's parameters, the T5 embeddings and (CREPA)
     the DINOv2 features on the DiT's token grid. Every step; or once per clip, before training, with the cache."""
     config = parts.config
     with timer("text_vae_encoding"), torch.no_grad():
         conditions = {
-            "latent_dist": parts.vae.encode(frames.permute(0, 2, 1, 3, 4).to(parts.weight_dtype)).latent_dist.parameters,
-            "prompt_embeds": encode_prompts(parts.tokenizer, parts.text_encoder, prompts, config.max_text_seq_length,
-                                            parts.device)}
+            "latent_dist": parts.vae.encode(
+                frames.permute(0, 2, 1, 3, 4).to(parts.weight_dtype)
+            ).latent_dist.parameters,
+            "prompt_embeds": encode_prompts(
+                parts.tokenizer, parts.text_encoder, prompts, config.max_text_seq_length, parts.device
+            ),
+        }
     if crepa is not None:
         with timer("encoder_features"):  # CREPA: one feature map per token frame, on the DiT's token grid
-            grid = (parts.height // (VAE_SPATIAL * config.patch_size), parts.width // (VAE_SPATIAL * config.patch_size))
+            grid = (
+                parts.height // (VAE_SPATIAL * config.patch_size),
+                parts.width // (VAE_SPATIAL * config.patch_size),
+            )
             groups = token_frame_groups(frames.shape[1], VAE_TEMPORAL, config.patch_size_t or 1)  # CREPA
             conditions["features"] = crepa.encode(frames, grid, groups)  # CREPA
     return conditions
 
 
-def precompute_conditions(items: list[VideoItem], todo: list[int], args: argparse.Namespace, cache: ConditionCache,
-                          parts: Parts, crepa: CrepaTerm | None, accelerator) -> None:
+def precompute_conditions(
+    items: list[VideoItem],
+    todo: list[int],
+    args: argparse.Namespace,
+    cache: ConditionCache,
+    parts: Parts,
+    crepa: CrepaTerm | None,
+    accelerator,
+) -> None:
     """--cache_conditions, before the first step: each rank encodes the clips `todo` of its share (rank r: clips r,
     r + W, ...) whose entries are not already whole on disk (a second or resumed run encodes nothing)."""
     from tqdm.auto import tqdm
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(VideoDataset(items, args), todo), batch_size=1,
-                                         collate_fn=collate_fn, num_workers=args.dataloader_num_workers)
+
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(VideoDataset(items, args), todo),
+        batch_size=1,
+        collate_fn=collate_fn,
+        num_workers=args.dataloader_num_workers,
+    )
     progress = tqdm(loader, desc="Encoding clips", disable=not accelerator.is_local_main_process)
     with training_utils.StopRequest() as stop:  # preemption during the pass: what is written is whole and reused
         for n, batch in enumerate(progress):
@@ -411,20 +559,34 @@ def precompute_conditions(items: list[VideoItem], todo: list[int], args: argpars
             if n == 0:  # the disk must hold every entry: checked after the first, not when it fills hours later
                 cache.check_space(size, (len(todo) - 1) * accelerator.num_processes)
             if stop.signal is not None:
-                logger.warning("Stopped the --cache_conditions pass after a signal (%d of %d clips encoded); the next "
-                               "run reuses them.", n + 1, len(todo))
+                logger.warning(
+                    "Stopped the --cache_conditions pass after a signal (%d of %d clips encoded); the next "
+                    "run reuses them.",
+                    n + 1,
+                    len(todo),
+                )
                 sys.exit(stop.exit_status)
-    logger.info("--cache_conditions: rank %d encoded %d clips, reused %d", accelerator.process_index, len(todo),
-                len(range(accelerator.process_index, len(items), accelerator.num_processes)) - len(todo))
+    logger.info(
+        "--cache_conditions: rank %d encoded %d clips, reused %d",
+        accelerator.process_index,
+        len(todo),
+        len(range(accelerator.process_index, len(items), accelerator.num_processes)) - len(todo),
+    )
     accelerator.wait_for_everyone()
 
 
-def training_loss(batch: dict, generator: torch.Generator, parts: Parts, crepa: CrepaTerm | None = None,
-                  crepa_lambda: float | None = None, timer=contextlib.nullcontext
-                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def training_loss(
+    batch: dict,
+    generator: torch.Generator,
+    parts: Parts,
+    crepa: CrepaTerm | None = None,
+    crepa_lambda: float | None = None,
+    timer=contextlib.nullcontext,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One micro-batch's loss: diffusers' v-prediction loss (+ lambda * L_align), and the values to log. `timer(name)`
     is a context manager around each phase (the benchmark times them; training passes none)."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
     device, dtype, config = parts.device, parts.weight_dtype, parts.config
     crepa_lambda = crepa.lambda_ if crepa is not None and crepa_lambda is None else crepa_lambda  # CREPA
     use_crepa = crepa is not None and crepa_lambda > 0  # CREPA: at lambda 0 the encoder, hook and projector do no work
@@ -436,11 +598,13 @@ def training_loss(batch: dict, generator: torch.Generator, parts: Parts, crepa: 
             frames = random_flip(frames, generator)
         conditions = encode_conditions(frames, batch["prompts"], parts, crepa if use_crepa else None, timer)
     latents = DiagonalGaussianDistribution(conditions["latent_dist"]).sample(generator=generator)
-    latents = pad_latent_frames((latents * parts.vae.config.scaling_factor).permute(0, 2, 1, 3, 4).to(dtype),
-                                config.patch_size_t)  # [B, F, C, h, w]
+    latents = pad_latent_frames(
+        (latents * parts.vae.config.scaling_factor).permute(0, 2, 1, 3, 4).to(dtype), config.patch_size_t
+    )  # [B, F, C, h, w]
     batch_size = latents.shape[0]
-    timesteps = torch.randint(0, parts.scheduler.config.num_train_timesteps, (batch_size,), device=device,
-                              generator=generator)
+    timesteps = torch.randint(
+        0, parts.scheduler.config.num_train_timesteps, (batch_size,), device=device, generator=generator
+    )
     noise = torch.randn(latents.shape, device=device, dtype=latents.dtype, generator=generator)
     noisy = parts.scheduler.add_noise(latents, noise, timesteps)
     rotary = rotary_embeddings(config, parts.height, parts.width, latents.shape[1], device)
@@ -448,8 +612,12 @@ def training_loss(batch: dict, generator: torch.Generator, parts: Parts, crepa: 
         crepa.prepare(conditions["features"])  # CREPA: this step's DINOv2 features; arms the block hook
     with timer("transformer_forward"):
         output, projected = parts.model(  # CREPA: the projected block tokens come back beside the output
-            hidden_states=noisy, encoder_hidden_states=conditions["prompt_embeds"].to(dtype), timestep=timesteps,
-            image_rotary_emb=rotary, return_dict=False)
+            hidden_states=noisy,
+            encoder_hidden_states=conditions["prompt_embeds"].to(dtype),
+            timestep=timesteps,
+            image_rotary_emb=rotary,
+            return_dict=False,
+        )
         model_output = output[0]
     with timer("loss"):
         # v-prediction, as diffusers' example: x0 predictions weighted by 1/(1 - alpha_bar_t) (= MSE on v).
@@ -474,6 +642,7 @@ def training_loss(batch: dict, generator: torch.Generator, parts: Parts, crepa: 
 def _tensorboard_gif(tag: str, frames: list, fps: int):
     from PIL import Image
     from tensorboard.compat.proto.summary_pb2 import Summary
+
     images = [Image.fromarray(frame) for frame in frames]
     buffer = io.BytesIO()
     images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
@@ -482,19 +651,35 @@ def _tensorboard_gif(tag: str, frames: list, fps: int):
     return Summary(value=[Summary.Value(tag=tag, image=image)])
 
 
-def log_validation(pipe, args: argparse.Namespace, accelerator, prompts: list[str], phase: str, step: int,
-                   pipeline_args: dict, text_inputs: list[dict] | None = None) -> list[Path]:
+def log_validation(
+    pipe,
+    args: argparse.Namespace,
+    accelerator,
+    prompts: list[str],
+    phase: str,
+    step: int,
+    pipeline_args: dict,
+    text_inputs: list[dict] | None = None,
+) -> list[Path]:
     """`text_inputs`: per prompt, the pipeline's text arguments (precomputed embeddings under --cache_conditions)."""
     import numpy as np
     from diffusers.utils import export_to_video
+
     pipe.set_progress_bar_config(disable=True)
     paths = []
-    for prompt, text_input in zip(prompts, text_inputs or [dict(prompt=prompt) for prompt in prompts]):
+    for prompt, text_input in zip(prompts, text_inputs or [{"prompt": prompt} for prompt in prompts]):
         for i in range(args.num_validation_videos):
             generator = torch.Generator(device=accelerator.device).manual_seed((args.seed or 0) + i)
-            video = pipe(**text_input, height=args.height, width=args.width, num_frames=args.max_num_frames,
-                         num_inference_steps=args.validation_num_inference_steps, generator=generator,
-                         output_type="np", **pipeline_args).frames[0]
+            video = pipe(
+                **text_input,
+                height=args.height,
+                width=args.width,
+                num_frames=args.max_num_frames,
+                num_inference_steps=args.validation_num_inference_steps,
+                generator=generator,
+                output_type="np",
+                **pipeline_args,
+            ).frames[0]
             index = len(paths)
             safe = re.sub(r"[^A-Za-z0-9_-]+", "_", prompt[:25]).strip("_") or "prompt"
             path = Path(args.output_dir) / f"{phase}_video_{index}_{safe}.mp4"
@@ -504,12 +689,16 @@ def log_validation(pipe, args: argparse.Namespace, accelerator, prompts: list[st
             for tracker in accelerator.trackers:
                 if tracker.name == "tensorboard":
                     tracker.writer._get_file_writer().add_summary(
-                        _tensorboard_gif(f"{phase}/video_{index}", frames, args.fps), step)
+                        _tensorboard_gif(f"{phase}/video_{index}", frames, args.fps), step
+                    )
                     tracker.writer.add_text(f"{phase}/prompt_{index}", prompt, step)
                     tracker.writer.flush()
                 elif tracker.name == "wandb":
                     import wandb
-                    tracker.log({phase: [wandb.Video(str(path), caption=f"{index}: {prompt}", format="mp4")]}, step=step)
+
+                    tracker.log(
+                        {phase: [wandb.Video(str(path), caption=f"{index}: {prompt}", format="mp4")]}, step=step
+                    )
     logger.info("Validation (%s, step %d): %d videos", phase, step, len(paths))
     return paths
 
@@ -546,11 +735,16 @@ def write_loss_plot(history: list[dict], output_dir: str) -> Path | None:
     if not history:
         return None
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     steps = [row["step"] for row in history]
     fig, (losses, sims) = plt.subplots(1, 2, figsize=(11, 4))
-    for axes, keys in ((losses, ("loss", "diffusion_loss", "crepa_loss")), (sims, ("similarity_self", "similarity_neighbour"))):
+    for axes, keys in (
+        (losses, ("loss", "diffusion_loss", "crepa_loss")),
+        (sims, ("similarity_self", "similarity_neighbour")),
+    ):
         for key in keys:  # a row lacks the CREPA values where lambda was 0 all through its window
             if any(key in row for row in history):
                 axes.plot(steps, [row.get(key, float("nan")) for row in history], label=key)
@@ -570,13 +764,18 @@ def check_ranks_agree(accelerator, params: list[torch.nn.Parameter]) -> None:
     skipped a step alone would not): compare checksums across ranks."""
     if accelerator.num_processes == 1:
         return
-    checksum = torch.stack([torch.stack([p.detach().double().sum() for p in params]).sum(),
-                            torch.stack([p.detach().double().abs().sum() for p in params]).sum()])
+    checksum = torch.stack(
+        [
+            torch.stack([p.detach().double().sum() for p in params]).sum(),
+            torch.stack([p.detach().double().abs().sum() for p in params]).sum(),
+        ]
+    )
     gathered = accelerator.gather(checksum.to(accelerator.device)[None]).cpu()
     if not torch.allclose(gathered, gathered[:1].expand_as(gathered), rtol=1e-9, atol=0):
         raise RuntimeError(f"The ranks ended with different trained weights: checksums {gathered.tolist()}")
-    logger.info("Trained weights identical on all %d ranks (checksum %.9g).", accelerator.num_processes,
-                gathered[0, 0].item())
+    logger.info(
+        "Trained weights identical on all %d ranks (checksum %.9g).", accelerator.num_processes, gathered[0, 0].item()
+    )
 
 
 def get_optimizer(args: argparse.Namespace, params_to_optimize: list[dict]) -> torch.optim.Optimizer:
@@ -588,9 +787,15 @@ def get_optimizer(args: argparse.Namespace, params_to_optimize: list[dict]) -> t
         if args.learning_rate <= 0.1:
             logger.warning("Prodigy usually wants --learning_rate around 1.0, got %s.", args.learning_rate)
         return prodigyopt.Prodigy(
-            params_to_optimize, betas=(args.adam_beta1, args.adam_beta2), beta3=args.prodigy_beta3,
-            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, decouple=args.prodigy_decouple,
-            use_bias_correction=args.prodigy_use_bias_correction, safeguard_warmup=args.prodigy_safeguard_warmup)
+            params_to_optimize,
+            betas=(args.adam_beta1, args.adam_beta2),
+            beta3=args.prodigy_beta3,
+            weight_decay=args.adam_weight_decay,
+            eps=args.adam_epsilon,
+            decouple=args.prodigy_decouple,
+            use_bias_correction=args.prodigy_use_bias_correction,
+            safeguard_warmup=args.prodigy_safeguard_warmup,
+        )
     if args.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -599,8 +804,12 @@ def get_optimizer(args: argparse.Namespace, params_to_optimize: list[dict]) -> t
         optimizer_class = bnb.optim.AdamW8bit if args.optimizer == "adamw" else bnb.optim.Adam8bit
     else:
         optimizer_class = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    return optimizer_class(params_to_optimize, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                           weight_decay=args.adam_weight_decay)
+    return optimizer_class(
+        params_to_optimize,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        weight_decay=args.adam_weight_decay,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -608,8 +817,13 @@ def get_optimizer(args: argparse.Namespace, params_to_optimize: list[dict]) -> t
 
 def main(args: argparse.Namespace) -> Path:
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import (
+        DistributedDataParallelKwargs,
+        DistributedType,
+        InitProcessGroupKwargs,
+        ProjectConfiguration,
+        set_seed,
+    )
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params, free_memory
@@ -618,30 +832,39 @@ def main(args: argparse.Namespace) -> Path:
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer, T5EncoderModel
+
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logging.getLogger("crepa_diffusers").setLevel(os.environ.get("CREPA_LOG_LEVEL", "INFO").upper())
     logger.setLevel(os.environ.get("CREPA_LOG_LEVEL", "INFO").upper())  # DEBUG: which samples each rank trains on
-    base, load = args.pretrained_model_name_or_path, dict(revision=args.revision, cache_dir=args.cache_dir)
+    base, load = args.pretrained_model_name_or_path, {"revision": args.revision, "cache_dir": args.cache_dir}
 
     # ---- Checks that need only configs and file headers: fail before any weights load.
     config = CogVideoXTransformer3DModel.load_config(base, subfolder="transformer", **load)
     patch, patch_t = config["patch_size"], config.get("patch_size_t")
     is_large = config.get("use_rotary_positional_embeddings", False) or patch_t is not None  # 5B / 1.5
     if config["in_channels"] != config["out_channels"]:
-        raise SystemExit(f"{base}: transformer/config.json has in_channels={config['in_channels']} and out_channels="
-                         f"{config['out_channels']}: an image-to-video checkpoint (image latents joined to the input). "
-                         "This script trains text-to-video CogVideoX 2B / 5B / 1.5 (in_channels == out_channels), e.g. "
-                         "THUDM/CogVideoX-5b; diffusers' train_cogvideox_image_to_video_lora.py trains the I2V ones.")
+        raise SystemExit(
+            f"{base}: transformer/config.json has in_channels={config['in_channels']} and out_channels="
+            f"{config['out_channels']}: an image-to-video checkpoint (image latents joined to the input). "
+            "This script trains text-to-video CogVideoX 2B / 5B / 1.5 (in_channels == out_channels), e.g. "
+            "THUDM/CogVideoX-5b; diffusers' train_cogvideox_image_to_video_lora.py trains the I2V ones."
+        )
     multiple = VAE_SPATIAL * patch
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if value <= 0 or value % multiple:
-            raise SystemExit(f"{flag} {value} is not a multiple of {multiple} (VAE x{VAE_SPATIAL} times patch size "
-                             f"{patch}): use e.g. {max(multiple, round(value / multiple) * multiple)}.")
+            raise SystemExit(
+                f"{flag} {value} is not a multiple of {multiple} (VAE x{VAE_SPATIAL} times patch size "
+                f"{patch}): use e.g. {max(multiple, round(value / multiple) * multiple)}."
+            )
     check_crepa_args(args, config["num_layers"], "CogVideoX")  # CREPA: block index and encoder, from configs
-    resume_path = checkpoints.resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir, args.rank,
-                                                        CrepaConfig.from_args(args).enabled)  # CREPA: projector or not
-    items = training_utils.check_videos(load_video_items(args), args.max_num_frames + args.skip_frames_start
-                                        + args.skip_frames_end, args.skip_invalid_videos)
+    resume_path = checkpoints.resolve_resume_checkpoint(
+        args.resume_from_checkpoint, args.output_dir, args.rank, CrepaConfig.from_args(args).enabled
+    )  # CREPA: projector or not
+    items = training_utils.check_videos(
+        load_video_items(args),
+        args.max_num_frames + args.skip_frames_start + args.skip_frames_end,
+        args.skip_invalid_videos,
+    )
     training_utils.check_output_dir(args.output_dir)
 
     # ---- Accelerator
@@ -649,17 +872,22 @@ def main(args: argparse.Namespace) -> Path:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision or ("bf16" if is_large and torch.cuda.is_available() else None),
         log_with=args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=Path(args.output_dir, args.logging_dir)),
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir)
+        ),
         # CREPA: a step at lambda 0 leaves the projector unused; only then does DDP need to look for unused
         # parameters (a graph traversal every step).
-        kwargs_handlers=[DistributedDataParallelKwargs(
-            find_unused_parameters=CrepaConfig.from_args(args).may_skip_steps),  # CREPA
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=CrepaConfig.from_args(args).may_skip_steps),  # CREPA
             # DeepSpeed without GPUs (its CPU accelerator): accelerate leaves its backend unset and counts one process
             # although DeepSpeed started gloo on every rank (accelerate/state.py, PartialState.__init__, "if
             # self.backend is None: ... num_processes = 1"): every rank then acts as the main one. Naming gloo fixes it.
-            *([InitProcessGroupKwargs(backend="gloo")] if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
-              and not torch.cuda.is_available() else [])],
+            *(
+                [InitProcessGroupKwargs(backend="gloo")]
+                if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and not torch.cuda.is_available()
+                else []
+            ),
+        ],
     )
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if deepspeed and accelerator.state.deepspeed_plugin.deepspeed_config.get("gradient_clipping") in (None, "auto"):
@@ -674,6 +902,7 @@ def main(args: argparse.Namespace) -> Path:
         logger.info("Using seed %d (stored in the checkpoint)", args.seed)
     elif args.seed is None:  # drawn once, the same on every rank, stored in checkpoints and the card
         from accelerate.utils import broadcast_object_list
+
         args.seed = broadcast_object_list([secrets.randbelow(2**31)])[0]
         logger.info("Using seed %d (drawn: pass --seed %d to repeat this run)", args.seed, args.seed)
     set_seed(args.seed)
@@ -682,8 +911,10 @@ def main(args: argparse.Namespace) -> Path:
         os.makedirs(args.output_dir, exist_ok=True)
         if args.push_to_hub:
             from huggingface_hub import create_repo
-            repo_id = create_repo(args.hub_model_id or Path(args.output_dir).name, exist_ok=True,
-                                  token=args.hub_token).repo_id
+
+            repo_id = create_repo(
+                args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token
+            ).repo_id
 
     # ---- Models: the frozen base in the training dtype, LoRA (fp32) on the attention projections.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -692,21 +923,32 @@ def main(args: argparse.Namespace) -> Path:
     # --cache_conditions: the clips of this rank still to encode. With none, and the validation prompts' embeddings
     # stored too, the text encoder is never loaded (a resumed or second run).
     cache = make_condition_cache(args)
-    required = {"latent_dist", "prompt_embeds", *(["features"] if CrepaConfig.from_args(args).enabled else [])}  # CREPA
+    required = {
+        "latent_dist",
+        "prompt_embeds",
+        *(["features"] if CrepaConfig.from_args(args).enabled else []),
+    }  # CREPA
     todo = cache.missing(items, required, accelerator.process_index, accelerator.num_processes) if cache else []
     validation_key = cache.key("validation prompts", prompts) if cache else None
     validates = bool(prompts) and accelerator.is_main_process  # validation videos come from the main process only
     encode_validation = cache is not None and validates and not cache.is_valid(validation_key, {"negative"})
     need_text = cache is None or bool(todo) or encode_validation
     if not need_text:
-        logger.info("--cache_conditions: rank %d has every entry it needs; no text encoder loaded",
-                    accelerator.process_index)
+        logger.info(
+            "--cache_conditions: rank %d has every entry it needs; no text encoder loaded", accelerator.process_index
+        )
     tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", **load)
-    text_encoder = (T5EncoderModel.from_pretrained(base, subfolder="text_encoder", dtype=weight_dtype, **load)
-                    if need_text else None)
-    transformer = CogVideoXTransformer3DModel.from_pretrained(base, subfolder="transformer", dtype=weight_dtype,
-                                                              variant=args.variant, **load)
-    vae = AutoencoderKLCogVideoX.from_pretrained(base, subfolder="vae", dtype=weight_dtype, variant=args.variant, **load)
+    text_encoder = (
+        T5EncoderModel.from_pretrained(base, subfolder="text_encoder", dtype=weight_dtype, **load)
+        if need_text
+        else None
+    )
+    transformer = CogVideoXTransformer3DModel.from_pretrained(
+        base, subfolder="transformer", dtype=weight_dtype, variant=args.variant, **load
+    )
+    vae = AutoencoderKLCogVideoX.from_pretrained(
+        base, subfolder="vae", dtype=weight_dtype, variant=args.variant, **load
+    )
     scheduler = CogVideoXDPMScheduler.from_pretrained(base, subfolder="scheduler", **load)
     if args.enable_slicing:
         vae.enable_slicing()
@@ -718,8 +960,14 @@ def main(args: argparse.Namespace) -> Path:
         module.to(device)  # loaded in weight_dtype: a .to(dtype) cast would undo what diffusers keeps in fp32
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    transformer.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights=True,
-                                       target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    transformer.add_adapter(
+        LoraConfig(
+            r=args.rank,
+            lora_alpha=args.lora_alpha,
+            init_lora_weights=True,
+            target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+        )
+    )
     cast_training_params(transformer, dtype=torch.float32)  # LoRA weights train in fp32 over the frozen base
     if args.layerwise_upcasting:  # frozen weights in fp8, upcast per layer; diffusers skips embedders, norms, LoRA
         transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=weight_dtype)
@@ -732,8 +980,10 @@ def main(args: argparse.Namespace) -> Path:
             for saved in models:
                 unwrapped = accelerator.unwrap_model(saved)
                 CogVideoXPipeline.save_lora_weights(
-                    output_dir, transformer_lora_layers=get_peft_model_state_dict(unwrapped.transformer),
-                    **checkpoints.lora_adapter_metadata(unwrapped.transformer))
+                    output_dir,
+                    transformer_lora_layers=get_peft_model_state_dict(unwrapped.transformer),
+                    **checkpoints.lora_adapter_metadata(unwrapped.transformer),
+                )
                 if crepa is not None:
                     crepa.save_projector(output_dir)  # CREPA
         while weights:
@@ -744,15 +994,20 @@ def main(args: argparse.Namespace) -> Path:
             unwrapped = accelerator.unwrap_model(models.pop())
             lora_state_dict = CogVideoXPipeline.lora_state_dict(input_dir)
             lora_state_dict = lora_state_dict[0] if isinstance(lora_state_dict, tuple) else lora_state_dict
-            state = {k[len("transformer."):]: v for k, v in lora_state_dict.items() if k.startswith("transformer.")}
-            result = set_peft_model_state_dict(unwrapped.transformer, convert_unet_state_dict_to_peft(state),
-                                               adapter_name="default")
+            state = {k[len("transformer.") :]: v for k, v in lora_state_dict.items() if k.startswith("transformer.")}
+            result = set_peft_model_state_dict(
+                unwrapped.transformer, convert_unet_state_dict_to_peft(state), adapter_name="default"
+            )
             if getattr(result, "unexpected_keys", None):
-                raise RuntimeError(f"{input_dir}: LoRA keys that do not match this model: {result.unexpected_keys[:5]}")
+                raise RuntimeError(
+                    f"{input_dir}: LoRA keys that do not match this model: {result.unexpected_keys[:5]}"
+                )
             missing = [key for key in getattr(result, "missing_keys", []) if "lora_" in key]
             if missing:
-                raise RuntimeError(f"{input_dir}: {len(missing)} LoRA tensors missing (e.g. {missing[:3]}): the checkpoint "
-                                   "is incomplete or from another --rank. Resume from another one.")
+                raise RuntimeError(
+                    f"{input_dir}: {len(missing)} LoRA tensors missing (e.g. {missing[:3]}): the checkpoint "
+                    "is incomplete or from another --rank. Resume from another one."
+                )
             if crepa is not None:
                 crepa.load_projector(input_dir)  # CREPA
 
@@ -776,21 +1031,45 @@ def main(args: argparse.Namespace) -> Path:
     # ---- Data: decoded lazily by the DataLoader workers; accelerate gives each rank its own shard. The order is a
     # function of (seed, epoch) and the noise of (seed, step, micro-batch, rank), so a resumed run continues exactly.
     seed = args.seed
-    parts = Parts(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, model=model, config=transformer.config,
-                  scheduler=scheduler, weight_dtype=weight_dtype, device=device, height=args.height, width=args.width,
-                  random_flip=args.random_flip)
-    pipeline_args = dict(guidance_scale=args.guidance_scale, use_dynamic_cfg=args.use_dynamic_cfg,
-                         max_sequence_length=transformer.config.max_text_seq_length)
+    parts = Parts(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        model=model,
+        config=transformer.config,
+        scheduler=scheduler,
+        weight_dtype=weight_dtype,
+        device=device,
+        height=args.height,
+        width=args.width,
+        random_flip=args.random_flip,
+    )
+    pipeline_args = {
+        "guidance_scale": args.guidance_scale,
+        "use_dynamic_cfg": args.use_dynamic_cfg,
+        "max_sequence_length": transformer.config.max_text_seq_length,
+    }
     if cache is not None:  # every clip encoded once; then the frozen encoders leave the GPU for the whole run
         precompute_conditions(items, todo, args, cache, parts, crepa, accelerator)
         # Validation samples from stored prompt embeddings (the text encoder is freed; "" is the CFG negative).
         length = pipeline_args["max_sequence_length"]
         if encode_validation:
-            cache.save(validation_key, {name: encode_prompts(tokenizer, text_encoder, [p], length, device)[0] for name, p
-                                        in [("negative", ""), *((f"prompt_{i}", p) for i, p in enumerate(prompts))]})
+            cache.save(
+                validation_key,
+                {
+                    name: encode_prompts(tokenizer, text_encoder, [p], length, device)[0]
+                    for name, p in [("negative", ""), *((f"prompt_{i}", p) for i, p in enumerate(prompts))]
+                },
+            )
         embeds = {name: e[None].to(device) for name, e in cache.load(validation_key).items()} if validates else {}
-        validation_inputs = [dict(prompt_embeds=embeds[f"prompt_{i}"], negative_prompt_embeds=embeds["negative"])
-                             for i in range(len(prompts))] if validates else None
+        validation_inputs = (
+            [
+                {"prompt_embeds": embeds[f"prompt_{i}"], "negative_prompt_embeds": embeds["negative"]}
+                for i in range(len(prompts))
+            ]
+            if validates
+            else None
+        )
         text_encoder = tokenizer = parts.text_encoder = parts.tokenizer = vae.encoder = None
         if crepa is not None:
             crepa.encoder = None  # CREPA: DINOv2 served the pass
@@ -802,51 +1081,77 @@ def main(args: argparse.Namespace) -> Path:
     transformer.to(device)
     train_dataset = VideoDataset(items, args, cache)
     sampler = training_utils.EpochShuffleSampler(len(train_dataset), seed)
-    train_dataloader = torch.utils.data.DataLoader(train_dataset, batch_size=args.train_batch_size, sampler=sampler,
-                                                   collate_fn=collate_fn, num_workers=args.dataloader_num_workers)
-    num_update_steps_per_epoch = math.ceil(math.ceil(len(train_dataloader) / accelerator.num_processes)
-                                           / args.gradient_accumulation_steps)
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset,
+        batch_size=args.train_batch_size,
+        sampler=sampler,
+        collate_fn=collate_fn,
+        num_workers=args.dataloader_num_workers,
+    )
+    num_update_steps_per_epoch = math.ceil(
+        math.ceil(len(train_dataloader) / accelerator.num_processes) / args.gradient_accumulation_steps
+    )
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes,
-                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
     # DDP need not broadcast the frozen base from rank 0 (every rank loaded the same files; GBs at start-up, and gloo
     # cannot send the fp8 weights of --layerwise_upcasting): it syncs only what trains.
     torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-        model, [name for name, param in model.named_parameters() if not param.requires_grad])
+        model, [name for name, param in model.named_parameters() if not param.requires_grad]
+    )
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        model, optimizer, train_dataloader, lr_scheduler)
+        model, optimizer, train_dataloader, lr_scheduler
+    )
     parts.model = model  # the prepared (DDP/DeepSpeed-wrapped) module trains
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
     if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_name or "cogvideox-lora-crepa", config={
-            k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
-
+        accelerator.init_trackers(
+            args.tracker_name or "cogvideox-lora-crepa",
+            config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
+        )
 
     def validate(step: int) -> None:
         if not (prompts and accelerator.is_main_process):
             return
-        pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                                 scheduler=CogVideoXDPMScheduler.from_config(scheduler.config))
+        pipe = CogVideoXPipeline(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=vae,
+            transformer=transformer,
+            scheduler=CogVideoXDPMScheduler.from_config(scheduler.config),
+        )
         with torch.no_grad(), torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
             log_validation(pipe, args, accelerator, prompts, "validation", step, pipeline_args, validation_inputs)
 
     global_step, history = 0, []
     if resume_path is not None:
         logger.info("Resuming from %s", resume_path)
-        accelerator.load_state(str(resume_path), **({"load_module_strict": False} if deepspeed else {}))  # no frozen base
+        accelerator.load_state(
+            str(resume_path), **({"load_module_strict": False} if deepspeed else {})
+        )  # no frozen base
         global_step, history = resume_state["global_step"], resume_state.get("history", [])
     first_epoch = global_step // num_update_steps_per_epoch
-    logger.info("***** Running training: %d videos, %d epochs, %d steps, %d processes (rank %d) *****",
-                len(train_dataset), args.num_train_epochs, args.max_train_steps, accelerator.num_processes,
-                accelerator.process_index)
+    logger.info(
+        "***** Running training: %d videos, %d epochs, %d steps, %d processes (rank %d) *****",
+        len(train_dataset),
+        args.num_train_epochs,
+        args.max_train_steps,
+        accelerator.num_processes,
+        accelerator.process_index,
+    )
 
     # ---- Training loop
-    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
-                        disable=not accelerator.is_local_main_process)
+    progress_bar = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
     metrics = MetricSums()
     nonfinite = training_utils.NonFiniteSteps(args.max_nonfinite_steps)
     interrupted = False
@@ -861,10 +1166,12 @@ def main(args: argparse.Namespace) -> Path:
             loader = accelerator.skip_first_batches(train_dataloader, skip) if skip > 0 else train_dataloader
             step_finite = torch.ones((), device=device, dtype=torch.bool)
             for step, batch in enumerate(loader):
-                generator = training_utils.step_generator(seed, global_step, accelerator.process_index, device,
-                                                          micro_batch)
-                logger.debug("rank %d step %d samples %s", accelerator.process_index, global_step + 1,
-                             batch["indices"].tolist())
+                generator = training_utils.step_generator(
+                    seed, global_step, accelerator.process_index, device, micro_batch
+                )
+                logger.debug(
+                    "rank %d step %d samples %s", accelerator.process_index, global_step + 1, batch["indices"].tolist()
+                )
                 # CREPA: lambda is a function of the optimizer step (exact on resume); 0 skips the CREPA work.
                 crepa_lambda = crepa.config.lambda_at(global_step, args.max_train_steps) if crepa else None  # CREPA
                 with accelerator.accumulate(model):
@@ -899,11 +1206,17 @@ def main(args: argparse.Namespace) -> Path:
                     history.append({"step": global_step, **logs})
                 interrupted = stop.requested(accelerator)
                 if global_step % args.checkpointing_steps == 0 or interrupted:
-                    checkpoints.save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
-                                                {"seed": args.seed, "history": history})
+                    checkpoints.save_checkpoint(
+                        accelerator,
+                        args.output_dir,
+                        global_step,
+                        args.checkpoints_total_limit,
+                        {"seed": args.seed, "history": history},
+                    )
                 if interrupted:
-                    logger.warning("Stopped at step %d after a signal; resume with --resume_from_checkpoint latest.",
-                                   global_step)
+                    logger.warning(
+                        "Stopped at step %d after a signal; resume with --resume_from_checkpoint latest.", global_step
+                    )
                     break
                 if args.validation_steps and global_step % args.validation_steps == 0:
                     validate(global_step)
@@ -919,8 +1232,11 @@ def main(args: argparse.Namespace) -> Path:
     accelerator.wait_for_everyone()
     finished = accelerator.is_main_process and not interrupted
     if finished:
-        CogVideoXPipeline.save_lora_weights(args.output_dir, transformer_lora_layers=get_peft_model_state_dict(transformer),
-                                 **checkpoints.lora_adapter_metadata(transformer))
+        CogVideoXPipeline.save_lora_weights(
+            args.output_dir,
+            transformer_lora_layers=get_peft_model_state_dict(transformer),
+            **checkpoints.lora_adapter_metadata(transformer),
+        )
         checkpoints.match_umask(Path(args.output_dir, "pytorch_lora_weights.safetensors"))
         write_loss_plot(history, args.output_dir)
     # Free what training held before loading a second pipeline (as diffusers does): two copies of every model
@@ -936,31 +1252,57 @@ def main(args: argparse.Namespace) -> Path:
             try:
                 fresh = CogVideoXPipeline.from_pretrained(base, dtype=weight_dtype, variant=args.variant, **load)
                 fresh.scheduler = CogVideoXDPMScheduler.from_config(fresh.scheduler.config)  # as in validation
-                fresh.load_lora_weights(args.output_dir, adapter_name="cogvideox-lora-crepa")  # scale from the metadata
+                fresh.load_lora_weights(
+                    args.output_dir, adapter_name="cogvideox-lora-crepa"
+                )  # scale from the metadata
                 if args.enable_slicing:
                     fresh.vae.enable_slicing()
                 if args.enable_tiling:
                     fresh.vae.enable_tiling()
-                videos = log_validation(fresh.to(device), args, accelerator, prompts, "test", global_step, pipeline_args)
+                videos = log_validation(
+                    fresh.to(device), args, accelerator, prompts, "test", global_step, pipeline_args
+                )
                 del fresh
             except Exception as error:  # the LoRA is saved: the card and the upload still follow, then the error
                 logger.exception("The final videos failed; writing the model card (and uploading) without them.")
                 final_error = error
-        variant = ("CogVideoX 1.5 (patch_size_t=2)" if patch_t else "CogVideoX 5B-style (rotary positions)"
-                   if is_large else "CogVideoX 2B-style (sin-cos positions)")
+        variant = (
+            "CogVideoX 1.5 (patch_size_t=2)"
+            if patch_t
+            else "CogVideoX 5B-style (rotary positions)"
+            if is_large
+            else "CogVideoX 2B-style (sin-cos positions)"
+        )
         write_model_card(
-            args.output_dir, repo_id=repo_id or args.hub_model_id or Path(args.output_dir).name, base_model=base,
-            model_tags=["cogvideox", "cogvideox-diffusers"], pipeline_cls_name="CogVideoXPipeline",
+            args.output_dir,
+            repo_id=repo_id or args.hub_model_id or Path(args.output_dir).name,
+            base_model=base,
+            model_tags=["cogvideox", "cogvideox-diffusers"],
+            pipeline_cls_name="CogVideoXPipeline",
             crepa_settings=crepa_card_settings(args),  # CREPA
             training_settings=training_card_settings(args, global_step, variant),
-            validation_prompts=prompts, video_files=videos,
-            extra="\n## Training curves\n\n![losses](loss.png)\n" if history else "")
+            validation_prompts=prompts,
+            video_files=videos,
+            extra="\n## Training curves\n\n![losses](loss.png)\n" if history else "",
+        )
         if args.push_to_hub:
             from huggingface_hub import upload_folder
+
             # Only what a LoRA repository holds (an allow-list): never the condition cache, checkpoints or logs.
-            upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training",
-                          allow_patterns=["pytorch_lora_weights.safetensors", "README.md", "validation_video_*.mp4",
-                                          "test_video_*.mp4", "loss.png", "training_log.json"], token=args.hub_token)
+            upload_folder(
+                repo_id=repo_id,
+                folder_path=args.output_dir,
+                commit_message="End of training",
+                allow_patterns=[
+                    "pytorch_lora_weights.safetensors",
+                    "README.md",
+                    "validation_video_*.mp4",
+                    "test_video_*.mp4",
+                    "loss.png",
+                    "training_log.json",
+                ],
+                token=args.hub_token,
+            )
     # Every rank waits until the main one has written everything: a rank that exits early tears down its process
     # group while gloo's threads may still release the last collective's tensors, and the run must not look
     # finished before its files exist.

@@ -2,6 +2,7 @@ import os
 
 import pytest
 
+
 # Nothing in the test-suite may reach the Hugging Face Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -16,7 +17,9 @@ def tiny_models(tmp_path_factory):
     from crepa_diffusers import testing
 
     root = tmp_path_factory.mktemp("tiny_models")
-    folders = {f"cogvideox-{v}": testing.save_tiny_cogvideox(root / f"cogvideox-{v}", v) for v in testing.COGVIDEOX_VARIANTS}
+    folders = {
+        f"cogvideox-{v}": testing.save_tiny_cogvideox(root / f"cogvideox-{v}", v) for v in testing.COGVIDEOX_VARIANTS
+    }
     folders["hunyuan"] = testing.save_tiny_hunyuan(root / "hunyuan")
     folders["dinov2"] = testing.save_tiny_dinov2(root / "dinov2")
     folders["dinov2-registers"] = testing.save_tiny_dinov2(root / "dinov2-registers", registers=True)

@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+
 ROOT = Path(__file__).resolve().parents[1]
 COGVIDEOX_SCRIPT = ROOT / "examples" / "train_cogvideox_lora_crepa.py"
 HUNYUAN_SCRIPT = ROOT / "examples" / "train_hunyuan_lora_crepa.py"
@@ -21,8 +22,15 @@ HUNYUAN_SCRIPT = ROOT / "examples" / "train_hunyuan_lora_crepa.py"
 
 def offline_env(**extra) -> dict:
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline",
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        WANDB_MODE="offline",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="2",
+        PYTHONUNBUFFERED="1",
+    )
     env.update(extra)
     return env
 
@@ -36,14 +44,35 @@ def accelerate_config(directory: Path) -> Path:
     return path
 
 
-def launch(script: Path, args: list[str], tmp_path: Path, check: bool = True, env: dict | None = None,
-           timeout: int = 600, config_file: Path | None = None) -> subprocess.CompletedProcess:
+def launch(
+    script: Path,
+    args: list[str],
+    tmp_path: Path,
+    check: bool = True,
+    env: dict | None = None,
+    timeout: int = 600,
+    config_file: Path | None = None,
+) -> subprocess.CompletedProcess:
     """`accelerate launch` (a basic one-process config unless `config_file`) in `tmp_path`."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(config_file or accelerate_config(tmp_path)), str(script), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config_file or accelerate_config(tmp_path)),
+        str(script),
+        *args,
+    ]
     # A session of its own, so that on a timeout the launcher's children die with it.
-    process = subprocess.Popen(command, cwd=tmp_path, env=env or offline_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env=env or offline_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -52,7 +81,9 @@ def launch(script: Path, args: list[str], tmp_path: Path, check: bool = True, en
         raise AssertionError(f"{script.name} timed out after {timeout} s:\n{stderr[-8000:]}") from None
     result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if check and result.returncode != 0:
-        raise AssertionError(f"{script.name} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+        raise AssertionError(
+            f"{script.name} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+        )
     return result
 
 
@@ -83,7 +114,7 @@ def lora_metadata(directory: Path) -> dict:
         metadata = handle.metadata() or {}
     # diffusers stores {"transformer.r": ..., "transformer.lora_alpha": ...} under "lora_adapter_metadata".
     stored = json.loads(metadata.get("lora_adapter_metadata", "{}"))
-    return {k[len("transformer."):]: v for k, v in stored.items() if k.startswith("transformer.")}
+    return {k[len("transformer.") :]: v for k, v in stored.items() if k.startswith("transformer.")}
 
 
 def assert_lora_changes_output(pipeline_name: str, model_dir: Path, lora_dir: Path) -> None:
@@ -94,8 +125,16 @@ def assert_lora_changes_output(pipeline_name: str, model_dir: Path, lora_dir: Pa
     pipe = getattr(diffusers, pipeline_name).from_pretrained(model_dir)
 
     def generate():
-        return pipe("a bunny walks", num_frames=9, height=32, width=48, num_inference_steps=2, max_sequence_length=16,
-                    output_type="np", generator=torch.Generator().manual_seed(0)).frames
+        return pipe(
+            "a bunny walks",
+            num_frames=9,
+            height=32,
+            width=48,
+            num_inference_steps=2,
+            max_sequence_length=16,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        ).frames
 
     before = generate()
     pipe.load_lora_weights(lora_dir)
@@ -144,14 +183,56 @@ def text_file_data(dataset: Path) -> list[str]:
     return ["--instance_data_root", str(dataset), "--caption_column", "prompts.txt", "--video_column", "videos.txt"]
 
 
-def tiny_train_args(model: Path, dataset: Path, output_dir: Path, *, steps: int = 2, data: list[str] | None = None,
-                    encoder: str = "dinov2", extra=()) -> list[str]:
+def tiny_train_args(
+    model: Path,
+    dataset: Path,
+    output_dir: Path,
+    *,
+    steps: int = 2,
+    data: list[str] | None = None,
+    encoder: str = "dinov2",
+    extra=(),
+) -> list[str]:
     """Flags of a few-step run on a tiny model from `tiny_models` (its DINOv2 sits beside it) and 9x32x48 clips."""
     return [
-        "--pretrained_model_name_or_path", str(model), *(data or text_file_data(dataset)),
-        "--crepa_encoder", str(Path(model).parent / encoder), "--crepa_block_index", "1", "--crepa_projector_dim", "16",
-        "--height", "32", "--width", "48", "--max_num_frames", "9", "--train_batch_size", "1",
-        "--max_train_steps", str(steps), "--checkpointing_steps", "100", "--rank", "4", "--lora_alpha", "8",
-        "--learning_rate", "1e-2", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--seed", "0",
-        "--mixed_precision", "no", "--logging_steps", "1", "--output_dir", str(output_dir), *extra,
+        "--pretrained_model_name_or_path",
+        str(model),
+        *(data or text_file_data(dataset)),
+        "--crepa_encoder",
+        str(Path(model).parent / encoder),
+        "--crepa_block_index",
+        "1",
+        "--crepa_projector_dim",
+        "16",
+        "--height",
+        "32",
+        "--width",
+        "48",
+        "--max_num_frames",
+        "9",
+        "--train_batch_size",
+        "1",
+        "--max_train_steps",
+        str(steps),
+        "--checkpointing_steps",
+        "100",
+        "--rank",
+        "4",
+        "--lora_alpha",
+        "8",
+        "--learning_rate",
+        "1e-2",
+        "--lr_scheduler",
+        "constant",
+        "--lr_warmup_steps",
+        "0",
+        "--seed",
+        "0",
+        "--mixed_precision",
+        "no",
+        "--logging_steps",
+        "1",
+        "--output_dir",
+        str(output_dir),
+        *extra,
     ]

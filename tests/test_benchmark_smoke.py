@@ -5,7 +5,6 @@ import json
 
 import torch
 import torch.nn.functional as F
-
 from helpers import ROOT, import_script
 
 
@@ -52,8 +51,14 @@ def test_flop_and_memory_count_of_the_training_step_on_the_meta_device():
     assert all(split["total"] > 0 and split["backward"] > 0 for split in tflops.values())
     assert result["memory_overhead_gib"]["none"] == 0 and result["encoder_weights_gib"] > 0
     assert all(result["memory_overhead_gib"][m] >= result["encoder_weights_gib"] for m in modes - {"none"})
-    assert set(result["peak_phase"].values()) <= {"text_vae_encoding", "encoder_features", "transformer_forward",
-                                                  "loss", "backward", "optimizer"}
+    assert set(result["peak_phase"].values()) <= {
+        "text_vae_encoding",
+        "encoder_features",
+        "transformer_forward",
+        "loss",
+        "backward",
+        "optimizer",
+    }
     assert "| crepa-decode |" in bench.counted_markdown(result)
 
 

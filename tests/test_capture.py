@@ -7,6 +7,7 @@ from crepa_diffusers.crepa import CrepaProjector, crepa_loss
 from crepa_diffusers.features import DinoPatchFeatures, token_frame_groups
 from crepa_diffusers.testing import build_tiny_cogvideox_pipeline, build_tiny_dinov2, build_tiny_hunyuan_pipeline
 
+
 HEIGHT, WIDTH = 32, 48  # 4x6 latents, 2x3 tokens per frame
 TARGETS = r".*(transformer_blocks|single_transformer_blocks)\.\d+\.(attn|attn1)\.(to_q|to_k|to_v|to_out\.0)"
 
@@ -20,31 +21,37 @@ def cogvideox_case(variant):
     rotary = None
     if transformer.config.use_rotary_positional_embeddings:
         rotary = pipe._prepare_rotary_positional_embeddings(HEIGHT, WIDTH, latent_frames, torch.device("cpu"))
-    kwargs = dict(
-        hidden_states=latents,
-        encoder_hidden_states=torch.randn(2, 16, 32),
-        timestep=torch.tensor([10, 500]),
-        image_rotary_emb=rotary,
-        return_dict=False,
-    )
+    kwargs = {
+        "hidden_states": latents,
+        "encoder_hidden_states": torch.randn(2, 16, 32),
+        "timestep": torch.tensor([10, 500]),
+        "image_rotary_emb": rotary,
+        "return_dict": False,
+    }
     return transformer, kwargs, token_frames
 
 
 def hunyuan_case():
     transformer = build_tiny_hunyuan_pipeline().transformer
-    kwargs = dict(
-        hidden_states=torch.randn(2, 4, 3, HEIGHT // 8, WIDTH // 8),
-        timestep=torch.tensor([10, 500]),
-        encoder_hidden_states=torch.randn(2, 7, 16),
-        encoder_attention_mask=torch.ones(2, 7),
-        pooled_projections=torch.randn(2, 8),
-        guidance=torch.tensor([1000.0, 1000.0]),
-        return_dict=False,
-    )
+    kwargs = {
+        "hidden_states": torch.randn(2, 4, 3, HEIGHT // 8, WIDTH // 8),
+        "timestep": torch.tensor([10, 500]),
+        "encoder_hidden_states": torch.randn(2, 7, 16),
+        "encoder_attention_mask": torch.ones(2, 7),
+        "pooled_projections": torch.randn(2, 8),
+        "guidance": torch.tensor([1000.0, 1000.0]),
+        "return_dict": False,
+    }
     return transformer, kwargs, 3
 
 
-CASES = [("cogvideox", "2b", 1), ("cogvideox", "5b", 1), ("cogvideox", "1.5", 1), ("hunyuan", None, 1), ("hunyuan", None, 2)]
+CASES = [
+    ("cogvideox", "2b", 1),
+    ("cogvideox", "5b", 1),
+    ("cogvideox", "1.5", 1),
+    ("hunyuan", None, 1),
+    ("hunyuan", None, 2),
+]
 
 
 def build(model, variant):

@@ -28,18 +28,33 @@ def config_from(argv, default_lambda=0.5):
 @pytest.mark.parametrize("scheduler", ["constant", "linear", "cosine", "polynomial"])
 def test_each_schedule_follows_its_formula(scheduler):
     lam, end, warmup, decay, power = 0.8, 0.1, 4, 10, 2.0
-    config = config_from(["--crepa_lambda", str(lam), "--crepa_scheduler", scheduler, "--crepa_warmup_steps",
-                          str(warmup), "--crepa_decay_steps", str(decay), "--crepa_lambda_end", str(end),
-                          "--crepa_power", str(power)])
+    config = config_from(
+        [
+            "--crepa_lambda",
+            str(lam),
+            "--crepa_scheduler",
+            scheduler,
+            "--crepa_warmup_steps",
+            str(warmup),
+            "--crepa_decay_steps",
+            str(decay),
+            "--crepa_lambda_end",
+            str(end),
+            "--crepa_power",
+            str(power),
+        ]
+    )
 
     def expected(step):
         if step < warmup:
             return lam * step / warmup
         p = min(1.0, (step - warmup) / decay)
-        return {"constant": lam,
-                "linear": lam + (end - lam) * p,
-                "cosine": end + (lam - end) * 0.5 * (1 + math.cos(math.pi * p)),
-                "polynomial": end + (lam - end) * (1 - p) ** power}[scheduler]
+        return {
+            "constant": lam,
+            "linear": lam + (end - lam) * p,
+            "cosine": end + (lam - end) * 0.5 * (1 + math.cos(math.pi * p)),
+            "polynomial": end + (lam - end) * (1 - p) ** power,
+        }[scheduler]
 
     for step in (0, 1, 3, 4, 5, 7, 9, 13, 14, 15, 100):
         assert config.lambda_at(step, max_train_steps=100) == pytest.approx(expected(step), abs=1e-12), step
@@ -60,8 +75,13 @@ def test_decay_defaults_to_the_end_of_training_and_cutoff_zeroes_lambda():
 
 
 def test_schedule_flags_reject_bad_values(capsys):
-    for argv in (["--crepa_scheduler", "exponential"], ["--crepa_warmup_steps", "-1"], ["--crepa_power", "0"],
-                 ["--crepa_cutoff_step", "-2"], ["--crepa_lambda_end", "-0.1"]):
+    for argv in (
+        ["--crepa_scheduler", "exponential"],
+        ["--crepa_warmup_steps", "-1"],
+        ["--crepa_power", "0"],
+        ["--crepa_cutoff_step", "-2"],
+        ["--crepa_lambda_end", "-0.1"],
+    ):
         with pytest.raises(SystemExit):
             config_from(argv)
         assert argv[0] in capsys.readouterr().err
@@ -91,8 +111,9 @@ def test_cutoff_skips_the_encoder_and_logs_lambda(tiny_models, dataset, tmp_path
     monkeypatch.setattr(DinoPatchFeatures, "forward", counted)
     script = import_script(COGVIDEOX_SCRIPT)
     out = tmp_path / "out"
-    args = script.parse_args(tiny_train_args(tiny_models["cogvideox-2b"], dataset, out, steps=4, extra=[
-        "--crepa_cutoff_step", "2"]))
+    args = script.parse_args(
+        tiny_train_args(tiny_models["cogvideox-2b"], dataset, out, steps=4, extra=["--crepa_cutoff_step", "2"])
+    )
     try:
         script.main(args)
     finally:
@@ -115,8 +136,16 @@ def test_resume_in_the_middle_of_a_decay_equals_the_straight_run(tiny_models, da
     cog = import_script(COGVIDEOX_SCRIPT)
     run_main(cog, tiny_train_args(model, dataset, straight, steps=4, extra=[*schedule, "--checkpointing_steps", "4"]))
     run_main(cog, tiny_train_args(model, dataset, resumed, steps=2, extra=[*schedule, "--checkpointing_steps", "2"]))
-    run_main(cog, tiny_train_args(model, dataset, resumed, steps=4, extra=[
-        *schedule, "--checkpointing_steps", "4", "--resume_from_checkpoint", "latest"]))
+    run_main(
+        cog,
+        tiny_train_args(
+            model,
+            dataset,
+            resumed,
+            steps=4,
+            extra=[*schedule, "--checkpointing_steps", "4", "--resume_from_checkpoint", "latest"],
+        ),
+    )
     assert_same_trained_weights(straight, resumed, "checkpoint-4")
     lambdas = [row["crepa_lambda"] for row in json.loads((straight / "training_log.json").read_text())]
     config = config_from(schedule)
@@ -182,8 +211,10 @@ def test_per_part_clipping_unscales_fp16_gradients_once():
         accelerator.prepare(torch.optim.SGD([*lora.parameters(), *projector.parameters()], lr=0.1))
         x = torch.randn(3, 4)
         loss = lora(x).pow(2).sum() + projector(x).pow(2).sum()
-        expected = [torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(m.parameters()), retain_graph=True)])
-                    .norm() for m in (lora, projector)]
+        expected = [
+            torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(m.parameters()), retain_graph=True)]).norm()
+            for m in (lora, projector)
+        ]
         accelerator.scaler.scale(loss).backward()
         norms = clip_grad_norms(accelerator, [list(lora.parameters()), list(projector.parameters())], max_norm=1e9)
         torch.testing.assert_close(torch.stack(norms), torch.stack(expected), rtol=1e-5, atol=0)

@@ -78,7 +78,9 @@ def test_gradients_reach_projected_not_features():
 def test_stats_are_the_mean_self_and_neighbour_similarities():
     torch.manual_seed(1)
     projected, features = torch.randn(2, 4, 3, 6), torch.randn(2, 4, 3, 6)
-    cos = torch.nn.functional.cosine_similarity(projected[:, :, None], features[:, None, :], dim=-1).mean(-1)  # [B,F,K]
+    cos = torch.nn.functional.cosine_similarity(projected[:, :, None], features[:, None, :], dim=-1).mean(
+        -1
+    )  # [B,F,K]
     _, stats = crepa_loss_and_stats(projected, features, distance=1)
     torch.testing.assert_close(stats["similarity_self"], cos.diagonal(dim1=1, dim2=2).mean())
     neighbour = torch.stack([cos[:, f, k] for f in range(4) for k in range(4) if abs(f - k) == 1], dim=1)

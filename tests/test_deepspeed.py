@@ -21,14 +21,22 @@ from helpers import (
 )
 from safetensors.torch import load_file
 
+
 pytest.importorskip("deepspeed")  # in the test extras; a user's GPU install may lack it
 ZERO2_CPU = ROOT / "configs" / "accelerate_deepspeed_zero2_cpu.yaml"
 
 
 def zero2(script, argv, tmp_path, check=True, env=None):
     # From the repository root: the YAML names its DeepSpeed JSON by a relative path, as users run it.
-    return launch(script, argv, ROOT, check=check, config_file=ZERO2_CPU, timeout=420,
-                  env=env or offline_env(OMP_NUM_THREADS="1", CREPA_LOG_LEVEL="DEBUG"))
+    return launch(
+        script,
+        argv,
+        ROOT,
+        check=check,
+        config_file=ZERO2_CPU,
+        timeout=420,
+        env=env or offline_env(OMP_NUM_THREADS="1", CREPA_LOG_LEVEL="DEBUG"),
+    )
 
 
 def check_zero2_run(result, out: Path, step: int, pipeline: str, model: Path) -> None:
@@ -55,9 +63,26 @@ def check_zero2_run(result, out: Path, step: int, pipeline: str, model: Path) ->
 
 def test_zero2_two_ranks_hunyuan_trains_saves_shards_and_the_lora_loads(tiny_models, dataset, tmp_path):
     out = tmp_path / "out"
-    result = zero2(HUNYUAN_SCRIPT, tiny_train_args(tiny_models["hunyuan"], dataset, out, steps=3, extra=[
-        "--crepa_block_index", "2", "--max_sequence_length", "16", "--checkpointing_steps", "3",
-        "--max_grad_norm", "0.5"]), tmp_path)
+    result = zero2(
+        HUNYUAN_SCRIPT,
+        tiny_train_args(
+            tiny_models["hunyuan"],
+            dataset,
+            out,
+            steps=3,
+            extra=[
+                "--crepa_block_index",
+                "2",
+                "--max_sequence_length",
+                "16",
+                "--checkpointing_steps",
+                "3",
+                "--max_grad_norm",
+                "0.5",
+            ],
+        ),
+        tmp_path,
+    )
     check_zero2_run(result, out, 3, "HunyuanVideoPipeline", tiny_models["hunyuan"])
 
 
@@ -65,19 +90,34 @@ def test_zero2_two_ranks_cogvideox_trains_and_resumes_from_latest_as_the_straigh
     model = tiny_models["cogvideox-5b"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = ["--crepa_block_index", "1", "--max_grad_norm", "0.5"]
-    result = zero2(COGVIDEOX_SCRIPT, tiny_train_args(model, dataset, straight, steps=4, extra=[
-        *common, "--checkpointing_steps", "4"]), tmp_path)
+    result = zero2(
+        COGVIDEOX_SCRIPT,
+        tiny_train_args(model, dataset, straight, steps=4, extra=[*common, "--checkpointing_steps", "4"]),
+        tmp_path,
+    )
     check_zero2_run(result, straight, 4, "CogVideoXPipeline", model)
-    zero2(COGVIDEOX_SCRIPT, tiny_train_args(model, dataset, resumed, steps=2, extra=[*common, "--checkpointing_steps", "2"]),
-          tmp_path)
-    result = zero2(COGVIDEOX_SCRIPT, tiny_train_args(model, dataset, resumed, steps=4, extra=[
-        *common, "--checkpointing_steps", "4", "--resume_from_checkpoint", "latest"]), tmp_path)
+    zero2(
+        COGVIDEOX_SCRIPT,
+        tiny_train_args(model, dataset, resumed, steps=2, extra=[*common, "--checkpointing_steps", "2"]),
+        tmp_path,
+    )
+    result = zero2(
+        COGVIDEOX_SCRIPT,
+        tiny_train_args(
+            model,
+            dataset,
+            resumed,
+            steps=4,
+            extra=[*common, "--checkpointing_steps", "4", "--resume_from_checkpoint", "latest"],
+        ),
+        tmp_path,
+    )
     assert "Resuming from" in result.stderr
     assert_same_trained_weights(straight, resumed, "checkpoint-4")
     assert any((lora_state(resumed / "checkpoint-2")[k] - v).abs().max() > 0 for k, v in lora_state(resumed).items())
 
 
-NAN_FROM_THIRD_FORWARD = '''
+NAN_FROM_THIRD_FORWARD = """
 import diffusers
 
 _forward = diffusers.CogVideoXTransformer3DModel.forward
@@ -91,7 +131,7 @@ def _nan_from_the_third_call(self, *args, **kwargs):
 
 
 diffusers.CogVideoXTransformer3DModel.forward = _nan_from_the_third_call
-'''
+"""
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
@@ -104,9 +144,26 @@ def test_nonfinite_loss_under_deepspeed_is_skipped_or_stops(tiny_models, dataset
     (hook / "sitecustomize.py").write_text(NAN_FROM_THIRD_FORWARD)  # every process imports it at start-up
     env = offline_env(OMP_NUM_THREADS="1", PYTHONPATH=str(hook))
     out = tmp_path / "out"
-    result = zero2(COGVIDEOX_SCRIPT, tiny_train_args(tiny_models["cogvideox-2b"], dataset, out, steps=6, extra=[
-        "--checkpointing_steps", "1", "--max_nonfinite_steps", "2", "--gradient_accumulation_steps",
-        str(accumulation)]), tmp_path, check=False, env=env)
+    result = zero2(
+        COGVIDEOX_SCRIPT,
+        tiny_train_args(
+            tiny_models["cogvideox-2b"],
+            dataset,
+            out,
+            steps=6,
+            extra=[
+                "--checkpointing_steps",
+                "1",
+                "--max_nonfinite_steps",
+                "2",
+                "--gradient_accumulation_steps",
+                str(accumulation),
+            ],
+        ),
+        tmp_path,
+        check=False,
+        env=env,
+    )
     assert result.returncode != 0
     if accumulation == 2:
         assert "cannot be skipped" in result.stderr
@@ -140,5 +197,6 @@ def test_shipped_multi_gpu_configs_parse_and_name_real_classes():
         assert (ROOT / config.deepspeed_config["deepspeed_config_file"]).is_file()
     ds = json.loads((ROOT / "configs" / "deepspeed_zero2.json").read_text())
     assert {ds[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")} == {
-        "auto"}
+        "auto"
+    }
     assert ds["zero_optimization"]["stage"] == 2

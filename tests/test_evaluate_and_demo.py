@@ -12,6 +12,7 @@ from helpers import ROOT, import_script, offline_env
 
 from crepa_diffusers import testing
 
+
 evaluate_crepa = import_script(ROOT / "examples" / "evaluate_crepa.py")
 
 
@@ -58,9 +59,19 @@ def test_video_dirs_report_plot_and_grid(tiny_models, tmp_path):
     testing.write_video(tmp_path / "natural" / "clip.mp4", small)
     testing.write_video(tmp_path / "shuffled" / "clip.mp4", small[np.random.default_rng(1).permutation(len(small))])
     out = tmp_path / "eval"
-    report = evaluate_crepa.main(["--video_dirs", str(tmp_path / "natural"), str(tmp_path / "shuffled"),
-                                  "--encoder", str(tiny_models["dinov2"]), "--image_size", "56",
-                                  "--output_dir", str(out)])
+    report = evaluate_crepa.main(
+        [
+            "--video_dirs",
+            str(tmp_path / "natural"),
+            str(tmp_path / "shuffled"),
+            "--encoder",
+            str(tiny_models["dinov2"]),
+            "--image_size",
+            "56",
+            "--output_dir",
+            str(out),
+        ]
+    )
     saved = json.loads((out / "report.json").read_text())
     assert saved == json.loads(json.dumps(report))
     assert set(saved["groups"]) == {"natural", "shuffled"}
@@ -85,11 +96,34 @@ def test_generate_base_and_lora(tiny_models, tmp_path):
             torch.nn.init.normal_(param, std=0.5)
     CogVideoXPipeline.save_lora_weights(tmp_path / "my-lora", get_peft_model_state_dict(pipe.transformer))
     out = tmp_path / "eval"
-    report = evaluate_crepa.main([
-        "--pretrained_model_name_or_path", str(tiny_models["cogvideox-2b"]), "--lora", str(tmp_path / "my-lora"),
-        "--prompts", "a cat dances:::a bunny walks", "--num_frames", "9", "--height", "32", "--width", "48",
-        "--num_inference_steps", "2", "--max_sequence_length", "16", "--encoder", str(tiny_models["dinov2"]),
-        "--image_size", "56", "--output_dir", str(out), "--dtype", "fp32"])
+    report = evaluate_crepa.main(
+        [
+            "--pretrained_model_name_or_path",
+            str(tiny_models["cogvideox-2b"]),
+            "--lora",
+            str(tmp_path / "my-lora"),
+            "--prompts",
+            "a cat dances:::a bunny walks",
+            "--num_frames",
+            "9",
+            "--height",
+            "32",
+            "--width",
+            "48",
+            "--num_inference_steps",
+            "2",
+            "--max_sequence_length",
+            "16",
+            "--encoder",
+            str(tiny_models["dinov2"]),
+            "--image_size",
+            "56",
+            "--output_dir",
+            str(out),
+            "--dtype",
+            "fp32",
+        ]
+    )
     assert set(report["groups"]) == {"base", "my-lora"}
     assert [v["name"] for v in report["groups"]["base"]["videos"]] == ["a cat dances", "a bunny walks"]
     assert report["groups"]["base"]["videos"][0]["num_frames"] == 9
@@ -100,9 +134,14 @@ def test_generate_base_and_lora(tiny_models, tmp_path):
 
 def test_demo_command_core_produces_its_files(tmp_path):
     out = tmp_path / "demo"
-    result = subprocess.run([sys.executable, str(ROOT / "examples" / "run_demo.py"), "--steps", "4",
-                             "--output_dir", str(out)], cwd=tmp_path, env=offline_env(), capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "run_demo.py"), "--steps", "4", "--output_dir", str(out)],
+        cwd=tmp_path,
+        env=offline_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-5000:]
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     assert "crepa" in (out / "README.md").read_text()

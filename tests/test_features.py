@@ -101,9 +101,9 @@ def test_from_pretrained_loads_local_folder_and_rejects_other_models(tiny_models
     assert not extractor.encoder.training
     from transformers import ViTConfig, ViTModel
 
-    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(
-        tmp_path / "vit"
-    )
+    ViTModel(
+        ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ).save_pretrained(tmp_path / "vit")
     with pytest.raises(ValueError, match="not DINOv2"):
         DinoPatchFeatures.from_pretrained(tmp_path / "vit")
     with pytest.raises(ValueError, match="could not be loaded"):

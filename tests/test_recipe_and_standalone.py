@@ -52,13 +52,22 @@ def test_minimal_loop_with_the_public_api_matches_the_script(tiny_models, datase
     scheduler = CogVideoXDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
     for module in (text_encoder, transformer, vae):
         module.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=True,
-                                       target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    transformer.add_adapter(
+        LoraConfig(r=4, lora_alpha=8, init_lora_weights=True, target_modules=["to_k", "to_q", "to_v", "to_out.0"])
+    )
     cast_training_params(transformer, dtype=torch.float32)
     parser = argparse.ArgumentParser()
     add_crepa_args(parser, default_lambda=0.5)
-    crepa_args = parser.parse_args(["--crepa_encoder", str(model_dir.parent / "dinov2"), "--crepa_block_index", "1",
-                                    "--crepa_projector_dim", "16"])
+    crepa_args = parser.parse_args(
+        [
+            "--crepa_encoder",
+            str(model_dir.parent / "dinov2"),
+            "--crepa_block_index",
+            "1",
+            "--crepa_projector_dim",
+            "16",
+        ]
+    )
     crepa = build_crepa(crepa_args, transformer, torch.device("cpu"))
     model = TransformerWithProjector(transformer, crepa)
     trained = [p for p in model.parameters() if p.requires_grad]
@@ -69,15 +78,24 @@ def test_minimal_loop_with_the_public_api_matches_the_script(tiny_models, datase
     with torch.no_grad():
         latents = vae.encode(frames.permute(0, 2, 1, 3, 4)).latent_dist.sample(generator=generator)
         latents = (latents * vae.config.scaling_factor).permute(0, 2, 1, 3, 4)
-        ids = tokenizer(prompts, padding="max_length", max_length=transformer.config.max_text_seq_length,
-                        truncation=True, add_special_tokens=True, return_tensors="pt").input_ids
+        ids = tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=transformer.config.max_text_seq_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        ).input_ids
         prompt_embeds = text_encoder(ids)[0]
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator)
     noise = torch.randn(latents.shape, generator=generator)
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    crepa.prepare(crepa.encode(frames, (32 // 16, 48 // 16), token_frame_groups(frames.shape[1])))  # before the forward
-    output, projected = model(hidden_states=noisy, encoder_hidden_states=prompt_embeds, timestep=timesteps,
-                              return_dict=False)
+    crepa.prepare(
+        crepa.encode(frames, (32 // 16, 48 // 16), token_frame_groups(frames.shape[1]))
+    )  # before the forward
+    output, projected = model(
+        hidden_states=noisy, encoder_hidden_states=prompt_embeds, timestep=timesteps, return_dict=False
+    )
     prediction = scheduler.get_velocity(output[0], noisy, timesteps)
     weights = 1 / (1 - scheduler.alphas_cumprod[timesteps])
     diffusion_loss = (weights * (prediction - latents) ** 2).mean()
@@ -92,10 +110,13 @@ def test_minimal_loop_with_the_public_api_matches_the_script(tiny_models, datase
     assert align_loss.item() != 0 and all(p.grad is not None for p in crepa.projector.parameters())
 
 
-@pytest.mark.parametrize("script_path, model, extra", [
-    (COGVIDEOX_SCRIPT, "cogvideox-5b", []),
-    (HUNYUAN_SCRIPT, "hunyuan", ["--max_sequence_length", "16"]),
-])
+@pytest.mark.parametrize(
+    "script_path, model, extra",
+    [
+        (COGVIDEOX_SCRIPT, "cogvideox-5b", []),
+        (HUNYUAN_SCRIPT, "hunyuan", ["--max_sequence_length", "16"]),
+    ],
+)
 def test_script_copied_alone_trains_and_its_lora_loads(tiny_models, dataset, tmp_path, script_path, model, extra):
     """A user copies one script into an empty folder of their own project (crepa-diffusers installed) and launches
     it there with accelerate: it trains, and the LoRA it writes loads into a fresh pipeline and changes its output."""

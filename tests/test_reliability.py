@@ -69,7 +69,9 @@ def test_every_bad_video_is_reported_at_once(cog, tiny_models, dataset, tmp_path
     frames = torch.randint(0, 255, (5, 32, 48, 3), dtype=torch.uint8).numpy()
     testing.write_video(root / "videos" / "short.mp4", frames)
     videos = (root / "videos.txt").read_text().splitlines()
-    (root / "videos.txt").write_text("\n".join(videos + ["videos/missing.mp4", "videos/broken.mp4", "videos/short.mp4"]))
+    (root / "videos.txt").write_text(
+        "\n".join(videos + ["videos/missing.mp4", "videos/broken.mp4", "videos/short.mp4"])
+    )
     (root / "prompts.txt").write_text("\n".join(["p"] * 6))
     with pytest.raises(SystemExit) as stopped:  # what the interpreter prints, without a traceback
         run_main(cog, args_for(tiny_models["cogvideox-2b"], root, tmp_path / "out"))
@@ -82,17 +84,27 @@ def test_every_bad_video_is_reported_at_once(cog, tiny_models, dataset, tmp_path
     assert not (tmp_path / "out").exists(), "nothing may be written before the data is valid"
 
     with caplog.at_level("INFO"):
-        run_main(cog, args_for(tiny_models["cogvideox-2b"], root, tmp_path / "out2",
-                               extra=["--skip_invalid_videos", "--crepa_mode", "none"]))
+        run_main(
+            cog,
+            args_for(
+                tiny_models["cogvideox-2b"],
+                root,
+                tmp_path / "out2",
+                extra=["--skip_invalid_videos", "--crepa_mode", "none"],
+            ),
+        )
     assert "Skipping 3 invalid videos" in caplog.text
     assert "Running training: 3 videos" in caplog.text
     assert (tmp_path / "out2" / "pytorch_lora_weights.safetensors").is_file()
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("--height", "40", r"--height 40 is not a multiple of 16"),
-    ("--width", "50", r"--width 50 is not a multiple of 16"),
-])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--height", "40", r"--height 40 is not a multiple of 16"),
+        ("--width", "50", r"--width 50 is not a multiple of 16"),
+    ],
+)
 def test_sizes_the_vae_and_patch_grid_cannot_take(cog, tiny_models, dataset, tmp_path, flag, value, message):
     with pytest.raises(SystemExit, match=message):
         run_main(cog, args_for(tiny_models["cogvideox-2b"], dataset, tmp_path / "out", extra=[flag, value]))
@@ -100,12 +112,15 @@ def test_sizes_the_vae_and_patch_grid_cannot_take(cog, tiny_models, dataset, tmp
 
 def test_frame_count_the_vae_cannot_take(cog, tiny_models, dataset, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        run_main(cog, args_for(tiny_models["cogvideox-2b"], dataset, tmp_path / "out", extra=["--max_num_frames", "8"]))
+        run_main(
+            cog, args_for(tiny_models["cogvideox-2b"], dataset, tmp_path / "out", extra=["--max_num_frames", "8"])
+        )
     assert "--max_num_frames 8: the video VAEs take 4k+1 frames" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("script_path, model, index, blocks", [
-    (COGVIDEOX_SCRIPT, "cogvideox-2b", 3, 3), (HUNYUAN_SCRIPT, "hunyuan", 4, 4)])
+@pytest.mark.parametrize(
+    "script_path, model, index, blocks", [(COGVIDEOX_SCRIPT, "cogvideox-2b", 3, 3), (HUNYUAN_SCRIPT, "hunyuan", 4, 4)]
+)
 def test_block_index_beyond_the_model(tiny_models, dataset, tmp_path, script_path, model, index, blocks):
     script = import_script(script_path)
     argv = args_for(tiny_models[model], dataset, tmp_path / "out", extra=["--crepa_block_index", str(index)])
@@ -116,30 +131,38 @@ def test_block_index_beyond_the_model(tiny_models, dataset, tmp_path, script_pat
 def test_encoder_that_is_not_dinov2(cog, tiny_models, dataset, tmp_path):
     from transformers import ViTConfig, ViTModel
 
-    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(
-        tmp_path / "vit")
-    argv = args_for(tiny_models["cogvideox-2b"], dataset, tmp_path / "out") + ["--crepa_encoder", str(tmp_path / "vit")]
+    ViTModel(
+        ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ).save_pretrained(tmp_path / "vit")
+    argv = args_for(tiny_models["cogvideox-2b"], dataset, tmp_path / "out") + [
+        "--crepa_encoder",
+        str(tmp_path / "vit"),
+    ]
     with pytest.raises(SystemExit, match=r"--crepa_encoder .*vit' is a 'vit' model, not DINOv2"):
         run_main(cog, argv)
 
 
 def test_resume_checkpoint_that_does_not_exist(cog, tiny_models, dataset, tmp_path):
-    argv = args_for(tiny_models["cogvideox-2b"], dataset, tmp_path / "out",
-                    extra=["--resume_from_checkpoint", "checkpoint-99"])
+    argv = args_for(
+        tiny_models["cogvideox-2b"], dataset, tmp_path / "out", extra=["--resume_from_checkpoint", "checkpoint-99"]
+    )
     with pytest.raises(SystemExit, match=r"--resume_from_checkpoint checkpoint-99: no such folder"):
         run_main(cog, argv)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--crepa_adjacent_tau", "-1"], "--crepa_adjacent_tau"),
-    (["--train_batch_size", "0"], "--train_batch_size must be >= 1"),
-    (["--validation_epochs", "0"], "--validation_epochs must be >= 1"),  # diffusers' script divides by it
-    (["--rank", "0"], "--rank must be >= 1"),
-    (["--max_train_steps", "0"], "--max_train_steps must be >= 1"),  # would save an untrained LoRA
-    (["--max_num_frames", "-3"], "--max_num_frames must be >= 1"),  # -3 is 4k+1
-    (["--skip_frames_start", "-1"], "--skip_frames_start must be >= 0"),
-    (["--lora_alpha", "0"], "--lora_alpha must be > 0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--crepa_adjacent_tau", "-1"], "--crepa_adjacent_tau"),
+        (["--train_batch_size", "0"], "--train_batch_size must be >= 1"),
+        (["--validation_epochs", "0"], "--validation_epochs must be >= 1"),  # diffusers' script divides by it
+        (["--rank", "0"], "--rank must be >= 1"),
+        (["--max_train_steps", "0"], "--max_train_steps must be >= 1"),  # would save an untrained LoRA
+        (["--max_num_frames", "-3"], "--max_num_frames must be >= 1"),  # -3 is 4k+1
+        (["--skip_frames_start", "-1"], "--skip_frames_start must be >= 0"),
+        (["--lora_alpha", "0"], "--lora_alpha must be > 0"),
+    ],
+)
 def test_invalid_flag_values(cog, tiny_models, dataset, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit):
         cog.parse_args(args_for(tiny_models["cogvideox-2b"], dataset, tmp_path / "out", extra=argv))
@@ -190,7 +213,9 @@ def test_half_written_checkpoint_resumes_from_previous(cog, tiny_models, dataset
     shutil.copytree(out / "checkpoint-2", out / "checkpoint-3")
     (out / "checkpoint-3" / checkpoints.CHECKPOINT_COMPLETE).unlink()
     (out / "checkpoint-3" / "optimizer.bin").write_bytes(b"truncated")
-    run_main(cog, args_for(tiny_models["cogvideox-2b"], dataset, out, steps=3, extra=["--resume_from_checkpoint", "latest"]))
+    run_main(
+        cog, args_for(tiny_models["cogvideox-2b"], dataset, out, steps=3, extra=["--resume_from_checkpoint", "latest"])
+    )
     assert re.search(r"Resuming from .*checkpoint-2\b", caplog.text)
 
 
@@ -202,8 +227,14 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches(tiny_models, dataset, tmp
     model = tiny_models["cogvideox-2b"]
     out = tmp_path / "interrupted"
     argv = args_for(model, dataset, out, steps=500, extra=["--checkpointing_steps", "1000"])
-    process = subprocess.Popen([sys.executable, str(COGVIDEOX_SCRIPT), *argv], cwd=tmp_path, env=offline_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, str(COGVIDEOX_SCRIPT), *argv],
+        cwd=tmp_path,
+        env=offline_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen = ""
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -220,11 +251,23 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches(tiny_models, dataset, tmp
     assert (out / f"checkpoint-{step}" / checkpoints.CHECKPOINT_COMPLETE).is_file()
     assert not (out / "pytorch_lora_weights.safetensors").exists(), "an interrupted run is not a finished LoRA"
 
-    launch(COGVIDEOX_SCRIPT, args_for(model, dataset, out, steps=step + 2, extra=[
-        "--checkpointing_steps", "1000", "--resume_from_checkpoint", "latest"]), tmp_path)
+    launch(
+        COGVIDEOX_SCRIPT,
+        args_for(
+            model,
+            dataset,
+            out,
+            steps=step + 2,
+            extra=["--checkpointing_steps", "1000", "--resume_from_checkpoint", "latest"],
+        ),
+        tmp_path,
+    )
     straight = tmp_path / "straight"
-    launch(COGVIDEOX_SCRIPT, args_for(model, dataset, straight, steps=step + 2, extra=[
-        "--checkpointing_steps", str(step)]), tmp_path)
+    launch(
+        COGVIDEOX_SCRIPT,
+        args_for(model, dataset, straight, steps=step + 2, extra=["--checkpointing_steps", str(step)]),
+        tmp_path,
+    )
     a, b = lora_state(straight), lora_state(out)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
@@ -235,10 +278,24 @@ def test_a_signal_to_the_launcher_alone_saves_and_stops_the_trainer(tiny_models,
     (now orphaned) still finishes its step, saves a checkpoint and stops, instead of training on and saving nothing."""
     out = tmp_path / "out"
     argv = args_for(tiny_models["cogvideox-2b"], dataset, out, steps=5000, extra=["--checkpointing_steps", "10000"])
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config(tmp_path)),
-               str(COGVIDEOX_SCRIPT), *argv]
-    launcher = subprocess.Popen(command, cwd=tmp_path, env=offline_env(), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(accelerate_config(tmp_path)),
+        str(COGVIDEOX_SCRIPT),
+        *argv,
+    ]
+    launcher = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env=offline_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     # The trainer shares the launcher's stderr pipe: reading it to its end waits for the trainer, whatever its parent.
     watchdog = threading.Timer(150, os.killpg, (launcher.pid, signal.SIGKILL))
     watchdog.start()
@@ -299,9 +356,16 @@ def test_nonfinite_losses_are_skipped_then_stop(cog, tiny_models, dataset, tmp_p
 
     monkeypatch.setattr(CogVideoXTransformer3DModel, "forward", forward_with_nan_from_step_3)
     out = tmp_path / "out"
-    argv = args_for(tiny_models["cogvideox-2b"], dataset, out, steps=10,
-                    extra=["--checkpointing_steps", "1", "--max_nonfinite_steps", "2"])
-    with pytest.raises(training_utils.NonFiniteLossError, match=r"NaN/inf for 2 optimizer steps in a row.*--mixed_precision bf16"):
+    argv = args_for(
+        tiny_models["cogvideox-2b"],
+        dataset,
+        out,
+        steps=10,
+        extra=["--checkpointing_steps", "1", "--max_nonfinite_steps", "2"],
+    )
+    with pytest.raises(
+        training_utils.NonFiniteLossError, match=r"NaN/inf for 2 optimizer steps in a row.*--mixed_precision bf16"
+    ):
         run_main(cog, argv)
     assert calls["n"] == 4
     good, skipped = out / "checkpoint-2", out / "checkpoint-3"
@@ -325,24 +389,47 @@ def test_nonfinite_message_names_the_fp16_fix():
 # Two processes (gloo on CPU)
 
 
-@pytest.mark.parametrize("script_path, model, block, extra, micro_batches", [
-    # The multi-GPU configuration most users run: gradient checkpointing and accumulation under DDP.
-    (COGVIDEOX_SCRIPT, "cogvideox-5b", 1, ["--gradient_checkpointing", "--gradient_accumulation_steps", "2"], 6),
-    # A lambda cutoff inside the run: step 3 leaves the projector unused, which DDP must allow; fp8 frozen weights,
-    # which DDP (gloo) must not broadcast.
-    (HUNYUAN_SCRIPT, "hunyuan", 2, ["--crepa_cutoff_step", "2", "--layerwise_upcasting"], 3),
-])
+@pytest.mark.parametrize(
+    "script_path, model, block, extra, micro_batches",
+    [
+        # The multi-GPU configuration most users run: gradient checkpointing and accumulation under DDP.
+        (COGVIDEOX_SCRIPT, "cogvideox-5b", 1, ["--gradient_checkpointing", "--gradient_accumulation_steps", "2"], 6),
+        # A lambda cutoff inside the run: step 3 leaves the projector unused, which DDP must allow; fp8 frozen weights,
+        # which DDP (gloo) must not broadcast.
+        (HUNYUAN_SCRIPT, "hunyuan", 2, ["--crepa_cutoff_step", "2", "--layerwise_upcasting"], 3),
+    ],
+)
 def test_two_process_run(tiny_models, dataset, tmp_path, script_path, model, block, extra, micro_batches):
     out = tmp_path / "out"
-    argv = args_for(tiny_models[model], dataset, out, steps=3, extra=["--crepa_block_index", str(block),
-                                                                      "--checkpointing_steps", "3", *extra])
+    argv = args_for(
+        tiny_models[model],
+        dataset,
+        out,
+        steps=3,
+        extra=["--crepa_block_index", str(block), "--checkpointing_steps", "3", *extra],
+    )
     if script_path == HUNYUAN_SCRIPT:
         argv += ["--max_sequence_length", "16"]
     env = offline_env(ACCELERATE_USE_CPU="true", CREPA_LOG_LEVEL="DEBUG", OMP_NUM_THREADS="1")
     # Its own process group, so that a hang is killed with every rank (not only torchrun, leaving ranks behind).
-    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                                str(script_path), *argv], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script_path),
+            *argv,
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         log, _ = process.communicate(timeout=300)
     except subprocess.TimeoutExpired:
@@ -351,8 +438,10 @@ def test_two_process_run(tiny_models, dataset, tmp_path, script_path, model, blo
         raise AssertionError(f"2-process run hung:\n{log[-6000:]}") from None
     assert process.returncode == 0, log[-6000:]
     assert "2 processes (rank 0)" in log and "2 processes (rank 1)" in log
-    samples = {rank: [json.loads(s) for s in re.findall(rf"rank {rank} step \d+ samples (\[[\d, ]*\])", log)]
-               for rank in (0, 1)}
+    samples = {
+        rank: [json.loads(s) for s in re.findall(rf"rank {rank} step \d+ samples (\[[\d, ]*\])", log)]
+        for rank in (0, 1)
+    }
     assert len(samples[0]) == len(samples[1]) == micro_batches
     assert any(a != b for a, b in zip(samples[0], samples[1])), samples
     assert log.count("Trained weights identical on all 2 ranks") == 2
@@ -371,8 +460,10 @@ def test_two_process_run(tiny_models, dataset, tmp_path, script_path, model, blo
 
 def test_large_seeds_give_valid_generators():
     """A drawn or user seed up to 2**32 - 1 (diffusers' set_seed range) at any step, rank and micro-batch."""
-    generators = [training_utils.step_generator(2**32 - 1, 10**7, 63, "cpu", 15),
-                  training_utils.step_generator(2**32 - 2, 10**7, 63, "cpu", 15)]
+    generators = [
+        training_utils.step_generator(2**32 - 1, 10**7, 63, "cpu", 15),
+        training_utils.step_generator(2**32 - 2, 10**7, 63, "cpu", 15),
+    ]
     assert not torch.equal(torch.rand(4, generator=generators[0]), torch.rand(4, generator=generators[1]))
     assert len(list(training_utils.EpochShuffleSampler(5, 2**32 - 1))) == 5
 
@@ -382,16 +473,26 @@ def test_micro_batches_of_a_step_draw_different_noise():
     b = training_utils.step_generator(0, 5, 0, torch.device("cpu"), micro_batch=1)
     again = training_utils.step_generator(0, 5, 0, torch.device("cpu"), micro_batch=1)
     assert not torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))
-    assert torch.equal(torch.rand(4, generator=training_utils.step_generator(0, 5, 0, torch.device("cpu"), 1)),
-                       torch.rand(4, generator=again))
+    assert torch.equal(
+        torch.rand(4, generator=training_utils.step_generator(0, 5, 0, torch.device("cpu"), 1)),
+        torch.rand(4, generator=again),
+    )
 
 
 def test_resuming_a_finished_run_trains_no_further(cog, tiny_models, dataset, tmp_path, caplog):
     out = tmp_path / "out"
     run_main(cog, args_for(tiny_models["cogvideox-2b"], dataset, out, steps=2, extra=["--checkpointing_steps", "2"]))
     first = lora_state(out)
-    run_main(cog, args_for(tiny_models["cogvideox-2b"], dataset, out, steps=2, extra=[
-        "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"]))
+    run_main(
+        cog,
+        args_for(
+            tiny_models["cogvideox-2b"],
+            dataset,
+            out,
+            steps=2,
+            extra=["--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"],
+        ),
+    )
     assert "Resuming from" in caplog.text
     for key, value in lora_state(out).items():
         assert torch.equal(value, first[key])

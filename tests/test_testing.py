@@ -14,8 +14,14 @@ def test_tiny_cogvideox_reloads_and_generates(tiny_models, variant):
     assert pipe.transformer.config.patch_size_t == (2 if variant == "1.5" else None)
     assert pipe.transformer.config.use_rotary_positional_embeddings == (variant != "2b")
     frames = pipe(
-        "a cat dances", num_frames=9, height=32, width=48, num_inference_steps=2, max_sequence_length=16,
-        output_type="np", generator=torch.Generator().manual_seed(0),
+        "a cat dances",
+        num_frames=9,
+        height=32,
+        width=48,
+        num_inference_steps=2,
+        max_sequence_length=16,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
     ).frames
     assert frames.shape[0] == 1 and frames.shape[2:] == (32, 48, 3) and frames.shape[1] >= 9
     assert np.isfinite(frames).all()
@@ -27,8 +33,14 @@ def test_tiny_hunyuan_reloads_and_generates(tiny_models):
     pipe = HunyuanVideoPipeline.from_pretrained(tiny_models["hunyuan"])
     assert (pipe.transformer.config.num_layers, pipe.transformer.config.num_single_layers) == (2, 2)
     frames = pipe(
-        "a cat dances", num_frames=9, height=32, width=48, num_inference_steps=2, max_sequence_length=16,
-        output_type="np", generator=torch.Generator().manual_seed(0),
+        "a cat dances",
+        num_frames=9,
+        height=32,
+        width=48,
+        num_inference_steps=2,
+        max_sequence_length=16,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
     ).frames
     assert frames.shape == (1, 9, 32, 48, 3) and np.isfinite(frames).all()
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 from helpers import (
-    assert_same_trained_weights,
     COGVIDEOX_SCRIPT,
+    assert_same_trained_weights,
     import_script,
     launch,
     lora_metadata,
@@ -36,23 +36,47 @@ def dataset(tmp_path_factory):
 def base_args(model, dataset, output_dir, source="files", steps=2, extra=()):
     data = {
         "files": None,
-        "csv": ["--dataset_name", str(dataset / "metadata.csv"), "--caption_column", "caption", "--video_column", "file"],
-        "jsonl": ["--dataset_name", str(dataset / "metadata.jsonl"), "--caption_column", "caption", "--video_column", "file"],
+        "csv": [
+            "--dataset_name",
+            str(dataset / "metadata.csv"),
+            "--caption_column",
+            "caption",
+            "--video_column",
+            "file",
+        ],
+        "jsonl": [
+            "--dataset_name",
+            str(dataset / "metadata.jsonl"),
+            "--caption_column",
+            "caption",
+            "--video_column",
+            "file",
+        ],
     }[source]
     return tiny_train_args(model, dataset, output_dir, steps=steps, data=data, extra=extra)
 
 
 def generate(pipe, seed=0):
-    return pipe("a bunny walks in a green meadow", num_frames=9, height=32, width=48, num_inference_steps=2,
-                max_sequence_length=16, output_type="np", generator=torch.Generator().manual_seed(seed)).frames
+    return pipe(
+        "a bunny walks in a green meadow",
+        num_frames=9,
+        height=32,
+        width=48,
+        num_inference_steps=2,
+        max_sequence_length=16,
+        output_type="np",
+        generator=torch.Generator().manual_seed(seed),
+    ).frames
 
 
 VARIANT_SOURCE = {"2b": "files", "5b": "csv", "1.5": "jsonl"}
 
 
 # Every mode on 2B; CREPA (and plain LoRA on 1.5's padded latents) on the rotary variants.
-@pytest.mark.parametrize("variant, mode", [("2b", "crepa"), ("2b", "repa"), ("2b", "none"), ("5b", "crepa"),
-                                           ("1.5", "crepa"), ("1.5", "none")])
+@pytest.mark.parametrize(
+    "variant, mode",
+    [("2b", "crepa"), ("2b", "repa"), ("2b", "none"), ("5b", "crepa"), ("1.5", "crepa"), ("1.5", "none")],
+)
 def test_end_to_end(cog, tiny_models, dataset, tmp_path, variant, mode):
     from diffusers import CogVideoXPipeline
     from huggingface_hub import ModelCard
@@ -62,8 +86,16 @@ def test_end_to_end(cog, tiny_models, dataset, tmp_path, variant, mode):
     validate = variant == "2b" and mode == "crepa"
     extra = ["--crepa_mode", mode]
     if validate:
-        extra += ["--validation_prompt", "a cat dances:::a bunny", "--validation_steps", "2",
-                  "--validation_num_inference_steps", "2", "--report_to", "tensorboard"]
+        extra += [
+            "--validation_prompt",
+            "a cat dances:::a bunny",
+            "--validation_steps",
+            "2",
+            "--validation_num_inference_steps",
+            "2",
+            "--report_to",
+            "tensorboard",
+        ]
     argv = base_args(model, dataset, out, VARIANT_SOURCE[variant], extra=extra)
     if validate:  # as users run it; the other runs in this process (a launch costs ~8 s of imports)
         launch(COGVIDEOX_SCRIPT, argv, tmp_path)
@@ -111,7 +143,9 @@ def test_end_to_end(cog, tiny_models, dataset, tmp_path, variant, mode):
         gif = tensorboard_images(out / "logs", "test/video_1")[0]
         assert gif.encoded_image_string[:6] == b"GIF89a" and (gif.height, gif.width) == (32, 48)
         scalars = tensorboard_tags(out / "logs")["scalars"]
-        assert {"loss", "diffusion_loss", "crepa_loss", "similarity_self", "similarity_neighbour", "lr"} <= set(scalars)
+        assert {"loss", "diffusion_loss", "crepa_loss", "similarity_self", "similarity_neighbour", "lr"} <= set(
+            scalars
+        )
         assert "test_video_0" in (out / "README.md").read_text()
 
 
@@ -128,17 +162,25 @@ def test_lora_reloads_with_trained_scale(cog, tiny_models, dataset, tmp_path):
     # The trained model, rebuilt as it was in memory: base + LoRA(r=4, alpha=8) with the trained weights.
     trained = CogVideoXTransformer3DModel.from_pretrained(model, subfolder="transformer")
     trained.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-    state = {k[len("transformer."):].replace(".lora_A.weight", ".lora_A.default.weight").replace(
-        ".lora_B.weight", ".lora_B.default.weight"): v for k, v in lora_state(out).items()}
+    state = {
+        k[len("transformer.") :]
+        .replace(".lora_A.weight", ".lora_A.default.weight")
+        .replace(".lora_B.weight", ".lora_B.default.weight"): v
+        for k, v in lora_state(out).items()
+    }
     missing = set_peft_model_state_dict(trained, {k.replace(".default", ""): v for k, v in state.items()})
     assert not getattr(missing, "unexpected_keys", [])
 
     pipe = CogVideoXPipeline.from_pretrained(model)
     pipe.load_lora_weights(out)
     torch.manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, 3, 4, 4, 6), encoder_hidden_states=torch.randn(1, 16, 32),
-                  timestep=torch.tensor([500]), image_rotary_emb=pipe._prepare_rotary_positional_embeddings(
-                      32, 48, 3, torch.device("cpu")), return_dict=False)
+    inputs = {
+        "hidden_states": torch.randn(1, 3, 4, 4, 6),
+        "encoder_hidden_states": torch.randn(1, 16, 32),
+        "timestep": torch.tensor([500]),
+        "image_rotary_emb": pipe._prepare_rotary_positional_embeddings(32, 48, 3, torch.device("cpu")),
+        "return_dict": False,
+    }
     with torch.no_grad():
         expected = trained(**inputs)[0]
         loaded = pipe.transformer(**inputs)[0]
@@ -152,15 +194,27 @@ def test_resume_matches_uninterrupted_run_and_limits_checkpoints(cog, tiny_model
     """In this process (a resume in a fresh process is test_reliability's SIGTERM test and test_deepspeed's)."""
     model = tiny_models["cogvideox-2b"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_main(cog, base_args(model, dataset, straight, steps=4, extra=[
-        "--checkpointing_steps", "1", "--checkpoints_total_limit", "2"]))
+    run_main(
+        cog,
+        base_args(
+            model, dataset, straight, steps=4, extra=["--checkpointing_steps", "1", "--checkpoints_total_limit", "2"]
+        ),
+    )
     assert sorted(p.name for p in straight.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
 
     run_main(cog, base_args(model, dataset, resumed, steps=2, extra=["--checkpointing_steps", "2"]))
     assert (resumed / "checkpoint-2").is_dir()
     with caplog.at_level("INFO"):
-        run_main(cog, base_args(model, dataset, resumed, steps=4, extra=[
-            "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"]))
+        run_main(
+            cog,
+            base_args(
+                model,
+                dataset,
+                resumed,
+                steps=4,
+                extra=["--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"],
+            ),
+        )
     assert f"Resuming from {resumed / 'checkpoint-2'}" in caplog.text
 
     assert_same_trained_weights(straight, resumed, "checkpoint-4")
@@ -199,8 +253,15 @@ def test_push_to_hub_uploads_weights_and_card(tiny_models, dataset, tmp_path, mo
     monkeypatch.setattr(huggingface_hub, "create_repo", fake_create_repo)
     monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload_folder)
     script = import_script(COGVIDEOX_SCRIPT)
-    args = script.parse_args(base_args(tiny_models["cogvideox-2b"], dataset, tmp_path / "tiny-crepa", steps=1, extra=[
-        "--push_to_hub", "--hub_model_id", "someone/tiny-crepa"]))
+    args = script.parse_args(
+        base_args(
+            tiny_models["cogvideox-2b"],
+            dataset,
+            tmp_path / "tiny-crepa",
+            steps=1,
+            extra=["--push_to_hub", "--hub_model_id", "someone/tiny-crepa"],
+        )
+    )
     try:
         script.main(args)
     finally:
@@ -219,9 +280,26 @@ def test_validation_videos_reach_wandb_offline(tiny_models, dataset, tmp_path):
 
     out, wandb_dir = tmp_path / "out", tmp_path / "wandb_dir"
     wandb_dir.mkdir()
-    launch(COGVIDEOX_SCRIPT, base_args(tiny_models["cogvideox-2b"], dataset, out, extra=[
-        "--validation_prompt", "a cat dances", "--validation_steps", "2", "--validation_num_inference_steps", "2",
-        "--report_to", "wandb"]), tmp_path, env=offline_env(WANDB_MODE="offline", WANDB_DIR=str(wandb_dir)))
+    launch(
+        COGVIDEOX_SCRIPT,
+        base_args(
+            tiny_models["cogvideox-2b"],
+            dataset,
+            out,
+            extra=[
+                "--validation_prompt",
+                "a cat dances",
+                "--validation_steps",
+                "2",
+                "--validation_num_inference_steps",
+                "2",
+                "--report_to",
+                "wandb",
+            ],
+        ),
+        tmp_path,
+        env=offline_env(WANDB_MODE="offline", WANDB_DIR=str(wandb_dir)),
+    )
     runs = list((wandb_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     videos = sorted(p.name.split("_")[0] for p in (runs[0] / "files" / "media" / "videos").glob("*.mp4"))
@@ -229,12 +307,40 @@ def test_validation_videos_reach_wandb_offline(tiny_models, dataset, tmp_path):
     assert list(out.glob("validation_video_0_*.mp4")) and list(out.glob("test_video_0_*.mp4"))
 
 
-@pytest.mark.parametrize("extra", [
-    ["--optimizer", "AdamW", "--gradient_checkpointing", "--gradient_accumulation_steps", "2",
-     "--lr_scheduler", "cosine", "--lr_warmup_steps", "1", "--max_grad_norm", "0.5", "--scale_lr"],
-    ["--optimizer", "prodigy", "--learning_rate", "1.0", "--prodigy_safeguard_warmup", "--enable_slicing",
-     "--enable_tiling", "--random_flip", "--video_reshape_mode", "random", "--dataloader_num_workers", "2"],
-], ids=["adamw-ckpt-accumulate-cosine", "prodigy-flip-workers"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [
+            "--optimizer",
+            "AdamW",
+            "--gradient_checkpointing",
+            "--gradient_accumulation_steps",
+            "2",
+            "--lr_scheduler",
+            "cosine",
+            "--lr_warmup_steps",
+            "1",
+            "--max_grad_norm",
+            "0.5",
+            "--scale_lr",
+        ],
+        [
+            "--optimizer",
+            "prodigy",
+            "--learning_rate",
+            "1.0",
+            "--prodigy_safeguard_warmup",
+            "--enable_slicing",
+            "--enable_tiling",
+            "--random_flip",
+            "--video_reshape_mode",
+            "random",
+            "--dataloader_num_workers",
+            "2",
+        ],
+    ],
+    ids=["adamw-ckpt-accumulate-cosine", "prodigy-flip-workers"],
+)
 def test_training_options_run(cog, tiny_models, dataset, tmp_path, extra):
     out = tmp_path / "out"
     run_main(cog, base_args(tiny_models["cogvideox-5b"], dataset, out, extra=extra))
@@ -262,9 +368,17 @@ def test_model_card_links_a_hub_base_model(tmp_path):
 
     from crepa_diffusers.model_card import write_model_card
 
-    write_model_card(str(tmp_path), repo_id="me/lora", base_model="THUDM/CogVideoX-5b", model_tags=["cogvideox"],
-                     pipeline_cls_name="CogVideoXPipeline", crepa_settings={"crepa_mode": "crepa"},
-                     training_settings={"steps": 1}, validation_prompts=["a cat"], video_files=[tmp_path / "v.mp4"])
+    write_model_card(
+        str(tmp_path),
+        repo_id="me/lora",
+        base_model="THUDM/CogVideoX-5b",
+        model_tags=["cogvideox"],
+        pipeline_cls_name="CogVideoXPipeline",
+        crepa_settings={"crepa_mode": "crepa"},
+        training_settings={"steps": 1},
+        validation_prompts=["a cat"],
+        video_files=[tmp_path / "v.mp4"],
+    )
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.base_model == "THUDM/CogVideoX-5b"
     assert "[THUDM/CogVideoX-5b](https://huggingface.co/THUDM/CogVideoX-5b)" in card.text

@@ -20,13 +20,27 @@ from crepa_diffusers.training_utils import EpochShuffleSampler, step_generator
 
 
 def base_args(model, dataset, output_dir, steps=2, extra=()):
-    return tiny_train_args(model, dataset, output_dir, steps=steps, encoder="dinov2-registers",
-                           extra=["--max_sequence_length", "16", *extra])
+    return tiny_train_args(
+        model,
+        dataset,
+        output_dir,
+        steps=steps,
+        encoder="dinov2-registers",
+        extra=["--max_sequence_length", "16", *extra],
+    )
 
 
 def generate(pipe):
-    return pipe("a bunny walks", num_frames=9, height=32, width=48, num_inference_steps=2, max_sequence_length=16,
-                output_type="np", generator=torch.Generator().manual_seed(0)).frames
+    return pipe(
+        "a bunny walks",
+        num_frames=9,
+        height=32,
+        width=48,
+        num_inference_steps=2,
+        max_sequence_length=16,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).frames
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +113,15 @@ def test_flow_matching_loss_matches_independent_computation(hunyuan, tiny_models
         torch.testing.assert_close(pipe.scheduler.sigmas[index], sigma)
         noise = torch.randn(x0.shape, generator=generator)
         x_t = (1 - sigma) * x0 + sigma * noise
-        prediction = pipe.transformer(hidden_states=x_t, timestep=(sigma * 1000)[None], encoder_hidden_states=embeds,
-                                      encoder_attention_mask=mask, pooled_projections=pooled,
-                                      guidance=torch.tensor([1000.0]), return_dict=False)[0]
+        prediction = pipe.transformer(
+            hidden_states=x_t,
+            timestep=(sigma * 1000)[None],
+            encoder_hidden_states=embeds,
+            encoder_attention_mask=mask,
+            pooled_projections=pooled,
+            guidance=torch.tensor([1000.0]),
+            return_dict=False,
+        )[0]
     expected = torch.mean((prediction - (noise - x0)) ** 2).item()
     assert logged == pytest.approx(expected, rel=1e-4)
     # The same tolerance tells the right target from the wrong ones (sign flipped, or epsilon alone).
@@ -113,12 +133,28 @@ def test_resume_matches_uninterrupted_run_and_limits_checkpoints(hunyuan, tiny_m
     model = tiny_models["hunyuan"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = ["--crepa_block_index", "2"]
-    run_main(hunyuan, base_args(model, dataset, straight, steps=4, extra=[
-        *common, "--checkpointing_steps", "1", "--checkpoints_total_limit", "3"]))
+    run_main(
+        hunyuan,
+        base_args(
+            model,
+            dataset,
+            straight,
+            steps=4,
+            extra=[*common, "--checkpointing_steps", "1", "--checkpoints_total_limit", "3"],
+        ),
+    )
     assert sorted(p.name for p in straight.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
     run_main(hunyuan, base_args(model, dataset, resumed, steps=2, extra=[*common, "--checkpointing_steps", "2"]))
-    run_main(hunyuan, base_args(model, dataset, resumed, steps=4, extra=[
-        *common, "--checkpointing_steps", "2", "--resume_from_checkpoint", "checkpoint-2"]))
+    run_main(
+        hunyuan,
+        base_args(
+            model,
+            dataset,
+            resumed,
+            steps=4,
+            extra=[*common, "--checkpointing_steps", "2", "--resume_from_checkpoint", "checkpoint-2"],
+        ),
+    )
     assert_same_trained_weights(straight, resumed, "checkpoint-4")
 
 

@@ -39,8 +39,9 @@ def fake_hub(monkeypatch):
 
     def fake_upload_folder(repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
         files = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file()]
-        calls["uploaded"] = sorted(filter_repo_objects(files, allow_patterns=allow_patterns,
-                                                       ignore_patterns=ignore_patterns))
+        calls["uploaded"] = sorted(
+            filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
+        )
 
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kwargs: Repo())
     monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload_folder)
@@ -52,15 +53,42 @@ def test_push_uploads_only_what_a_lora_repo_holds(cog, tiny_models, dataset, tmp
     them, nor checkpoints or logs, may reach the Hub."""
     calls = fake_hub(monkeypatch)
     out = tmp_path / "tiny-crepa"
-    run_main(cog, tiny_train_args(tiny_models["cogvideox-2b"], dataset, out, steps=2, extra=[
-        "--push_to_hub", "--hub_model_id", "someone/tiny-crepa", "--cache_conditions", "--checkpointing_steps", "1",
-        "--validation_prompt", "a cat", "--validation_steps", "2", "--validation_num_inference_steps", "1",
-        "--report_to", "tensorboard"]))
+    run_main(
+        cog,
+        tiny_train_args(
+            tiny_models["cogvideox-2b"],
+            dataset,
+            out,
+            steps=2,
+            extra=[
+                "--push_to_hub",
+                "--hub_model_id",
+                "someone/tiny-crepa",
+                "--cache_conditions",
+                "--checkpointing_steps",
+                "1",
+                "--validation_prompt",
+                "a cat",
+                "--validation_steps",
+                "2",
+                "--validation_num_inference_steps",
+                "1",
+                "--report_to",
+                "tensorboard",
+            ],
+        ),
+    )
     assert list((out / "condition_cache").glob("*.safetensors")), "the cache was not written where expected"
     uploaded = calls["uploaded"]
     assert {"pytorch_lora_weights.safetensors", "README.md", "loss.png", "training_log.json"} <= set(uploaded)
-    assert all(re.fullmatch(r"(pytorch_lora_weights\.safetensors|README\.md|loss\.png|training_log\.json|"
-                            r"(validation|test)_video_\d+_[\w-]+\.mp4)", name) for name in uploaded), uploaded
+    assert all(
+        re.fullmatch(
+            r"(pytorch_lora_weights\.safetensors|README\.md|loss\.png|training_log\.json|"
+            r"(validation|test)_video_\d+_[\w-]+\.mp4)",
+            name,
+        )
+        for name in uploaded
+    ), uploaded
 
 
 def test_final_videos_come_after_training_models_are_freed(cog, tiny_models, dataset, tmp_path, monkeypatch):
@@ -96,8 +124,16 @@ def test_final_videos_come_after_training_models_are_freed(cog, tiny_models, dat
     calls = fake_hub(monkeypatch)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="out of memory while sampling the final videos"):
-        run_main(cog, tiny_train_args(tiny_models["cogvideox-2b"], dataset, out, steps=1, extra=[
-            "--validation_prompt", "a cat", "--enable_slicing", "--enable_tiling", "--push_to_hub"]))
+        run_main(
+            cog,
+            tiny_train_args(
+                tiny_models["cogvideox-2b"],
+                dataset,
+                out,
+                steps=1,
+                extra=["--validation_prompt", "a cat", "--enable_slicing", "--enable_tiling", "--push_to_hub"],
+            ),
+        )
     assert seen["training_transformer_alive"] is False
     assert seen["slicing_tiling"] == (True, True)
     assert lora_state(out) and "crepa" in (out / "README.md").read_text()
@@ -118,9 +154,28 @@ def test_hunyuan_validation_and_final_test_sample_alike(tiny_models, dataset, tm
 
     monkeypatch.setattr(HunyuanVideoPipeline, "__call__", recording_call)
     out = tmp_path / "out"
-    run_main(script, tiny_train_args(tiny_models["hunyuan"], dataset, out, steps=2, encoder="dinov2-registers", extra=[
-        "--max_sequence_length", "16", "--flow_shift", "3.0", "--validation_prompt", "a cat", "--validation_steps",
-        "2", "--validation_num_inference_steps", "1"]))
+    run_main(
+        script,
+        tiny_train_args(
+            tiny_models["hunyuan"],
+            dataset,
+            out,
+            steps=2,
+            encoder="dinov2-registers",
+            extra=[
+                "--max_sequence_length",
+                "16",
+                "--flow_shift",
+                "3.0",
+                "--validation_prompt",
+                "a cat",
+                "--validation_steps",
+                "2",
+                "--validation_num_inference_steps",
+                "1",
+            ],
+        ),
+    )
     assert shifts == [3.0, 3.0]
     assert re.search(r"\| `sampling_flow_shift` \| `3.0` \|", (out / "README.md").read_text())
 
@@ -129,7 +184,7 @@ def without(argv, *flags):
     """argv without each flag and its value."""
     for flag in flags:
         index = argv.index(flag)
-        argv = argv[:index] + argv[index + 2:]
+        argv = argv[:index] + argv[index + 2 :]
     return argv
 
 
@@ -137,14 +192,16 @@ def test_a_run_without_seed_draws_one_and_resume_reuses_it(cog, tiny_models, dat
     model = tiny_models["cogvideox-2b"]
 
     def args(out, steps, extra=()):
-        return without(tiny_train_args(model, dataset, out, steps=steps, extra=["--checkpointing_steps", "2", *extra]),
-                       "--seed")
+        return without(
+            tiny_train_args(model, dataset, out, steps=steps, extra=["--checkpointing_steps", "2", *extra]), "--seed"
+        )
 
     first, other = tmp_path / "first", tmp_path / "other"
     run_main(cog, args(first, 2))
     run_main(cog, args(other, 2))
-    seeds = [int(re.search(r"\| `seed` \| `(\d+)` \|", (out / "README.md").read_text()).group(1))
-             for out in (first, other)]
+    seeds = [
+        int(re.search(r"\| `seed` \| `(\d+)` \|", (out / "README.md").read_text()).group(1)) for out in (first, other)
+    ]
     assert seeds[0] != seeds[1], "two runs without --seed drew the same seed"
     assert any(not torch.equal(a, b) for a, b in zip(lora_state(first).values(), lora_state(other).values()))
 
@@ -152,8 +209,12 @@ def test_a_run_without_seed_draws_one_and_resume_reuses_it(cog, tiny_models, dat
     run_main(cog, args(first, 4, ["--resume_from_checkpoint", "latest"]))
     assert f"seed {seeds[0]} (stored in the checkpoint)" in caplog.text
     straight = tmp_path / "straight"
-    run_main(cog, tiny_train_args(model, dataset, straight, steps=4, extra=[
-        "--checkpointing_steps", "2", "--seed", str(seeds[0])]))  # the last --seed wins
+    run_main(
+        cog,
+        tiny_train_args(
+            model, dataset, straight, steps=4, extra=["--checkpointing_steps", "2", "--seed", str(seeds[0])]
+        ),
+    )  # the last --seed wins
     assert_same_trained_weights(straight, first, "checkpoint-4")
 
 
@@ -185,8 +246,17 @@ def test_lora_metadata_and_card_precision(tiny_models, dataset, tmp_path):
         stored = json.loads(handle.metadata()["lora_adapter_metadata"])
     fields = {key.split(".", 1)[1]: value for key, value in stored.items()}
     assert {"r", "lora_alpha", "target_modules"} <= set(fields)
-    assert set(fields) <= {"r", "lora_alpha", "target_modules", "lora_dropout", "bias", "use_dora", "use_rslora",
-                           "rank_pattern", "alpha_pattern"}, fields
+    assert set(fields) <= {
+        "r",
+        "lora_alpha",
+        "target_modules",
+        "lora_dropout",
+        "bias",
+        "use_dora",
+        "use_rslora",
+        "rank_pattern",
+        "alpha_pattern",
+    }, fields
     assert LoraConfig(**fields).lora_alpha == 8
     card = (out / "README.md").read_text()
     assert "| `mixed_precision` | `no` |" in card and "accelerate default" not in card
@@ -209,11 +279,13 @@ def test_reshape_mode_none_crops_as_diffusers_and_stretch_stretches(cog):
     frames = torch.arange(2 * 3 * 8 * 16, dtype=torch.float32).view(2, 3, 8, 16)
     stretched = cog.resize_and_crop(frames, 8, 8, "stretch")
     assert stretched.shape == (2, 3, 8, 8)
-    torch.testing.assert_close(stretched, torch.nn.functional.interpolate(
-        frames, size=(8, 8), mode="bicubic", align_corners=False, antialias=True))
+    torch.testing.assert_close(
+        stretched,
+        torch.nn.functional.interpolate(frames, size=(8, 8), mode="bicubic", align_corners=False, antialias=True),
+    )
     crops = {tuple(cog.resize_and_crop(frames, 8, 8, "none")[0, 0, 0, :2].tolist()) for _ in range(30)}
     assert len(crops) > 1, "--video_reshape_mode none must crop at random, as in diffusers"
-    assert all(any(torch.equal(torch.tensor(c), frames[0, 0, 0, i:i + 2]) for i in range(9)) for c in crops)
+    assert all(any(torch.equal(torch.tensor(c), frames[0, 0, 0, i : i + 2]) for i in range(9)) for c in crops)
 
 
 def test_subject_consistency_follows_vbench_clamp():
@@ -239,14 +311,22 @@ def test_user_mistakes_are_messages_not_tracebacks(cog, tiny_models, dataset, tm
     model = tiny_models["cogvideox-2b"]
     cases = [
         (tiny_train_args(model, bad, tmp_path / "o1"), r"1 prompts but 3 videos"),
-        (tiny_train_args(model, dataset, tmp_path / "o2", extra=["--resume_from_checkpoint", "checkpoint-7"]),
-         r"--resume_from_checkpoint checkpoint-7: no such folder"),
+        (
+            tiny_train_args(model, dataset, tmp_path / "o2", extra=["--resume_from_checkpoint", "checkpoint-7"]),
+            r"--resume_from_checkpoint checkpoint-7: no such folder",
+        ),
         (tiny_train_args(model, dataset, blocker / "out"), r"--output_dir .*a_file/out cannot be written"),
     ]
     argv, message = cases[0]
     # The trainer itself (`accelerate launch` adds its own CalledProcessError traceback for any failing child).
-    result = subprocess.run([sys.executable, str(COGVIDEOX_SCRIPT), *argv], cwd=tmp_path, env=offline_env(),
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(COGVIDEOX_SCRIPT), *argv],
+        cwd=tmp_path,
+        env=offline_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0 and re.search(message, result.stderr), result.stderr[-2000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     for argv, message in cases[1:]:
@@ -294,20 +374,23 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_loading(cog, tiny_mode
         run_main(cog, tiny_train_args(model, dataset, out, steps=3, extra=resume))
 
 
-@pytest.mark.parametrize("script_path, model, extra, call", [
-    (COGVIDEOX_SCRIPT, "cogvideox-2b", [], "max_sequence_length=16"),  # the tiny model's text length
-    (HUNYUAN_SCRIPT, "hunyuan", ["--max_sequence_length", "16"], "height=32, width=48, num_frames=9"),
-])
-def test_no_dtype_warnings_and_the_card_snippet_runs(tiny_models, dataset, tmp_path, monkeypatch, capfd,
-                                                     script_path, model, extra, call):
+@pytest.mark.parametrize(
+    "script_path, model, extra, call",
+    [
+        (COGVIDEOX_SCRIPT, "cogvideox-2b", [], "max_sequence_length=16"),  # the tiny model's text length
+        (HUNYUAN_SCRIPT, "hunyuan", ["--max_sequence_length", "16"], "height=32, width=48, num_frames=9"),
+    ],
+)
+def test_no_dtype_warnings_and_the_card_snippet_runs(
+    tiny_models, dataset, tmp_path, monkeypatch, capfd, script_path, model, extra, call
+):
     """Loading in the training dtype as diffusers recommends: no "should be kept in float32" cast warning and no
     `torch_dtype` deprecation, in training or in the final test; the card's snippet runs warning-free, and on the
     oldest diffusers requirements.txt allows (`dtype=` exists from diffusers 0.40)."""
+    import logging
     import warnings
 
     from packaging.version import Version
-
-    import logging
 
     script = import_script(script_path)
     out = tmp_path / "out"
@@ -318,12 +401,30 @@ def test_no_dtype_warnings_and_the_card_snippet_runs(tiny_models, dataset, tmp_p
         monkeypatch.setattr(logging.getLogger(name), "handlers", [*logging.getLogger(name).handlers, handler])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        run_main(script, tiny_train_args(tiny_models[model], dataset, out, steps=1, extra=[
-            "--mixed_precision", "bf16", "--validation_prompt", "a cat", "--validation_num_inference_steps", "1",
-            *extra]))
+        run_main(
+            script,
+            tiny_train_args(
+                tiny_models[model],
+                dataset,
+                out,
+                steps=1,
+                extra=[
+                    "--mixed_precision",
+                    "bf16",
+                    "--validation_prompt",
+                    "a cat",
+                    "--validation_num_inference_steps",
+                    "1",
+                    *extra,
+                ],
+            ),
+        )
         code = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1)
-        code = code.replace('"cuda"', '"cpu"').replace(f'"{out.name}"', f'"{out}"').replace(
-            '("a cat")', f'("a cat", num_inference_steps=1, {call})')
+        code = (
+            code.replace('"cuda"', '"cpu"')
+            .replace(f'"{out.name}"', f'"{out}"')
+            .replace('("a cat")', f'("a cat", num_inference_steps=1, {call})')
+        )
         monkeypatch.chdir(tmp_path)
         exec(compile(code, "card-snippet", "exec"), {})
     printed = capfd.readouterr()
@@ -343,11 +444,17 @@ def test_lora_and_projector_files_get_the_umask_mode(cog, tiny_models, dataset, 
     out = tmp_path / "out"
     previous = os.umask(0o002)
     try:
-        run_main(cog, tiny_train_args(tiny_models["cogvideox-2b"], dataset, out, steps=1, extra=[
-            "--checkpointing_steps", "1"]))
+        run_main(
+            cog,
+            tiny_train_args(tiny_models["cogvideox-2b"], dataset, out, steps=1, extra=["--checkpointing_steps", "1"]),
+        )
     finally:
         os.umask(previous)
-    files = [out / "pytorch_lora_weights.safetensors", out / "checkpoint-1" / "pytorch_lora_weights.safetensors",
-             out / "checkpoint-1" / "crepa_projector.safetensors", out / "README.md"]
+    files = [
+        out / "pytorch_lora_weights.safetensors",
+        out / "checkpoint-1" / "pytorch_lora_weights.safetensors",
+        out / "checkpoint-1" / "crepa_projector.safetensors",
+        out / "README.md",
+    ]
     modes = {str(f.relative_to(out)): oct(stat.S_IMODE(f.stat().st_mode)) for f in files}
     assert modes == {str(f.relative_to(out)): "0o664" for f in files}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+
 logger = logging.getLogger(__name__)
 
 
@@ -40,6 +41,7 @@ class ConditionCache:
         """The entry exists, its file is whole and holds the `required` tensors (a run that stored no CREPA features
         may have written it); a truncated or unreadable one is reported. Either way it is computed again."""
         from safetensors import safe_open
+
         if not self.path(key).is_file():
             return False
         try:
@@ -52,12 +54,16 @@ class ConditionCache:
     def missing(self, items: list, required: set[str], rank: int = 0, world_size: int = 1) -> list[int]:
         """This rank's share of `items` (ones with `.path` and `.prompt`; rank r: r, r + W, ...) whose entries are
         absent, damaged or lack a `required` tensor: what the pass must encode."""
-        return [i for i in range(rank, len(items), world_size)
-                if not self.is_valid(self.video_key(items[i].path, items[i].prompt), required)]
+        return [
+            i
+            for i in range(rank, len(items), world_size)
+            if not self.is_valid(self.video_key(items[i].path, items[i].prompt), required)
+        ]
 
     def save(self, key: str, tensors: dict[str, torch.Tensor]) -> int:
         """Write one entry atomically; returns its size in bytes."""
         from safetensors.torch import save_file
+
         staging = self.path(key).with_suffix(f".tmp{os.getpid()}")
         save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, str(staging))
         os.replace(staging, self.path(key))
@@ -65,28 +71,51 @@ class ConditionCache:
 
     def load(self, key: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
+
         path = self.path(key)
         if not path.is_file():
-            raise FileNotFoundError(f"--cache_conditions: {path} is missing. Every process must see the cache: put "
-                                    "--condition_cache_dir on a filesystem shared by all nodes.")
+            raise FileNotFoundError(
+                f"--cache_conditions: {path} is missing. Every process must see the cache: put "
+                "--condition_cache_dir on a filesystem shared by all nodes."
+            )
         return load_file(str(path))
 
     def check_space(self, entry_bytes: int, entries_left: int) -> None:
         """After the first entry of the pass: fail then, not when the disk fills hours later."""
         needed, free = entry_bytes * entries_left, shutil.disk_usage(self.directory).free
-        sizes = (f"--cache_conditions: entries take {entry_bytes / 1e6:.1f} MB each, {needed / 1e9:.2f} GB for the "
-                 f"{entries_left} still to write; {self.directory} has {free / 1e9:.2f} GB free")
+        sizes = (
+            f"--cache_conditions: entries take {entry_bytes / 1e6:.1f} MB each, {needed / 1e9:.2f} GB for the "
+            f"{entries_left} still to write; {self.directory} has {free / 1e9:.2f} GB free"
+        )
         logger.info(sizes)
         if needed > free:
-            raise SystemExit(f"{sizes}. Point --condition_cache_dir at a larger disk, or train without --cache_conditions.")
+            raise SystemExit(
+                f"{sizes}. Point --condition_cache_dir at a larger disk, or train without --cache_conditions."
+            )
 
 
 def make_condition_cache(args: argparse.Namespace) -> ConditionCache | None:
     """The --cache_conditions cache, keyed by every flag the stored tensors depend on."""
     if not args.cache_conditions:
         return None
-    salt = {name: getattr(args, name) for name in (
-        "pretrained_model_name_or_path", "revision", "variant", "height", "width", "max_num_frames",
-        "skip_frames_start", "skip_frames_end", "video_reshape_mode", "crepa_mode", "crepa_encoder",
-        "crepa_frame_pooling", "max_sequence_length", "mixed_precision") if hasattr(args, name)}
+    salt = {
+        name: getattr(args, name)
+        for name in (
+            "pretrained_model_name_or_path",
+            "revision",
+            "variant",
+            "height",
+            "width",
+            "max_num_frames",
+            "skip_frames_start",
+            "skip_frames_end",
+            "video_reshape_mode",
+            "crepa_mode",
+            "crepa_encoder",
+            "crepa_frame_pooling",
+            "max_sequence_length",
+            "mixed_precision",
+        )
+        if hasattr(args, name)
+    }
     return ConditionCache(args.condition_cache_dir or Path(args.output_dir) / "condition_cache", salt)

@@ -28,8 +28,10 @@ class HiddenStateCapture:
     def __init__(self, transformer: nn.Module, block_index: int) -> None:
         blocks = transformer_blocks(transformer)
         if not 0 <= block_index < len(blocks):
-            raise ValueError(f"--crepa_block_index {block_index} is out of range: {type(transformer).__name__} has "
-                             f"{len(blocks)} blocks (valid indices 0..{len(blocks) - 1}).")
+            raise ValueError(
+                f"--crepa_block_index {block_index} is out of range: {type(transformer).__name__} has "
+                f"{len(blocks)} blocks (valid indices 0..{len(blocks) - 1})."
+            )
         self.block_index = block_index
         self._token_frames: int | None = None
         self._captured: torch.Tensor | None = None
@@ -50,7 +52,9 @@ class HiddenStateCapture:
         video = output[0]
         batch, num_tokens, width = video.shape
         if num_tokens % self._token_frames:
-            raise RuntimeError(f"block output has {num_tokens} video tokens, not a multiple of {self._token_frames} frames")
+            raise RuntimeError(
+                f"block output has {num_tokens} video tokens, not a multiple of {self._token_frames} frames"
+            )
         self._captured = video.view(batch, self._token_frames, num_tokens // self._token_frames, width)
         return None
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -21,27 +22,39 @@ PROJECTOR_FILE = "crepa_projector.safetensors"  # written by term.CrepaTerm.save
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoint-N folders, oldest first (a folder without the completion marker is ignored)."""
     root = Path(output_dir)
-    found = [(int(match.group(1)), path) for path in (root.iterdir() if root.is_dir() else [])
-             if (match := CHECKPOINT_PATTERN.match(path.name)) and (path / CHECKPOINT_COMPLETE).is_file()]
+    found = [
+        (int(match.group(1)), path)
+        for path in (root.iterdir() if root.is_dir() else [])
+        if (match := CHECKPOINT_PATTERN.match(path.name)) and (path / CHECKPOINT_COMPLETE).is_file()
+    ]
     return [path for _, path in sorted(found)]
 
 
-def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str, rank: int | None = None,
-                              with_projector: bool | None = None) -> Path | None:
+def resolve_resume_checkpoint(
+    resume_from_checkpoint: str | None, output_dir: str, rank: int | None = None, with_projector: bool | None = None
+) -> Path | None:
     """The checkpoint to resume from ("latest": the newest complete one), refused before any weights load when it is
     missing, incomplete, unreadable, of another LoRA `rank`, or saved with(out) a CREPA projector unlike this run."""
     from safetensors import safe_open
+
     if resume_from_checkpoint is None:
         return None
     found = list_checkpoints(output_dir)
     if resume_from_checkpoint == "latest" and not found:
-        logger.warning("--resume_from_checkpoint latest: no complete checkpoint in %s, starting a new run.", output_dir)
+        logger.warning(
+            "--resume_from_checkpoint latest: no complete checkpoint in %s, starting a new run.", output_dir
+        )
         return None
     path = found[-1] if resume_from_checkpoint == "latest" else Path(resume_from_checkpoint)
     path = path if path.is_absolute() or path.exists() else Path(output_dir) / path
-    flag, fix = f"--resume_from_checkpoint {resume_from_checkpoint}", f"use one of {[p.name for p in found]} or a new run"
+    flag, fix = (
+        f"--resume_from_checkpoint {resume_from_checkpoint}",
+        f"use one of {[p.name for p in found]} or a new run",
+    )
     if not (path / CHECKPOINT_COMPLETE).is_file():
-        raise SystemExit(f"{flag}: no such folder, or incomplete (no {path / CHECKPOINT_COMPLETE}: its save was cut); {fix}.")
+        raise SystemExit(
+            f"{flag}: no such folder, or incomplete (no {path / CHECKPOINT_COMPLETE}: its save was cut); {fix}."
+        )
     if rank is None and with_projector is None:  # nothing to check it against
         return path
     try:
@@ -53,10 +66,14 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: st
     except Exception as error:  # safetensors raises its own errors for truncated or foreign files
         raise SystemExit(f"{flag}: a file in {path} cannot be read ({error}); {fix}.") from None
     if rank is not None and ranks != {rank}:
-        raise SystemExit(f"{flag}: {path} holds a LoRA of rank {sorted(ranks)}, not --rank {rank}: pass that, or {fix}.")
+        raise SystemExit(
+            f"{flag}: {path} holds a LoRA of rank {sorted(ranks)}, not --rank {rank}: pass that, or {fix}."
+        )
     if with_projector is not None and has_projector != with_projector:
-        raise SystemExit(f"{flag}: {path} was saved {'with' if has_projector else 'without'} a CREPA projector, unlike "
-                         f"this run: match --crepa_mode, or {fix}.")
+        raise SystemExit(
+            f"{flag}: {path} was saved {'with' if has_projector else 'without'} a CREPA projector, unlike "
+            f"this run: match --crepa_mode, or {fix}."
+        )
     return path
 
 
@@ -65,8 +82,9 @@ def checkpoint_state(path: Path) -> dict:
     return json.loads((path / CHECKPOINT_COMPLETE).read_text())
 
 
-def save_checkpoint(accelerator, output_dir: str, global_step: int, total_limit: int | None,
-                    run_state: dict | None = None) -> Path:
+def save_checkpoint(
+    accelerator, output_dir: str, global_step: int, total_limit: int | None, run_state: dict | None = None
+) -> Path:
     """accelerate state into checkpoint-N.tmp, then a completion marker holding the step and `run_state` (JSON: the
     seed, the logged history), then an atomic rename; older checkpoints beyond `total_limit` are removed only after
     the new one is complete. Every process must call this."""
@@ -107,8 +125,17 @@ def match_umask(path: str | os.PathLike) -> None:
 
 # What `load_lora_weights` needs to rebuild the LoRA at its trained scale. Not peft's whole `to_dict()`: diffusers
 # builds `LoraConfig(**metadata)`, and fields of a newer peft would be a TypeError for a user on an older one.
-LORA_METADATA_FIELDS = ("r", "lora_alpha", "target_modules", "lora_dropout", "bias", "use_dora", "use_rslora",
-                        "rank_pattern", "alpha_pattern")
+LORA_METADATA_FIELDS = (
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "lora_dropout",
+    "bias",
+    "use_dora",
+    "use_rslora",
+    "rank_pattern",
+    "alpha_pattern",
+)
 
 
 def lora_adapter_metadata(transformer: nn.Module) -> dict:

@@ -23,12 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
 CREPA_MODES = ("crepa", "repa", "none")
 LAMBDA_SCHEDULERS = ("constant", "linear", "cosine", "polynomial")
 
 
-def neighbour_weights(num_frames: int, distance: int, tau: float, cumulative: bool = False,
-                      device: torch.device | None = None) -> torch.Tensor:
+def neighbour_weights(
+    num_frames: int, distance: int, tau: float, cumulative: bool = False, device: torch.device | None = None
+) -> torch.Tensor:
     """[T, T] weights W[f, k] of sim(f, k) in score(f): 1 on the diagonal, exp(-|k-f|/tau) on the neighbours."""
     frame = torch.arange(num_frames, device=device)
     gap = (frame[None, :] - frame[:, None]).abs()
@@ -37,15 +39,26 @@ def neighbour_weights(num_frames: int, distance: int, tau: float, cumulative: bo
     return weights + torch.eye(num_frames, device=device)
 
 
-def crepa_loss(projected: torch.Tensor, features: torch.Tensor, distance: int = 1, tau: float = 1.0,
-               cumulative: bool = False, normalize_by_frames: bool = True) -> torch.Tensor:
+def crepa_loss(
+    projected: torch.Tensor,
+    features: torch.Tensor,
+    distance: int = 1,
+    tau: float = 1.0,
+    cumulative: bool = False,
+    normalize_by_frames: bool = True,
+) -> torch.Tensor:
     """L_align of the module docstring (a scalar to minimise). `distance=0` gives REPA* (self term only)."""
     return crepa_loss_and_stats(projected, features, distance, tau, cumulative, normalize_by_frames)[0]
 
 
-def crepa_loss_and_stats(projected: torch.Tensor, features: torch.Tensor, distance: int = 1, tau: float = 1.0,
-                         cumulative: bool = False, normalize_by_frames: bool = True
-                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def crepa_loss_and_stats(
+    projected: torch.Tensor,
+    features: torch.Tensor,
+    distance: int = 1,
+    tau: float = 1.0,
+    cumulative: bool = False,
+    normalize_by_frames: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L_align plus detached statistics to log (device tensors: reading them is the caller's only host sync).
 
     `similarity_self` is the mean of sim(f, f); `similarity_neighbour` the mean of sim(f, k) over the neighbour
@@ -54,9 +67,11 @@ def crepa_loss_and_stats(projected: torch.Tensor, features: torch.Tensor, distan
     if distance < 0 or tau <= 0:
         raise ValueError(f"CREPA: need distance >= 0 and tau > 0, got distance={distance}, tau={tau}.")
     if projected.shape != features.shape:
-        raise ValueError(f"CREPA: projected hidden states {tuple(projected.shape)} and encoder features "
-                         f"{tuple(features.shape)} must both be [B, T, N, D] with the same token frames T, tokens per "
-                         "frame N and width D.")
+        raise ValueError(
+            f"CREPA: projected hidden states {tuple(projected.shape)} and encoder features "
+            f"{tuple(features.shape)} must both be [B, T, N, D] with the same token frames T, tokens per "
+            "frame N and width D."
+        )
     # sim(f, k) for every pair of token frames, [B, T, T] in fp32: the per-patch cosine averaged over patches.
     projected, features = F.normalize(projected.float(), dim=-1), F.normalize(features.float(), dim=-1)
     sim = torch.einsum("bfnd,bknd->bfk", projected, features) / projected.shape[2]
@@ -84,15 +99,23 @@ class CrepaProjector(nn.Module):
     def __init__(self, hidden_size: int, encoder_dim: int, projector_dim: int = 2048) -> None:
         super().__init__()
         self.hidden_size, self.encoder_dim = hidden_size, encoder_dim
-        self.mlp = nn.Sequential(nn.Linear(hidden_size, projector_dim), nn.SiLU(),
-                                 nn.Linear(projector_dim, projector_dim), nn.SiLU(),
-                                 nn.Linear(projector_dim, encoder_dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_size, projector_dim),
+            nn.SiLU(),
+            nn.Linear(projector_dim, projector_dim),
+            nn.SiLU(),
+            nn.Linear(projector_dim, encoder_dim),
+        )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # fp32, also inside a bf16/fp16 autocast region (accelerate's mixed precision): the projector is small and
         # trained from scratch, and the cosine similarities it feeds are sensitive to rounding.
         device_type = hidden_states.device.type
-        with torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) else nullcontext():
+        with (
+            torch.autocast(device_type, enabled=False)
+            if torch.amp.is_autocast_available(device_type)
+            else nullcontext()
+        ):
             return self.mlp(hidden_states.to(self.mlp[0].weight.dtype))
 
 
@@ -131,8 +154,11 @@ class CrepaConfig:
             return self.lambda_
         decay_steps = self.decay_steps if self.decay_steps is not None else max_train_steps - self.warmup_steps
         progress = min(1.0, (step - self.warmup_steps) / max(1, decay_steps))
-        shape = {"linear": 1 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress)),
-                 "polynomial": (1 - progress) ** self.power}[self.scheduler]
+        shape = {
+            "linear": 1 - progress,
+            "cosine": 0.5 * (1 + math.cos(math.pi * progress)),
+            "polynomial": (1 - progress) ** self.power,
+        }[self.scheduler]
         return self.lambda_end + (self.lambda_ - self.lambda_end) * shape
 
     @property
@@ -148,17 +174,30 @@ class CrepaConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "CrepaConfig":
-        return cls(mode=args.crepa_mode, lambda_=args.crepa_lambda, block_index=args.crepa_block_index,
-                   distance=args.crepa_adjacent_distance, tau=args.crepa_adjacent_tau,
-                   cumulative=args.crepa_cumulative_neighbors, normalize_by_frames=args.crepa_normalize_by_frames,
-                   encoder=args.crepa_encoder, projector_dim=args.crepa_projector_dim,
-                   encoder_frames_per_chunk=args.crepa_encoder_frames_per_chunk, frame_pooling=args.crepa_frame_pooling,
-                   scheduler=args.crepa_scheduler, warmup_steps=args.crepa_warmup_steps, decay_steps=args.crepa_decay_steps,
-                   lambda_end=args.crepa_lambda_end, power=args.crepa_power, cutoff_step=args.crepa_cutoff_step)
+        return cls(
+            mode=args.crepa_mode,
+            lambda_=args.crepa_lambda,
+            block_index=args.crepa_block_index,
+            distance=args.crepa_adjacent_distance,
+            tau=args.crepa_adjacent_tau,
+            cumulative=args.crepa_cumulative_neighbors,
+            normalize_by_frames=args.crepa_normalize_by_frames,
+            encoder=args.crepa_encoder,
+            projector_dim=args.crepa_projector_dim,
+            encoder_frames_per_chunk=args.crepa_encoder_frames_per_chunk,
+            frame_pooling=args.crepa_frame_pooling,
+            scheduler=args.crepa_scheduler,
+            warmup_steps=args.crepa_warmup_steps,
+            decay_steps=args.crepa_decay_steps,
+            lambda_end=args.crepa_lambda_end,
+            power=args.crepa_power,
+            cutoff_step=args.crepa_cutoff_step,
+        )
 
     def loss_and_stats(self, projected: torch.Tensor, features: torch.Tensor):
-        loss, stats = crepa_loss_and_stats(projected, features, self.effective_distance, self.tau, self.cumulative,
-                                           self.normalize_by_frames)
+        loss, stats = crepa_loss_and_stats(
+            projected, features, self.effective_distance, self.tau, self.cumulative, self.normalize_by_frames
+        )
         if self.effective_distance == 0:  # REPA*: no neighbour pairs, so nothing to log for them
             del stats["similarity_neighbour"]
         return loss, stats
@@ -166,6 +205,7 @@ class CrepaConfig:
 
 def _checked(kind: type, test, requirement: str):
     """An argparse type: a `kind` value passing `test`, else argparse's error naming the flag and `requirement`."""
+
     def parse(text: str):
         try:
             value = kind(text)
@@ -179,47 +219,104 @@ def _checked(kind: type, test, requirement: str):
     return parse
 
 
-def add_crepa_args(parser: argparse.ArgumentParser, *, default_lambda: float, default_block_index: int = 8,
-                   default_encoder: str = "facebook/dinov2-giant", block_index_help: str = "") -> argparse._ArgumentGroup:
+def add_crepa_args(
+    parser: argparse.ArgumentParser,
+    *,
+    default_lambda: float,
+    default_block_index: int = 8,
+    default_encoder: str = "facebook/dinov2-giant",
+    block_index_help: str = "",
+) -> argparse._ArgumentGroup:
     """Adds the --crepa_* flags. Invalid values fail at parse time with a message naming the flag."""
     group = parser.add_argument_group("CREPA (cross-frame representation alignment, arXiv 2506.09229)")
     add = group.add_argument
     int_ge0, int_gt0 = _checked(int, lambda v: v >= 0, ">= 0"), _checked(int, lambda v: v > 0, "> 0")
     float_ge0, float_gt0 = _checked(float, lambda v: v >= 0, ">= 0"), _checked(float, lambda v: v > 0, "> 0")
-    add("--crepa_mode", choices=CREPA_MODES, default="crepa",
-        help="crepa: align with the frame and its neighbours; repa: REPA* (same frame only); none: plain LoRA.")
-    add("--crepa_lambda", type=float_ge0, default=default_lambda,
+    add(
+        "--crepa_mode",
+        choices=CREPA_MODES,
+        default="crepa",
+        help="crepa: align with the frame and its neighbours; repa: REPA* (same frame only); none: plain LoRA.",
+    )
+    add(
+        "--crepa_lambda",
+        type=float_ge0,
+        default=default_lambda,
         help=f"Weight lambda of the alignment loss (default {default_lambda}: the paper's 0.5 for CogVideoX and 1.0 for "
-        "HunyuanVideo, as SimpleTuner's OPTIONS.md reports them; second-hand).")
-    add("--crepa_block_index", type=int_ge0, default=default_block_index,
+        "HunyuanVideo, as SimpleTuner's OPTIONS.md reports them; second-hand).",
+    )
+    add(
+        "--crepa_block_index",
+        type=int_ge0,
+        default=default_block_index,
         help=f"0-based index of the block whose output video tokens are aligned (default {default_block_index}: "
-        "\"block 8 for CogVideoX and block 10 for Hunyuan Video\", SimpleTuner's OPTIONS.md citing the paper, 0-based "
+        '"block 8 for CogVideoX and block 10 for Hunyuan Video", SimpleTuner\'s OPTIONS.md citing the paper, 0-based '
         "as SimpleTuner reads it; REPA's own code counts depth from 1, so the paper's block may be one shallower). "
-        + block_index_help)
-    add("--crepa_adjacent_distance", type=int_ge0, default=1,
-        help="d: align frame f also with frames f-d and f+d (paper Eq. 6; default 1 as SimpleTuner reads the paper).")
-    add("--crepa_adjacent_tau", type=float_gt0, default=1.0,
-        help="tau: a neighbour at distance |k-f| is weighted exp(-|k-f|/tau) (default 1.0, SimpleTuner's).")
-    add("--crepa_cumulative_neighbors", action="store_true",
-        help="Align with every frame at distance 1..d instead of exactly d (a deviation from the paper).")
-    add("--crepa_normalize_by_frames", action=argparse.BooleanOptionalAction, default=True,
-        help="Divide the per-clip sum over frames by T (clip-length independent); --no-... gives the paper's plain sum.")
-    add("--crepa_encoder", default=default_encoder,
+        + block_index_help,
+    )
+    add(
+        "--crepa_adjacent_distance",
+        type=int_ge0,
+        default=1,
+        help="d: align frame f also with frames f-d and f+d (paper Eq. 6; default 1 as SimpleTuner reads the paper).",
+    )
+    add(
+        "--crepa_adjacent_tau",
+        type=float_gt0,
+        default=1.0,
+        help="tau: a neighbour at distance |k-f| is weighted exp(-|k-f|/tau) (default 1.0, SimpleTuner's).",
+    )
+    add(
+        "--crepa_cumulative_neighbors",
+        action="store_true",
+        help="Align with every frame at distance 1..d instead of exactly d (a deviation from the paper).",
+    )
+    add(
+        "--crepa_normalize_by_frames",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Divide the per-clip sum over frames by T (clip-length independent); --no-... gives the paper's plain sum.",
+    )
+    add(
+        "--crepa_encoder",
+        default=default_encoder,
         help="DINOv2 encoder (transformers Dinov2Model / Dinov2WithRegistersModel): a Hub id or a local folder. "
-        "facebook/dinov2-giant is the paper's; facebook/dinov2-base fits small GPUs.")
+        "facebook/dinov2-giant is the paper's; facebook/dinov2-base fits small GPUs.",
+    )
     add("--crepa_projector_dim", type=int_gt0, default=2048, help="Hidden width of the projector MLP (REPA's 2048).")
-    add("--crepa_frame_pooling", choices=("mean", "center"), default="mean",
+    add(
+        "--crepa_frame_pooling",
+        choices=("mean", "center"),
+        default="mean",
         help="mean: the features of a token frame are the mean over its pixel frames (4 per latent frame); center: "
-        "only its middle frame is encoded (4x less encoder compute).")
-    add("--crepa_encoder_frames_per_chunk", type=int_gt0, default=16,
-        help="Frames sent through the encoder at once; lower it to bound encoder memory on long clips.")
+        "only its middle frame is encoded (4x less encoder compute).",
+    )
+    add(
+        "--crepa_encoder_frames_per_chunk",
+        type=int_gt0,
+        default=16,
+        help="Frames sent through the encoder at once; lower it to bound encoder memory on long clips.",
+    )
     # lambda over training (SimpleTuner's names, so settings carry over); constant is the paper.
-    add("--crepa_scheduler", choices=LAMBDA_SCHEDULERS, default="constant",
-        help="How lambda moves from --crepa_lambda to --crepa_lambda_end after the warm-up (constant: never).")
+    add(
+        "--crepa_scheduler",
+        choices=LAMBDA_SCHEDULERS,
+        default="constant",
+        help="How lambda moves from --crepa_lambda to --crepa_lambda_end after the warm-up (constant: never).",
+    )
     add("--crepa_warmup_steps", type=int_ge0, default=0, help="Optimizer steps of a linear ramp of lambda from 0.")
-    add("--crepa_decay_steps", type=int_gt0, default=None, help="Steps of the decay (default: until --max_train_steps).")
+    add(
+        "--crepa_decay_steps",
+        type=int_gt0,
+        default=None,
+        help="Steps of the decay (default: until --max_train_steps).",
+    )
     add("--crepa_lambda_end", type=float_ge0, default=0.0, help="lambda at the end of the decay.")
     add("--crepa_power", type=float_gt0, default=1.0, help="Exponent of the polynomial decay (1: linear).")
-    add("--crepa_cutoff_step", type=int_ge0, default=None,
-        help="lambda is 0 after this many optimizer steps: the encoder, hook and projector are skipped from then on.")
+    add(
+        "--crepa_cutoff_step",
+        type=int_ge0,
+        default=None,
+        help="lambda is 0 after this many optimizer steps: the encoder, hook and projector are skipped from then on.",
+    )
     return group

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -22,13 +23,17 @@ def token_frame_groups(num_frames: int, temporal_compression: int = 4, patch_siz
     r = temporal_compression
     if num_frames < 1 or (num_frames - 1) % r != 0:
         below, above = r * max(0, (num_frames - 1) // r) + 1, r * ((num_frames - 1) // r + 1) + 1
-        raise ValueError(f"{num_frames} frames cannot be encoded by a causal VAE with temporal compression {r}: use "
-                         f"{r}k+1 frames (e.g. {below} or {above}).")
+        raise ValueError(
+            f"{num_frames} frames cannot be encoded by a causal VAE with temporal compression {r}: use "
+            f"{r}k+1 frames (e.g. {below} or {above})."
+        )
     latent_groups = [[0]] + [list(range(r * (i - 1) + 1, r * i + 1)) for i in range(1, (num_frames - 1) // r + 1)]
     padding = (-len(latent_groups)) % patch_size_t
     latent_groups = [latent_groups[0]] * padding + latent_groups
-    return [sorted(set().union(*latent_groups[start : start + patch_size_t]))
-            for start in range(0, len(latent_groups), patch_size_t)]
+    return [
+        sorted(set().union(*latent_groups[start : start + patch_size_t]))
+        for start in range(0, len(latent_groups), patch_size_t)
+    ]
 
 
 def select_frames(groups: list[list[int]], pooling: str = "mean") -> list[list[int]]:
@@ -52,19 +57,24 @@ DINOV2_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
 
 def require_dinov2(model_type: str | None, name: str) -> None:
     if model_type not in DINOV2_MODEL_TYPES:
-        raise ValueError(f"--crepa_encoder {name!r} is a {model_type!r} model, not DINOv2: CREPA aligns with DINOv2 "
-                         "patch tokens (transformers Dinov2Model / Dinov2WithRegistersModel: facebook/dinov2-giant, "
-                         "facebook/dinov2-base, facebook/dinov2-with-registers-giant, ...).")
+        raise ValueError(
+            f"--crepa_encoder {name!r} is a {model_type!r} model, not DINOv2: CREPA aligns with DINOv2 "
+            "patch tokens (transformers Dinov2Model / Dinov2WithRegistersModel: facebook/dinov2-giant, "
+            "facebook/dinov2-base, facebook/dinov2-with-registers-giant, ...)."
+        )
 
 
 def load_encoder_config(name_or_path: str | os.PathLike, **kwargs):
     """The encoder's config, checked to be a DINOv2 one: cheap (no weights), so scripts call it before training."""
     from transformers import AutoConfig
+
     try:
         config = AutoConfig.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as error:
-        raise ValueError(f"--crepa_encoder {str(name_or_path)!r} could not be loaded ({error}). Give a Hub id such as "
-                         "facebook/dinov2-giant or a local folder saved with save_pretrained.") from error
+        raise ValueError(
+            f"--crepa_encoder {str(name_or_path)!r} could not be loaded ({error}). Give a Hub id such as "
+            "facebook/dinov2-giant or a local folder saved with save_pretrained."
+        ) from error
     require_dinov2(config.model_type, str(name_or_path))
     return config
 
@@ -99,16 +109,25 @@ class DinoPatchFeatures(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-                        frames_per_chunk: int = 16, autocast_dtype: torch.dtype | None = None,
-                        **kwargs) -> "DinoPatchFeatures":
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        dtype: torch.dtype = torch.float32,
+        frames_per_chunk: int = 16,
+        autocast_dtype: torch.dtype | None = None,
+        **kwargs,
+    ) -> "DinoPatchFeatures":
         from transformers import AutoModel
+
         config = load_encoder_config(name_or_path, **kwargs)
         encoder = AutoModel.from_pretrained(name_or_path, config=config, dtype=dtype, **kwargs)
         return cls(encoder, frames_per_chunk=frames_per_chunk, autocast_dtype=autocast_dtype)
 
     def _autocast(self, device: torch.device):  # bf16 on GPUs; none on the CPU (and the benchmark's meta device)
-        return torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
+        return (
+            torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
+        )
 
     @torch.no_grad()
     def forward(self, frames: torch.Tensor, token_grid: tuple[int, int], groups: list[list[int]]) -> torch.Tensor:

@@ -25,8 +25,10 @@ def check_crepa_args(args: argparse.Namespace, num_blocks: int, model_name: str)
     if not config.enabled:
         return
     if not 0 <= config.block_index < num_blocks:
-        raise SystemExit(f"--crepa_block_index {config.block_index} is out of range: this {model_name} has "
-                         f"{num_blocks} blocks (valid indices 0..{num_blocks - 1}).")
+        raise SystemExit(
+            f"--crepa_block_index {config.block_index} is out of range: this {model_name} has "
+            f"{num_blocks} blocks (valid indices 0..{num_blocks - 1})."
+        )
     try:
         load_encoder_config(config.encoder, cache_dir=getattr(args, "cache_dir", None))
     except ValueError as error:
@@ -42,8 +44,12 @@ def build_crepa(args: argparse.Namespace, transformer: nn.Module, device: torch.
         return None
     on_cuda = device.type == "cuda"
     encoder = DinoPatchFeatures.from_pretrained(
-        config.encoder, dtype=torch.bfloat16 if on_cuda else torch.float32, cache_dir=getattr(args, "cache_dir", None),
-        frames_per_chunk=config.encoder_frames_per_chunk, autocast_dtype=torch.bfloat16 if on_cuda else None)
+        config.encoder,
+        dtype=torch.bfloat16 if on_cuda else torch.float32,
+        cache_dir=getattr(args, "cache_dir", None),
+        frames_per_chunk=config.encoder_frames_per_chunk,
+        autocast_dtype=torch.bfloat16 if on_cuda else None,
+    )
     hidden_size = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     projector = CrepaProjector(hidden_size, encoder.hidden_size, config.projector_dim)
     return CrepaTerm(config, transformer, projector.to(device), encoder.to(device))
@@ -53,8 +59,9 @@ class CrepaTerm:
     """Encoder features of the clean frames (computed before the transformer forward), the block capture, and the
     projector (run inside `TransformerWithProjector.forward`); `loss` gives L_align and its statistics."""
 
-    def __init__(self, config: CrepaConfig, transformer: nn.Module, projector: CrepaProjector,
-                 encoder: DinoPatchFeatures) -> None:
+    def __init__(
+        self, config: CrepaConfig, transformer: nn.Module, projector: CrepaProjector, encoder: DinoPatchFeatures
+    ) -> None:
         self.config, self.projector, self.encoder = config, projector, encoder
         self.lambda_ = config.lambda_  # --crepa_lambda (the schedule's peak: see CrepaConfig.lambda_at)
         self.capture = HiddenStateCapture(transformer, config.block_index)
@@ -84,15 +91,19 @@ class CrepaTerm:
 
     def save_projector(self, directory: str | os.PathLike) -> None:
         from safetensors.torch import save_file
+
         state = {key: value.detach().contiguous().cpu() for key, value in self.projector.state_dict().items()}
         save_file(state, os.path.join(directory, PROJECTOR_FILE))
 
     def load_projector(self, directory: str | os.PathLike) -> None:
         from safetensors.torch import load_file
+
         path = os.path.join(directory, PROJECTOR_FILE)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} is missing: this checkpoint was saved without CREPA "
-                                    "(resume it with --crepa_mode none, or start a new run).")
+            raise FileNotFoundError(
+                f"{path} is missing: this checkpoint was saved without CREPA "
+                "(resume it with --crepa_mode none, or start a new run)."
+            )
         self.projector.load_state_dict(load_file(path))
 
 

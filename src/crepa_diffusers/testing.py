@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+
 COGVIDEOX_VARIANTS = ("2b", "5b", "1.5")
 TINY_PROMPTS = [
     "a bunny walks in a green meadow",
@@ -36,7 +37,12 @@ def _train_tokenizer(tokenizer, corpus: list[str], vocab_size: int = 100):
 
 def build_tiny_cogvideox_pipeline(variant: str = "2b", seed: int = 0):
     """A complete CogVideoXPipeline: 2b (sin-cos positions), 5b (rotary), 1.5 (rotary, patch_size_t=2)."""
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
     if variant not in COGVIDEOX_VARIANTS:
@@ -44,8 +50,16 @@ def build_tiny_cogvideox_pipeline(variant: str = "2b", seed: int = 0):
     torch.manual_seed(seed)
     tokenizer = _train_tokenizer(T5Tokenizer(extra_ids=0), _corpus())
     text_encoder = T5EncoderModel(
-        T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
-                 relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id)
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            d_ff=37,
+            d_kv=8,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     )
     transformer = CogVideoXTransformer3DModel(
         num_attention_heads=2,
@@ -112,15 +126,31 @@ def build_tiny_hunyuan_pipeline(seed: int = 0):
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer_2 = _train_tokenizer(CLIPTokenizer(), corpus, vocab_size=300)
     text_encoder = LlamaModel(
-        LlamaConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id, hidden_size=16, intermediate_size=37, num_attention_heads=4,
-                    num_hidden_layers=3, vocab_size=max(len(tokenizer), 300), hidden_act="gelu")
+        LlamaConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_size=16,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=3,
+            vocab_size=max(len(tokenizer), 300),
+            hidden_act="gelu",
+        )
     )
     text_encoder_2 = CLIPTextModel(
-        CLIPTextConfig(bos_token_id=tokenizer_2.bos_token_id, eos_token_id=tokenizer_2.eos_token_id,
-                       pad_token_id=tokenizer_2.pad_token_id, hidden_size=8, intermediate_size=37,
-                       num_attention_heads=4, num_hidden_layers=2, vocab_size=max(len(tokenizer_2), 400),
-                       projection_dim=32, max_position_embeddings=77)
+        CLIPTextConfig(
+            bos_token_id=tokenizer_2.bos_token_id,
+            eos_token_id=tokenizer_2.eos_token_id,
+            pad_token_id=tokenizer_2.pad_token_id,
+            hidden_size=8,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=max(len(tokenizer_2), 400),
+            projection_dim=32,
+            max_position_embeddings=77,
+        )
     )
     transformer = HunyuanVideoTransformer3DModel(
         in_channels=4,
@@ -167,8 +197,14 @@ def build_tiny_dinov2(registers: bool = False, seed: int = 0):
     from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
     torch.manual_seed(seed)
-    kwargs = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=14,
-                  image_size=56)
+    kwargs = {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "patch_size": 14,
+        "image_size": 56,
+    }
     if registers:
         return Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=4, **kwargs)).eval()
     return Dinov2Model(Dinov2Config(**kwargs)).eval()
@@ -210,7 +246,12 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> Pa
     frames = np.ascontiguousarray(frames, dtype=np.uint8)
     height, width = frames.shape[1:3]
     writer = imageio_ffmpeg.write_frames(
-        str(path), (width, height), fps=fps, codec="libx264", macro_block_size=1, quality=None,
+        str(path),
+        (width, height),
+        fps=fps,
+        codec="libx264",
+        macro_block_size=1,
+        quality=None,
         output_params=["-crf", "0", "-pix_fmt", "yuv444p"],
     )
     writer.send(None)
@@ -220,9 +261,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> Pa
     return Path(path)
 
 
-def make_video_folder(
-    root: str | os.PathLike, num_videos: int = 3, prompts: list[str] | None = None
-) -> Path:
+def make_video_folder(root: str | os.PathLike, num_videos: int = 3, prompts: list[str] | None = None) -> Path:
     """A diffusers-style dataset folder: videos/*.mp4 (copies of the real sample clips), prompts.txt, videos.txt."""
     root = Path(root)
     (root / "videos").mkdir(parents=True, exist_ok=True)

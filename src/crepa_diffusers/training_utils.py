@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+
 logger = logging.getLogger(__name__)
 
 
@@ -23,13 +24,16 @@ def check_output_dir(output_dir: str) -> None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=output_dir).close()
     except OSError as error:
-        raise SystemExit(f"--output_dir {output_dir} cannot be written ({error.strerror}): choose a folder you can write.")
+        raise SystemExit(
+            f"--output_dir {output_dir} cannot be written ({error.strerror}): choose a folder you can write."
+        )
 
 
 def check_videos(items: list, min_frames: int, skip_invalid: bool = False) -> list:
     """Every listed video (items with a `.path`) is opened before training: all missing, undecodable or too-short
     files are reported at once (SystemExit), or dropped with a warning when `skip_invalid`."""
     import decord
+
     problems = []
     for index, path in enumerate(Path(item.path) for item in items):
         try:
@@ -39,14 +43,22 @@ def check_videos(items: list, min_frames: int, skip_invalid: bool = False) -> li
             problems.append((index, f"{path}: cannot be decoded ({reason})"))
             continue
         if num_frames is None or num_frames < min_frames:
-            problems.append((index, f"{path}: file not found" if num_frames is None else
-                             f"{path}: {num_frames} frames, fewer than the {min_frames} needed"))
+            problems.append(
+                (
+                    index,
+                    f"{path}: file not found"
+                    if num_frames is None
+                    else f"{path}: {num_frames} frames, fewer than the {min_frames} needed",
+                )
+            )
     if not problems:
         return items
     listing = "\n  ".join(message for _, message in problems)
     if not skip_invalid:
-        raise SystemExit(f"{len(problems)} of {len(items)} videos cannot be used:\n  {listing}\n"
-                         "Fix or remove them, lower --max_num_frames / --skip_frames_*, or pass --skip_invalid_videos.")
+        raise SystemExit(
+            f"{len(problems)} of {len(items)} videos cannot be used:\n  {listing}\n"
+            "Fix or remove them, lower --max_num_frames / --skip_frames_*, or pass --skip_invalid_videos."
+        )
     logger.warning("Skipping %d invalid videos (--skip_invalid_videos):\n  %s", len(problems), listing)
     bad = {index for index, _ in problems}
     items = [item for index, item in enumerate(items) if index not in bad]
@@ -76,8 +88,9 @@ class EpochShuffleSampler(torch.utils.data.Sampler[int]):
         return self.length
 
 
-def step_generator(seed: int, step: int, process_index: int, device: torch.device | str,
-                   micro_batch: int = 0) -> torch.Generator:
+def step_generator(
+    seed: int, step: int, process_index: int, device: torch.device | str, micro_batch: int = 0
+) -> torch.Generator:
     """The random stream of one micro-batch of one optimizer step on one rank: noise, timesteps and VAE samples are a
     function of (seed, step, micro-batch, rank), so resuming from a checkpoint reproduces them exactly."""
     generator = torch.Generator(device=device)
@@ -115,6 +128,7 @@ class StopRequest:
             return
         if any(name in command for name in self.LAUNCHERS):
             import ctypes
+
             ctypes.CDLL(None).prctl(1, signum, 0, 0, 0)  # PR_SET_PDEATHSIG: this signal when the parent dies
             if signum and os.getppid() != parent:  # it died before the request: no signal will come
                 os.kill(os.getpid(), signum)
@@ -128,8 +142,9 @@ class StopRequest:
             raise KeyboardInterrupt
         if self.signal is None:
             self._first_at = time.monotonic()
-            logger.warning("Received %s: finishing this step, saving a checkpoint, then exiting.",
-                           signal.Signals(signum).name)
+            logger.warning(
+                "Received %s: finishing this step, saving a checkpoint, then exiting.", signal.Signals(signum).name
+            )
         if self.signal in (None, signal.SIGUSR1):
             self.signal = signum  # a SIGTERM / SIGINT names the exit status rather than the launcher's death
 
@@ -169,16 +184,22 @@ class NonFiniteSteps:
         logger.warning("Non-finite loss: optimizer step skipped (%d in a row).", self.in_a_row)
         unskippable = accelerator.distributed_type == "DEEPSPEED" and accelerator.gradient_accumulation_steps > 1
         if self.in_a_row >= self.max_in_a_row or unskippable:
-            why = "Under DeepSpeed with --gradient_accumulation_steps > 1 a step cannot be skipped. " if unskippable else ""
+            why = (
+                "Under DeepSpeed with --gradient_accumulation_steps > 1 a step cannot be skipped. "
+                if unskippable
+                else ""
+            )
             raise NonFiniteLossError(why + nonfinite_message(self.in_a_row, accelerator.mixed_precision))
         return False
 
 
 def nonfinite_message(steps: int, mixed_precision: str) -> str:
     precision = f" You train in {mixed_precision}:" if mixed_precision == "fp16" else " If you train in fp16:"
-    return (f"The loss was NaN/inf for {steps} optimizer steps in a row (each was skipped, see --max_nonfinite_steps)."
-            f"{precision} fp16 overflows on CogVideoX-5B/1.5 and HunyuanVideo, use --mixed_precision bf16. Otherwise "
-            "try a lower --learning_rate. The last complete checkpoint is intact: --resume_from_checkpoint latest.")
+    return (
+        f"The loss was NaN/inf for {steps} optimizer steps in a row (each was skipped, see --max_nonfinite_steps)."
+        f"{precision} fp16 overflows on CogVideoX-5B/1.5 and HunyuanVideo, use --mixed_precision bf16. Otherwise "
+        "try a lower --learning_rate. The last complete checkpoint is intact: --resume_from_checkpoint latest."
+    )
 
 
 def clip_grad_norms(accelerator, parts: list[list[torch.nn.Parameter]], max_norm: float) -> list[torch.Tensor]:
@@ -198,9 +219,13 @@ def enable_fp8_weights(transformer: torch.nn.Module, compute_dtype: torch.dtype)
     HunyuanVideo's fp8 trainers do (musubi-tuner --fp8_base; diffusion-pipe's float8 transformer keeps `norm`, `bias`
     and the input embedders high, names that miss the original checkpoint's img_mod/txt_mod/modulation)."""
     from diffusers.hooks import apply_layerwise_casting_hook
+
     transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
     modulation = re.compile(r"(single_)?transformer_blocks\.\d+\.norm\w*\.linear")
     for name, module in transformer.named_modules():  # a LoRA-wrapped projection is not an nn.Linear: left alone
-        if (modulation.fullmatch(name) and isinstance(module, torch.nn.Linear)
-                and module.weight.dtype != torch.float8_e4m3fn):  # unless diffusers cast it already
+        if (
+            modulation.fullmatch(name)
+            and isinstance(module, torch.nn.Linear)
+            and module.weight.dtype != torch.float8_e4m3fn
+        ):  # unless diffusers cast it already
             apply_layerwise_casting_hook(module, torch.float8_e4m3fn, compute_dtype, non_blocking=False)
