@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from crepa_diffusers import checkpoints, training_utils
+from crepa_diffusers import checkpoints, memory, training_utils
 from crepa_diffusers.cache import ConditionCache, make_condition_cache
+from crepa_diffusers.capture import transformer_blocks
 from crepa_diffusers.crepa import CrepaConfig, add_crepa_args  # CREPA
 from crepa_diffusers.features import token_frame_groups  # CREPA
 from crepa_diffusers.model_card import crepa_card_settings, training_card_settings, write_model_card
@@ -188,6 +189,33 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Store the frozen transformer weights in fp8 (float8_e4m3fn) and compute in the training "
         "dtype (diffusers' enable_layerwise_casting; its default skips: the patch embedder, norms with their "
         "modulation linears, and the LoRA).",
+    )
+    mem = parser.add_argument_group("Memory (README: fitting a 12-24 GB card)")
+    mem.add_argument(
+        "--offload_activations",
+        action="store_true",
+        help="Keep the gradient-checkpointed block inputs in pinned host memory between forward and backward, "
+        "copied on a side CUDA stream while the blocks compute (host RAM: about what it saves on the GPU).",
+    )
+    mem.add_argument(
+        "--blocks_to_swap",
+        type=int,
+        default=0,
+        help="Keep the frozen weights of the last N transformer blocks in pinned host memory and stream each to the "
+        "GPU one block ahead of use, in forward and backward (LoRA, norms and the rest stay on the GPU). Needs "
+        "--gradient_checkpointing.",
+    )
+    mem.add_argument(
+        "--selective_checkpointing",
+        action="store_true",
+        help="Gradient checkpointing that keeps each block's attention output and recomputes the rest: fewer FLOPs "
+        "in backward, more memory (for large cards).",
+    )
+    mem.add_argument(
+        "--offload_encoders",
+        action="store_true",
+        help="The text encoders, the VAE and DINOv2 wait in host memory and visit the GPU one at a time, for their "
+        "own forward (with --enable_tiling, the --cache_conditions pass fits the card the step fits).",
     )
     train.add_argument(
         "--max_nonfinite_steps",
@@ -496,6 +524,7 @@ class Parts:
     height: int
     width: int
     random_flip: bool = False
+    forward_context: object = contextlib.nullcontext()  # around the transformer's forward: memory.ActivationOffload
 
 
 def encode_conditions(
@@ -610,7 +639,7 @@ def training_loss(
     rotary = rotary_embeddings(config, parts.height, parts.width, latents.shape[1], device)
     if use_crepa:
         crepa.prepare(conditions["features"])  # CREPA: this step's DINOv2 features; arms the block hook
-    with timer("transformer_forward"):
+    with timer("transformer_forward"), parts.forward_context:  # --offload_activations: saved tensors to the host
         output, projected = parts.model(  # CREPA: the projected block tokens come back beside the output
             hidden_states=noisy,
             encoder_hidden_states=conditions["prompt_embeds"].to(dtype),
@@ -857,6 +886,8 @@ def main(args: argparse.Namespace) -> Path:
                 f"{patch}): use e.g. {max(multiple, round(value / multiple) * multiple)}."
             )
     check_crepa_args(args, config["num_layers"], "CogVideoX")  # CREPA: block index and encoder, from configs
+    checkpointing = args.gradient_checkpointing or args.selective_checkpointing
+    memory.check_memory_flags(args.blocks_to_swap, config["num_layers"], checkpointing)
     resume_path = checkpoints.resolve_resume_checkpoint(
         args.resume_from_checkpoint, args.output_dir, args.rank, CrepaConfig.from_args(args).enabled
     )  # CREPA: projector or not
@@ -890,6 +921,8 @@ def main(args: argparse.Namespace) -> Path:
         ],
     )
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed and args.blocks_to_swap:
+        raise SystemExit("--blocks_to_swap does not run under DeepSpeed (its engine places the weights): drop one.")
     if deepspeed and accelerator.state.deepspeed_plugin.deepspeed_config.get("gradient_clipping") in (None, "auto"):
         # The config's "auto" would become accelerate's fixed 1.0: --max_grad_norm decides, as without DeepSpeed.
         accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm
@@ -957,9 +990,11 @@ def main(args: argparse.Namespace) -> Path:
     transformer.requires_grad_(False)  # reaches the GPU after the --cache_conditions pass (below), not beside it
     for module in (text_encoder, vae) if need_text else (vae,):
         module.requires_grad_(False)
-        module.to(device)  # loaded in weight_dtype: a .to(dtype) cast would undo what diffusers keeps in fp32
-    if args.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+        module.to("cpu" if args.offload_encoders else device)  # loaded in weight_dtype: no .to(dtype) cast
+    if checkpointing:  # --selective_checkpointing keeps the attention outputs
+        transformer.enable_gradient_checkpointing(
+            memory.selective_checkpointing() if args.selective_checkpointing else None
+        )
     transformer.add_adapter(
         LoraConfig(
             r=args.rank,
@@ -973,6 +1008,10 @@ def main(args: argparse.Namespace) -> Path:
         transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=weight_dtype)
     crepa = build_crepa(args, transformer, device)  # CREPA: frozen DINOv2 + block hook + projector (None: none)
     model = TransformerWithProjector(transformer, crepa)  # CREPA: one trained module for DDP/DeepSpeed/FSDP
+    if args.offload_encoders:  # one frozen encoder on the device at a time, DINOv2 included
+        memory.offload_models_in_turn([text_encoder, vae, crepa.encoder.encoder if crepa else None], device)
+    if args.blocks_to_swap:  # after the fp8 cast: the host keeps the stored dtype
+        memory.BlockSwap(transformer_blocks(transformer), args.blocks_to_swap, device)
 
     # accelerate's save_state / load_state write the LoRA (diffusers format) and the CREPA projector only.
     def save_model_hook(models, weights, output_dir):
@@ -1043,6 +1082,7 @@ def main(args: argparse.Namespace) -> Path:
         height=args.height,
         width=args.width,
         random_flip=args.random_flip,
+        forward_context=memory.ActivationOffload(device) if args.offload_activations else contextlib.nullcontext(),
     )
     pipeline_args = {
         "guidance_scale": args.guidance_scale,

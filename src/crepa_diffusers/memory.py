@@ -1,0 +1,316 @@
+"""Memory options any training loop switches on around its transformer (explicit values, no argparse):
+
+- `ActivationOffload`: a saved-tensors context for the transformer's forward. Under gradient checkpointing what
+  autograd saves outside the checkpointed blocks is mostly the blocks' inputs (torch's non-reentrant checkpoint
+  saves them as ordinary saved tensors); they go to (pinned) host memory in forward and come back for backward,
+  each one prefetched while the block after it runs its backward. Copies run on a side CUDA stream.
+- `BlockSwap`: the frozen Linear weights of N transformer blocks wait in (pinned) host memory and visit the device
+  one block ahead of use, in forward and in backward (the recomputation of a checkpointed block is a forward).
+  LoRA parameters, norms and everything outside the swapped blocks stay on the device.
+- `selective_checkpointing`: gradient checkpointing that keeps the attention outputs and recomputes the rest.
+- `offload_models_in_turn`: each frozen encoder waits in host memory and visits the device for its own forward only.
+
+Without CUDA the same code runs with plain copies (no pinning, no streams): the results are the same, bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import weakref
+
+import torch
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+
+logger = logging.getLogger(__name__)
+
+# The fused attention kernels whose outputs selective checkpointing keeps (SDPA dispatches to one of them).
+ATTENTION_OPS = tuple(
+    getattr(torch.ops.aten, name).default
+    for name in (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_flash_attention_forward",
+        "_efficient_attention_forward",
+    )
+    if hasattr(torch.ops.aten, name)
+)
+
+
+class _HostBytes:
+    """Bytes held in host memory by one mechanism, now and at most (for logs and the benchmark)."""
+
+    def __init__(self) -> None:
+        self.current = self.peak = 0
+
+    def hold(self, tensor: torch.Tensor) -> torch.Tensor:
+        nbytes = tensor.untyped_storage().nbytes()
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(tensor, self._release, nbytes)
+        return tensor
+
+    def _release(self, nbytes: int) -> None:
+        self.current -= nbytes
+
+
+def _copy_stream(device: torch.device):
+    return torch.cuda.Stream(device) if device.type == "cuda" else None
+
+
+class _Packed:
+    """One saved tensor in host memory; `device_copy` is set when it was prefetched."""
+
+    __slots__ = ("host", "index", "copied", "device_copy", "ready", "__weakref__")
+
+    def __init__(self, host, index, copied) -> None:
+        self.host, self.index, self.copied = host, index, copied
+        self.device_copy = self.ready = None
+
+
+class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
+    """`with ActivationOffload(device): output = transformer(...)`: tensors of at least `min_bytes` that autograd saves
+    in this forward (outside checkpointed regions, whose own hooks take precedence) are moved to host memory and
+    brought back when backward needs them. Parameters stay where they are. Reusable: enter it for every forward."""
+
+    def __init__(self, device: torch.device | str, min_bytes: int = 1 << 20, host_device: str = "cpu") -> None:
+        self.device, self.min_bytes = torch.device(device), min_bytes
+        self.host_device = torch.device(host_device)
+        self.pin = self.device.type == "cuda"
+        self.stream = _copy_stream(self.device)
+        self.host_bytes = _HostBytes()
+        # This forward's packs in order (weakly: autograd holds them until backward used them), unpacked in reverse.
+        self._order: list[weakref.ref] = []
+        self._seen = WeakIdKeyDictionary()  # tensor -> (version, packed): one host copy per tensor
+        super().__init__(self._pack, self._unpack)
+
+    def __enter__(self):
+        self._order = []
+        self._seen = WeakIdKeyDictionary()
+        return super().__enter__()
+
+    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, device=self.host_device, pin_memory=self.pin)
+        return self.host_bytes.hold(host.copy_(tensor, non_blocking=self.pin))
+
+    def _pack(self, tensor: torch.Tensor):
+        if (
+            isinstance(tensor, nn.Parameter)
+            or tensor.device != self.device
+            or tensor.untyped_storage().nbytes() < self.min_bytes
+        ):
+            return tensor
+        seen = self._seen.get(tensor)
+        if seen is not None and seen[0] == tensor._version:
+            return seen[1]  # e.g. the rotary embedding every block takes: copied once
+        key, tensor = tensor, tensor.detach()
+        if self.stream is not None:  # the copy waits for the tensor, and its memory for the copy
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                host = self._to_host(tensor)
+                copied = torch.cuda.Event()
+                copied.record(self.stream)
+            tensor.record_stream(self.stream)
+        else:
+            host, copied = self._to_host(tensor), None
+        packed = _Packed(host, len(self._order), copied)
+        self._order.append(weakref.ref(packed))
+        self._seen[key] = (key._version, packed)
+        return packed
+
+    def _fetch(self, packed: _Packed) -> None:
+        """Starts the copy of `packed` back to the device (on the side stream with CUDA)."""
+        if packed.device_copy is not None:
+            return
+        if self.stream is None:
+            packed.device_copy = packed.host.to(self.device, copy=True)
+            return
+        with torch.cuda.stream(self.stream):  # after the host copy (same stream)
+            packed.device_copy = packed.host.to(self.device, non_blocking=True)
+            packed.ready = torch.cuda.Event()
+            packed.ready.record(self.stream)
+
+    def _unpack(self, packed):
+        if not isinstance(packed, _Packed):
+            return packed
+        self._fetch(packed)
+        tensor, packed.device_copy = packed.device_copy, None
+        if packed.ready is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(packed.ready)
+            tensor.record_stream(current)
+            packed.ready = None
+        previous = self._order[packed.index - 1]() if 0 < packed.index < len(self._order) else None
+        if previous is not None:  # prefetched: backward needs the one packed before it next
+            self._fetch(previous)
+        return tensor
+
+
+def _swapped_tensors(block: nn.Module) -> list[nn.Parameter]:
+    """The frozen weights and biases of a block's Linear layers (LoRA's base layers included, its own A/B not)."""
+    return [
+        param
+        for module in block.modules()
+        if isinstance(module, nn.Linear)
+        for param in module.parameters(recurse=False)
+        if not param.requires_grad
+    ]
+
+
+class BlockSwap:
+    """The frozen Linear weights of `num_blocks` of `blocks` (the last ones) wait in host memory, and each swapped
+    block is copied to `device` one block ahead of its use: in forward, and in backward, where gradient
+    checkpointing recomputes each block (a forward) just before its backward. Needs gradient checkpointing: without
+    it autograd keeps every block's weights for backward anyway. Only Linear weights move (as with diffusers' layerwise
+    casting, autograd saves views of them, never the parameter), so LoRA weights, norms and the rest of the model
+    never leave the device. Between uses a swapped weight holds an empty tensor: `model.to(device)` and accelerate's
+    `prepare` move nothing of it. Build it after any fp8 casting (the host keeps the stored dtype)."""
+
+    def __init__(
+        self, blocks: list[nn.Module], num_blocks: int, device: torch.device | str, host_device: str = "cpu"
+    ) -> None:
+        if not 0 < num_blocks <= len(blocks):
+            raise ValueError(f"--blocks_to_swap {num_blocks}: choose 1..{len(blocks)} (the model has {len(blocks)}).")
+        self.device, self.host_device = torch.device(device), torch.device(host_device)
+        self.pin = self.device.type == "cuda"
+        self.stream = _copy_stream(self.device)
+        self.blocks = list(blocks)
+        self.swapped = list(range(len(blocks)))[-num_blocks:]
+        self.params = {i: _swapped_tensors(blocks[i]) for i in self.swapped}
+        self.host_bytes = _HostBytes()
+        self.host = {i: [self._to_host(param.data) for param in self.params[i]] for i in self.swapped}
+        for i in self.swapped:
+            self._offload(i)
+        self.resident: set[int] = set()  # swapped blocks whose weights are on the device now
+        self._loading: dict[int, tuple[list[torch.Tensor], object]] = {}
+        self._end_of_backward_queued = False
+        self._handles = [
+            handle
+            for i, block in enumerate(self.blocks)
+            for handle in (
+                block.register_forward_pre_hook(functools.partial(self._before, i)),
+                block.register_forward_hook(functools.partial(self._after, i)),
+            )
+        ]
+
+    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, device=self.host_device, pin_memory=self.pin)
+        return self.host_bytes.hold(host.copy_(tensor))
+
+    def _offload(self, index: int) -> None:
+        # What autograd saved for this block's backward (views of the weights) keeps the device copy until then.
+        for param in self.params[index]:
+            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+
+    def _start_load(self, index: int) -> None:
+        if index in self.resident or index in self._loading:
+            return
+        hosts = self.host[index]
+        if self.stream is None:
+            self._loading[index] = ([torch.empty_like(h, device=self.device).copy_(h) for h in hosts], None)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the memory it reuses is free
+        with torch.cuda.stream(self.stream):
+            copies = [host.to(self.device, non_blocking=True) for host in hosts]
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        self._loading[index] = (copies, ready)
+
+    def _next_swapped(self, index: int, backward: bool) -> int | None:
+        later = [i for i in self.swapped if (i < index if backward else i > index)]
+        return (max(later) if backward else min(later)) if later else None
+
+    def _before(self, index: int, module, args) -> None:
+        backward = torch._C._current_graph_task_id() != -1  # a checkpointed block recomputed inside backward
+        if backward:
+            # A recomputation stops after the block's last saved tensor, before the forward hooks: the blocks
+            # recomputed before this one are done with their weights (what their backward saved keeps its copy).
+            for done in self.resident - {index}:
+                self._offload(done)
+            self.resident &= {index}
+            if not self._end_of_backward_queued:
+                torch.autograd.Variable._execution_engine.queue_callback(self._offload_all)
+                self._end_of_backward_queued = True
+        if index in self.params:
+            self._start_load(index)
+            copies, ready = self._loading.pop(index, (None, None))
+            if copies is not None:
+                if ready is not None:
+                    current = torch.cuda.current_stream(self.device)
+                    current.wait_event(ready)
+                    for copy in copies:
+                        copy.record_stream(current)
+                for param, copy in zip(self.params[index], copies):
+                    param.data = copy
+                self.resident.add(index)
+        upcoming = self._next_swapped(index, backward)
+        if upcoming is not None:
+            self._start_load(upcoming)
+
+    def _offload_all(self) -> None:
+        for index in self.resident:
+            self._offload(index)
+        self.resident.clear()
+        self._end_of_backward_queued = False
+
+    def _after(self, index: int, module, args, output) -> None:
+        if index in self.params:
+            self._offload(index)
+            self.resident.discard(index)
+
+    def remove(self) -> None:
+        """Hooks off, every weight back on the device."""
+        for handle in self._handles:
+            handle.remove()
+        for i in self.swapped:
+            for param, host in zip(self.params[i], self.host[i]):
+                param.data = host.to(self.device)
+
+
+def check_memory_flags(blocks_to_swap: int, num_blocks: int, gradient_checkpointing: bool) -> None:
+    """Before any weights load: --blocks_to_swap names a number of blocks this model has, under checkpointing."""
+    if not 0 <= blocks_to_swap <= num_blocks:
+        raise SystemExit(f"--blocks_to_swap {blocks_to_swap}: this model has {num_blocks} blocks (0..{num_blocks}).")
+    if blocks_to_swap and not gradient_checkpointing:
+        raise SystemExit(
+            "--blocks_to_swap needs --gradient_checkpointing (or --selective_checkpointing): without it autograd "
+            "keeps every block's weights on the device for backward."
+        )
+
+
+def selective_checkpointing(ops=ATTENTION_OPS):
+    """A `gradient_checkpointing_func` for diffusers' `enable_gradient_checkpointing`: torch's non-reentrant
+    checkpoint whose recomputation reuses the saved outputs of `ops` (the attention kernels) instead of running
+    them again. Fewer FLOPs in backward; the attention outputs of every block stay in memory."""
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    saved = set(ops)
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    context_fn = functools.partial(create_selective_checkpoint_contexts, policy)
+
+    def checkpointing_func(function, *args, **kwargs):
+        return checkpoint(function, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+
+    return checkpointing_func
+
+
+def offload_models_in_turn(models: list[nn.Module | None], device: torch.device | str) -> list:
+    """Each model waits in host memory and moves to `device` when its forward (or a diffusers VAE's encode/decode)
+    starts, sending the model that ran before it back to the host: one model on the device at a time (accelerate's
+    `cpu_offload_with_hook`, chained in a ring as diffusers' `enable_model_cpu_offload` chains a pipeline)."""
+    from accelerate import cpu_offload_with_hook
+
+    hooks = []
+    for model in (m for m in models if m is not None):
+        _, hook = cpu_offload_with_hook(model, torch.device(device), prev_module_hook=hooks[-1] if hooks else None)
+        hooks.append(hook)
+    if len(hooks) > 1:  # the first model's next visit sends the last one back
+        hooks[0].hook.prev_module_hook = hooks[-1]
+    return hooks
