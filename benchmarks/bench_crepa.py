@@ -53,7 +53,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from crepa_diffusers import training_utils  # noqa: E402
+from crepa_diffusers import memory, training_utils  # noqa: E402
+from crepa_diffusers.capture import transformer_blocks  # noqa: E402
 from crepa_diffusers.crepa import CrepaConfig, CrepaProjector  # noqa: E402
 from crepa_diffusers.features import DinoPatchFeatures  # noqa: E402
 from crepa_diffusers.term import CrepaTerm, TransformerWithProjector  # noqa: E402
@@ -70,15 +71,26 @@ class Preset:
     dtype: torch.dtype
     gradient_checkpointing: bool
     encoders: tuple[str, ...]
+    rank: int = 16  # LoRA rank: the README recipes' at full size (CogVideoX 64, HunyuanVideo 32)
+    blocks_to_swap: int = 1  # the *-swap modes' --blocks_to_swap
 
 
 PRESETS = {
     "tiny": Preset("cogvideox", 9, 32, 48, 1, torch.float32, False, ("tiny",)),
-    "cpu-mid": Preset("cogvideox", 17, 96, 144, 2, torch.float32, True, ("dinov2-s",)),
-    "cogvideox-2b": Preset("cogvideox", 49, 480, 720, 8, torch.bfloat16, True, ("dinov2-g", "dinov2-b")),
-    "cogvideox-5b": Preset("cogvideox", 49, 480, 720, 8, torch.bfloat16, True, ("dinov2-g", "dinov2-b")),
-    "hunyuan": Preset("hunyuan", 49, 512, 768, 8, torch.bfloat16, True, ("dinov2-g", "dinov2-b")),
+    "cpu-mid": Preset("cogvideox", 17, 96, 144, 2, torch.float32, True, ("dinov2-s",), blocks_to_swap=2),
+    "cogvideox-2b": Preset("cogvideox", 49, 480, 720, 8, torch.bfloat16, True, ("dinov2-g", "dinov2-b"), 64, 10),
+    "cogvideox-5b": Preset("cogvideox", 49, 480, 720, 8, torch.bfloat16, True, ("dinov2-g", "dinov2-b"), 64, 20),
+    "hunyuan": Preset("hunyuan", 49, 512, 768, 8, torch.bfloat16, True, ("dinov2-g", "dinov2-b"), 32, 30),
+    "hunyuan-544p": Preset("hunyuan", 129, 544, 960, 8, torch.bfloat16, True, ("dinov2-g",), 32, 30),
 }
+# Memory options on top of precomputed conditions (README, "Fitting a 12-24 GB card"): --selective_checkpointing,
+# --offload_activations, --blocks_to_swap (the preset's number). The bf16 one runs before fp8 casts the transformer.
+MEMORY_MODES = (
+    "crepa-precomputed-selective",
+    "crepa-precomputed-fp8-selective",
+    "crepa-precomputed-fp8-offload",
+    "crepa-precomputed-fp8-offload-swap",
+)
 
 
 def load_script(name: str):
@@ -286,6 +298,8 @@ class StepSetup:
     batch: dict
     pipe: object = None  # HunyuanVideoPipeline (its encode_prompt is the text path)
     precomputed: dict = None  # the batch of the *-precomputed modes: its conditions encoded once, on the CPU
+    device: torch.device = None
+    crepa: CrepaTerm = None  # the default CREPA term (precompute encodes its features whichever modes run)
 
 
 def build_step_setup(
@@ -328,7 +342,7 @@ def build_step_setup(
             else script.lora_target_regex(script.DEFAULT_LORA_LAYERS)
         )
         transformer.add_adapter(
-            LoraConfig(r=128 if full_size else 16, lora_alpha=128, init_lora_weights=True, target_modules=targets)
+            LoraConfig(r=preset.rank, lora_alpha=preset.rank, init_lora_weights=True, target_modules=targets)
         )
         cast_training_params(transformer, dtype=torch.float32)
         encoder = DinoPatchFeatures(
@@ -403,15 +417,25 @@ def build_step_setup(
         "prompts": ["a panda playing a guitar in a bamboo forest, cinematic"] * batch_size,
         "indices": torch.arange(batch_size),
     }
-    for suffix in ("", "-fp8"):
-        terms["none-precomputed" + suffix], terms["crepa-precomputed" + suffix] = None, terms["crepa"]
-    return StepSetup(script, parts, terms, transformer, projector, encoder, batch, pipe)
+    for mode in (
+        "none-precomputed",
+        "crepa-precomputed",
+        MEMORY_MODES[0],
+        "none-precomputed-fp8",
+        "crepa-precomputed-fp8",
+    ):
+        terms[mode] = None if mode.startswith("none") else terms["crepa"]
+    for mode in MEMORY_MODES[1:]:
+        terms[mode] = terms["crepa"]
+    return StepSetup(
+        script, parts, terms, transformer, projector, encoder, batch, pipe, device=device, crepa=terms["crepa"]
+    )
 
 
 def precompute(setup: StepSetup) -> None:
     """--cache_conditions: the batch's conditions encoded once before training (CREPA's features included; `none`
     reads only the latent distribution and the text embeddings), kept on the CPU as the DataLoader hands them over."""
-    batch, crepa = setup.batch, setup.terms["crepa"]
+    batch, crepa = setup.batch, setup.crepa
     conditions = setup.script.encode_conditions(batch["frames"], batch["prompts"], setup.parts, crepa)
     conditions["features"] = conditions["features"].to(crepa.cache_dtype)
     device = batch["frames"].device
@@ -422,11 +446,57 @@ def precompute(setup: StepSetup) -> None:
 
 
 def mode_groups(modes: list[str]) -> list[list[str]]:
-    return [
+    """Interleaved groups, in the order they can run: fp8 casts the shared transformer for good; each memory mode on
+    its own (its options are set around the group)."""
+    groups = [
         [m for m in modes if "precomputed" not in m],
         [m for m in modes if m.endswith("-precomputed")],
+        *[[m] for m in modes if m == MEMORY_MODES[0]],
         [m for m in modes if m.endswith("-fp8")],
+        *[[m] for m in modes if m in MEMORY_MODES[1:]],
     ]
+    return [group for group in groups if group]
+
+
+class CountedActivationOffload(memory.ActivationOffload):
+    """On the meta device the host copies are meta tensors too: made outside the memory count (they are counted as
+    host memory by the offload itself), as a GPU's device memory would not hold them."""
+
+    def _to_host(self, tensor):
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes():
+            return super()._to_host(tensor)
+
+
+@contextlib.contextmanager
+def memory_options(mode: str, setup: StepSetup, preset: Preset):
+    """The memory flags a mode names, around its steps: yields the forward context (--offload_activations) and the
+    BlockSwap (--blocks_to_swap) or None. Host copies live on the CPU, or on the meta device when counting."""
+    transformer, device = setup.transformer, setup.device
+    host = "meta" if device.type == "meta" else "cpu"
+    selective = mode.endswith("-selective")
+    if selective:
+        transformer.enable_gradient_checkpointing(memory.selective_checkpointing())
+    offload = None
+    if "-offload" in mode:
+        offload = (CountedActivationOffload if device.type == "meta" else memory.ActivationOffload)(
+            device,
+            min_bytes=1 << 20 if preset.dtype == torch.bfloat16 else 0,  # full size: the scripts'; tiny: every tensor
+            host_device=host,
+        )
+    swap = None
+    if mode.endswith("-swap"):
+        swap = memory.BlockSwap(transformer_blocks(transformer), preset.blocks_to_swap, device, host_device=host)
+    try:
+        yield offload or contextlib.nullcontext(), swap
+    finally:
+        if swap is not None:
+            swap.remove()
+        if selective and preset.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        elif selective:
+            transformer.disable_gradient_checkpointing()
 
 
 def frozen_encoders(setup: StepSetup) -> list[torch.nn.Module]:
@@ -437,6 +507,12 @@ def frozen_encoders(setup: StepSetup) -> list[torch.nn.Module]:
     return [*texts, vae.encoder, setup.encoder.encoder]
 
 
+def host_bytes(forward_context, swap) -> int:
+    """What the memory options hold in host memory at most: the swapped weights, the offloaded activations' peak."""
+    offloaded = forward_context.host_bytes.peak if isinstance(forward_context, memory.ActivationOffload) else 0
+    return offloaded + (swap.host_bytes.peak if swap is not None else 0)
+
+
 def batch_of(setup: StepSetup, mode: str) -> dict:
     return setup.precomputed if "precomputed" in mode else setup.batch
 
@@ -444,7 +520,7 @@ def batch_of(setup: StepSetup, mode: str) -> dict:
 def layerwise_casting_from(mode: str, setup: StepSetup, dtype: torch.dtype) -> None:
     """Before the first -fp8 mode (they run last): the frozen transformer weights stored in fp8, as
     --layerwise_upcasting does (CogVideoX: diffusers' enable_layerwise_casting; HunyuanVideo: enable_fp8_weights)."""
-    if mode.endswith("-fp8") and not getattr(setup.transformer, "_crepa_bench_fp8", False):
+    if "-fp8" in mode and not getattr(setup.transformer, "_crepa_bench_fp8", False):
         if setup.pipe is None:
             setup.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
         else:
@@ -452,10 +528,28 @@ def layerwise_casting_from(mode: str, setup: StepSetup, dtype: torch.dtype) -> N
         setup.transformer._crepa_bench_fp8 = True
 
 
-def run(preset_name: str, encoder_name: str, steps: int, warmup: int, batch_size: int, device: torch.device) -> dict:
+def select_modes(setup: StepSetup, modes: list[str] | None) -> None:
+    """--modes: only these (and `none`, the baseline of every ratio)."""
+    if modes:
+        unknown = set(modes) - set(setup.terms)
+        if unknown:
+            raise SystemExit(f"--modes: unknown {sorted(unknown)}; choose from {list(setup.terms)}.")
+        setup.terms = {m: t for m, t in setup.terms.items() if m == "none" or m in modes}
+
+
+def run(
+    preset_name: str,
+    encoder_name: str,
+    steps: int,
+    warmup: int,
+    batch_size: int,
+    device: torch.device,
+    modes: list[str] | None = None,
+) -> dict:
     preset = PRESETS[preset_name]
     dtype = preset.dtype if device.type == "cuda" else torch.float32
     setup = build_step_setup(preset_name, encoder_name, device, dtype, batch_size)
+    select_modes(setup, modes)
     precompute(setup)
     script, parts, terms, transformer, projector, encoder = (
         setup.script,
@@ -479,7 +573,7 @@ def run(preset_name: str, encoder_name: str, steps: int, warmup: int, batch_size
 
     def step(mode: str, timer=contextlib.nullcontext):
         generator = step_generator(0, 0, 0, device)
-        mode_parts = dataclasses.replace(parts, model=models[mode])
+        mode_parts = dataclasses.replace(parts, model=models[mode], forward_context=forward_context)
         loss, _ = script.training_loss(batch_of(setup, mode), generator, mode_parts, terms[mode], timer=timer)
         with timer("backward"):
             loss.backward()
@@ -491,6 +585,7 @@ def run(preset_name: str, encoder_name: str, steps: int, warmup: int, batch_size
     modes = list(terms)
     times = {mode: [] for mode in modes}
     peaks = dict.fromkeys(modes, 0)
+    host_peaks = dict.fromkeys(modes, 0)
     splits = {}
     # Interleaved within a group; the precomputed modes run after the encoders left the GPU, the fp8 ones last.
     for group in mode_groups(modes):
@@ -499,25 +594,27 @@ def run(preset_name: str, encoder_name: str, steps: int, warmup: int, batch_size
                 module.to("cpu")
             torch.cuda.empty_cache() if device.type == "cuda" else None
         layerwise_casting_from(group[0], setup, dtype)
-        for _ in range(warmup):
-            for mode in group:
-                step(mode)
-        for _ in range(steps):
-            for mode in group:
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                sync()
-                start = time.perf_counter()
-                step(mode)
-                sync()
-                times[mode].append(time.perf_counter() - start)
-                if device.type == "cuda":
-                    peaks[mode] = max(peaks[mode], torch.cuda.max_memory_allocated(device))
-        for mode in group:
-            timer = PhaseTimer(device)
+        with memory_options(group[0], setup, preset) as (forward_context, swap):
+            for _ in range(warmup):
+                for mode in group:
+                    step(mode)
             for _ in range(steps):
-                step(mode, timer)
-            splits[mode] = {name: total / steps for name, total in timer.totals.items()}
+                for mode in group:
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    sync()
+                    start = time.perf_counter()
+                    step(mode)
+                    sync()
+                    times[mode].append(time.perf_counter() - start)
+                    if device.type == "cuda":
+                        peaks[mode] = max(peaks[mode], torch.cuda.max_memory_allocated(device))
+            for mode in group:
+                timer = PhaseTimer(device)
+                for _ in range(steps):
+                    step(mode, timer)
+                splits[mode] = {name: total / steps for name, total in timer.totals.items()}
+                host_peaks[mode] = host_bytes(forward_context, swap)
 
     median = {mode: statistics.median(values) for mode, values in times.items()}
     encoder_bytes = sum(p.numel() * p.element_size() for p in encoder.parameters())
@@ -537,7 +634,10 @@ def run(preset_name: str, encoder_name: str, steps: int, warmup: int, batch_size
         "ratio_to_none": {mode: median[mode] / median["none"] for mode in modes},
         "phase_split_s": splits,
         "peak_memory_gib": {m: peaks[m] / 2**30 for m in modes} if device.type == "cuda" else None,
+        "host_peak_gib": {m: host_peaks[m] / 2**30 for m in modes},
         "encoder_weights_gib": encoder_bytes / 2**30,
+        "lora_rank": preset.rank,
+        "blocks_to_swap": preset.blocks_to_swap,
     }
 
 
@@ -674,15 +774,71 @@ def _tensors(*objects) -> list[torch.Tensor]:
     return found
 
 
-def count_on_meta(preset_name: str, encoder_name: str, batch_size: int = 1) -> dict:
+class ModelsInTurn:
+    """The memory count of --offload_encoders: a model's weights are on the device from its first forward (the VAE:
+    its encoder's) until another model's forward starts; none before the first."""
+
+    def __init__(self, memory_count: LiveTensorBytes, models: dict[str, torch.nn.Module], entry_points: dict) -> None:
+        self.memory, self.active, self.peaks = memory_count, None, {}
+        self.sizes = {name: sum(t.nbytes for t in _tensors(model)) for name, model in models.items()}
+        self.handles = [
+            module.register_forward_pre_hook(lambda *_, name=name: self.visit(name))
+            for name, module in entry_points.items()
+        ]
+
+    def visit(self, name: str) -> None:
+        if name != self.active:
+            self.memory.current += self.sizes[name] - (self.sizes[self.active] if self.active else 0)
+            self.memory.peak = max(self.memory.peak, self.memory.current)
+            self.active = name
+        self.peaks[name] = max(self.peaks.get(name, 0), self.memory.current)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def count_cache_pass(setup: StepSetup, offload_and_tiling: bool) -> dict:
+    """The device peak of the --cache_conditions pass on one clip (the transformer is not on the device then; the
+    scripts move it after the pass). With `offload_and_tiling` (--offload_encoders --enable_tiling): one model on
+    the device at a time and VAE tiling; without, every encoder on the device and no tiling (the scripts' default).
+    Returns the peak in GiB and, with offloading, the peak while each model ran."""
+    parts, pipe, crepa = setup.parts, setup.pipe, setup.crepa
+    vae = parts.vae if pipe is None else pipe.vae
+    texts = {"t5": parts.text_encoder} if pipe is None else {"llama": pipe.text_encoder, "clip": pipe.text_encoder_2}
+    models = {**texts, "vae": vae, "dinov2": crepa.encoder.encoder}
+    existing = [setup.batch["frames"]] + ([] if offload_and_tiling else _tensors(*models.values()))
+    if offload_and_tiling:
+        vae.enable_tiling()
+    with gpu_attention_on_meta(), LiveTensorBytes(existing) as memory_count:
+        turns = (
+            ModelsInTurn(memory_count, models, {**texts, "vae": vae.encoder, "dinov2": crepa.encoder.encoder})
+            if offload_and_tiling
+            else None
+        )
+        try:
+            batch = setup.batch
+            setup.script.encode_conditions(batch["frames"], batch["prompts"], setup.parts, crepa)
+        finally:
+            if turns is not None:
+                turns.remove()
+            vae.disable_tiling()
+    gib = 2**30
+    return {
+        "peak_gib": memory_count.peak / gib,
+        "model_peaks_gib": {name: n / gib for name, n in turns.peaks.items()} if turns else None,
+        "weights_gib": {name: sum(t.nbytes for t in _tensors(m)) / gib for name, m in models.items()},
+    }
+
+
+def count_on_meta(preset_name: str, encoder_name: str, batch_size: int = 1, modes: list[str] | None = None) -> dict:
     """FLOPs and peak tensor memory of one training step per mode at full size, on the meta device (shapes only:
     nothing is allocated, no GPU needed). Each mode has its own optimizer (LoRA, plus the projector for CREPA) and
     is counted on its second step, when the AdamW state exists; the memory of a mode counts only the models it
     needs (plain LoRA holds no encoder and no projector). The model weights are in the preset's dtype (bf16)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     preset = PRESETS[preset_name]
     setup = build_step_setup(preset_name, encoder_name, torch.device("meta"), preset.dtype, batch_size)
+    select_modes(setup, modes)
     parts, terms, transformer, pipe = setup.parts, setup.terms, setup.transformer, setup.pipe
     if pipe is not None:
 
@@ -697,39 +853,16 @@ def count_on_meta(preset_name: str, encoder_name: str, batch_size: int = 1) -> d
 
         pipe.encode_prompt = encode_prompt_on_meta
     precompute(setup)
+    cache_pass = {"default": count_cache_pass(setup, False), "offload_encoders": count_cache_pass(setup, True)}
     frozen = [parts.text_encoder, parts.vae] if pipe is None else [pipe.text_encoder, pipe.text_encoder_2, pipe.vae]
     lora = [p for p in transformer.parameters() if p.requires_grad]
-    flops, peaks, peak_phases, phase_peaks = {}, {}, {}, {}
+    flops, peaks, peak_phases, phase_peaks, host_peaks = {}, {}, {}, {}, {}
     for mode, term in terms.items():
-        layerwise_casting_from(mode, setup, preset.dtype)
-        crepa_modules = [setup.encoder.encoder, setup.projector] if term is not None else []
-        if "precomputed" in mode:  # after the pass: no text encoder, VAE encoder or DINOv2 (the VAE decoder stays)
-            crepa_modules = crepa_modules[1:]
-            frozen = [(parts.vae if pipe is None else pipe.vae).decoder]
-        optimizer = torch.optim.AdamW(lora + (list(setup.projector.parameters()) if term is not None else []), lr=1e-5)
-        model = TransformerWithProjector(transformer, term)
-        mode_parts = dataclasses.replace(parts, model=model)
-
-        def step(phases):
-            loss, _ = setup.script.training_loss(batch_of(setup, mode), None, mode_parts, term, timer=phases)
-            with phases("backward"):
-                loss.backward()
-            with phases("optimizer"):
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-        with gpu_attention_on_meta():
-            step(contextlib.nullcontext)  # creates the AdamW state
-            with FlopCounterMode(display=False) as counter:
-                phases = CountedPhases(counter)
-                step(phases)
-            # Memory in a pass of its own: the FLOP counter's module tracker keeps tensors recomputed in backward alive.
-            with LiveTensorBytes(
-                _tensors(transformer, *frozen, *crepa_modules, optimizer, batch_of(setup, mode))
-            ) as memory:
-                step(memory.phases)
-        flops[mode] = {"total": counter.get_total_flops(), **phases.totals}
-        peaks[mode], peak_phases[mode], phase_peaks[mode] = memory.peak, memory.peak_phase, memory.phase_peaks
+        with memory_options(mode, setup, preset) as (forward_context, swap):
+            count_mode(
+                mode, term, setup, preset, frozen, lora, forward_context, flops, peaks, peak_phases, phase_peaks
+            )
+            host_peaks[mode] = host_bytes(forward_context, swap)
     gib = 2**30
     encoder_bytes = sum(t.nbytes for t in _tensors(setup.encoder.encoder))
     return {
@@ -747,7 +880,51 @@ def count_on_meta(preset_name: str, encoder_name: str, batch_size: int = 1) -> d
         "phase_peak_gib": {m: {phase: n / gib for phase, n in p.items()} for m, p in phase_peaks.items()},
         "memory_overhead_gib": {m: (peaks[m] - peaks["none"]) / gib for m in peaks},
         "encoder_weights_gib": encoder_bytes / gib,
+        "host_peak_gib": {m: n / gib for m, n in host_peaks.items()},
+        "cache_pass_peak_gib": cache_pass["offload_encoders"]["peak_gib"],
+        "cache_pass": cache_pass,
+        "lora_rank": preset.rank,
+        "blocks_to_swap": preset.blocks_to_swap,
     }
+
+
+def count_mode(mode, term, setup, preset, frozen, lora, forward_context, flops, peaks, peak_phases, phase_peaks):
+    """One mode's FLOPs (its second step, when the AdamW state exists) and peak tensor memory (a pass of its own)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    parts, transformer, pipe = setup.parts, setup.transformer, setup.pipe
+    layerwise_casting_from(mode, setup, preset.dtype)
+    crepa_modules = [setup.encoder.encoder, setup.projector] if term is not None else []
+    if "precomputed" in mode:  # after the pass: no text encoder, VAE encoder or DINOv2 (the VAE decoder stays)
+        crepa_modules = crepa_modules[1:]
+        frozen = [(parts.vae if pipe is None else pipe.vae).decoder]
+    optimizer = torch.optim.AdamW(lora + (list(setup.projector.parameters()) if term is not None else []), lr=1e-5)
+    model = TransformerWithProjector(transformer, term)
+    mode_parts = dataclasses.replace(parts, model=model, forward_context=forward_context)
+
+    def step(phases):
+        loss, _ = setup.script.training_loss(batch_of(setup, mode), None, mode_parts, term, timer=phases)
+        with phases("backward"):
+            loss.backward()
+        with phases("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    with gpu_attention_on_meta():
+        step(contextlib.nullcontext)  # creates the AdamW state
+        with FlopCounterMode(display=False) as counter:
+            phases = CountedPhases(counter)
+            step(phases)
+        # Memory in a pass of its own: the FLOP counter's module tracker keeps tensors recomputed in backward alive.
+        # Swapped weights wait on the host (their parameters hold empty tensors); offloaded activations are made
+        # outside this count (CountedActivationOffload).
+        with LiveTensorBytes(
+            _tensors(transformer, *frozen, *crepa_modules, optimizer, batch_of(setup, mode))
+        ) as memory_count:
+            step(memory_count.phases)
+    flops[mode] = {"total": counter.get_total_flops(), **phases.totals}
+    peaks[mode], peak_phases[mode] = memory_count.peak, memory_count.peak_phase
+    phase_peaks[mode] = memory_count.phase_peaks
 
 
 def counted_markdown(result: dict) -> str:
@@ -760,16 +937,27 @@ def counted_markdown(result: dict) -> str:
         "",
         "| mode | TFLOP | ratio to none | "
         + " | ".join(phases)
-        + " | peak memory (GiB) | over none (GiB) | peak during |",
-        "|---" * (6 + len(phases)) + "|",
+        + " | peak memory (GiB) | over none (GiB) | peak during | host (GiB) |",
+        "|---" * (7 + len(phases)) + "|",
     ]
     for mode, split in result["tflops"].items():
         lines.append(
             f"| {mode} | {split['total']:.1f} | {result['ratio_to_none'][mode]:.3f} | "
             + " | ".join(f"{split.get(p, 0.0):.1f}" for p in phases)
             + f" | {result['peak_tensor_memory_gib'][mode]:.2f} | {result['memory_overhead_gib'][mode]:+.2f}"
-            + f" | {result['peak_phase'][mode]} |"
+            + f" | {result['peak_phase'][mode]} | {result.get('host_peak_gib', {}).get(mode, 0.0):.2f} |"
         )
+    if "cache_pass" in result:
+        passes = result["cache_pass"]
+        lines += [
+            "",
+            f"LoRA rank {result['lora_rank']}; swap modes: --blocks_to_swap {result['blocks_to_swap']}. The "
+            f"--cache_conditions pass (one clip, transformer off the device): {passes['default']['peak_gib']:.2f} GiB "
+            f"with every encoder on the device, no VAE tiling; **{result['cache_pass_peak_gib']:.2f} GiB** with "
+            "--offload_encoders --enable_tiling (peak while each model ran: "
+            + ", ".join(f"{n} {v:.2f}" for n, v in passes["offload_encoders"]["model_peaks_gib"].items())
+            + ").",
+        ]
     return "\n".join(lines)
 
 
@@ -805,6 +993,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--output", type=str, default=None, help="Write the results as JSON here.")
     parser.add_argument(
+        "--modes", type=lambda s: s.split(","), default=None, help="Comma-separated modes to run (none always runs)."
+    )
+    parser.add_argument(
         "--count",
         action="store_true",
         help="Count the FLOPs and the peak tensor memory of one step per mode on the meta device "
@@ -815,7 +1006,8 @@ def main(argv=None) -> list[dict]:
         parser.error(f"--warmup and --steps must be at least 1, got --warmup {args.warmup} --steps {args.steps}.")
     if args.count:
         results = [
-            count_on_meta(args.preset, name, args.batch_size) for name in args.encoder or PRESETS[args.preset].encoders
+            count_on_meta(args.preset, name, args.batch_size, args.modes)
+            for name in args.encoder or PRESETS[args.preset].encoders
         ]
         for result in results:
             print(counted_markdown(result), "\n", flush=True)
@@ -827,7 +1019,7 @@ def main(argv=None) -> list[dict]:
         parser.error(f"--preset {args.preset} is full size: it needs a GPU.")
     results = []
     for encoder_name in args.encoder or PRESETS[args.preset].encoders:
-        result = run(args.preset, encoder_name, args.steps, args.warmup, args.batch_size, device)
+        result = run(args.preset, encoder_name, args.steps, args.warmup, args.batch_size, device, args.modes)
         print(markdown(result), "\n", flush=True)
         results.append(result)
         if device.type == "cuda":

@@ -14,6 +14,7 @@ def test_tiny_benchmark_runs_every_mode(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(results))
     (result,) = results
     precomputed = {"none-precomputed", "crepa-precomputed", "none-precomputed-fp8", "crepa-precomputed-fp8"}
+    precomputed |= set(bench.MEMORY_MODES)
     modes = {"none", "repa", "crepa", "crepa-center", "crepa-decode", *precomputed}
     assert set(result["median_step_s"]) == modes == set(result["phase_split_s"])
     assert result["ratio_to_none"]["none"] == 1.0
@@ -35,6 +36,7 @@ def test_flop_and_memory_count_of_the_training_step_on_the_meta_device():
     (result,) = bench.main(["--preset", "tiny", "--count"])
     tflops = result["tflops"]
     precomputed = {"none-precomputed", "crepa-precomputed", "none-precomputed-fp8", "crepa-precomputed-fp8"}
+    precomputed |= set(bench.MEMORY_MODES)
     modes = {"none", "repa", "crepa", "crepa-center", "crepa-decode"}
     assert set(tflops) == modes | precomputed == set(result["peak_tensor_memory_gib"]) == set(result["peak_phase"])
     # Precomputed conditions: no encoder runs and none is held.
@@ -44,6 +46,18 @@ def test_flop_and_memory_count_of_the_training_step_on_the_meta_device():
     assert peak["crepa-precomputed"] < peak["none"] and peak["none-precomputed"] < peak["none"]
     # fp8 storage changes no FLOP (its weight savings show at full size, RESULTS.md; a tiny model's are nil)
     assert tflops["crepa-precomputed-fp8"]["total"] == tflops["crepa-precomputed"]["total"]
+    # Activation offload and block swap change no FLOP either; what they move off the device is host memory, counted
+    # (the tiny preset offloads every saved tensor; the swap mode adds its block's weights).
+    fp8, host = "crepa-precomputed-fp8", result["host_peak_gib"]
+    assert tflops[f"{fp8}-offload"]["total"] == tflops[f"{fp8}-offload-swap"]["total"] == tflops[fp8]["total"]
+    phase_peak = result["phase_peak_gib"]  # (the tiny preset's step peaks in the optimizer, where nothing moved)
+    assert phase_peak[f"{fp8}-offload"]["transformer_forward"] < phase_peak[fp8]["transformer_forward"]
+    before = "before the step"  # the swapped block's weights are on the host until the forward
+    assert phase_peak[f"{fp8}-offload-swap"][before] < phase_peak[f"{fp8}-offload"][before] == phase_peak[fp8][before]
+    assert 0 < host[f"{fp8}-offload"] < host[f"{fp8}-offload-swap"]
+    assert all(host[m] == 0 for m in host if "offload" not in m)
+    # The precompute pass with one encoder on the device at a time and VAE tiling peaks lower than with all of them.
+    assert 0 < result["cache_pass_peak_gib"] < result["cache_pass"]["default"]["peak_gib"]
     assert tflops["none"].get("encoder_features", 0) == 0
     assert 0 < tflops["crepa-center"]["encoder_features"] < tflops["crepa"]["encoder_features"]
     assert tflops["crepa-decode"]["encoder_features"] > tflops["crepa"]["encoder_features"]
