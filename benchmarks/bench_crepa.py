@@ -81,7 +81,7 @@ PRESETS = {
     "cogvideox-2b": Preset("cogvideox", 49, 480, 720, 8, torch.bfloat16, True, ("dinov2-g", "dinov2-b"), 64, 10),
     "cogvideox-5b": Preset("cogvideox", 49, 480, 720, 8, torch.bfloat16, True, ("dinov2-g", "dinov2-b"), 64, 20),
     "hunyuan": Preset("hunyuan", 49, 512, 768, 8, torch.bfloat16, True, ("dinov2-g", "dinov2-b"), 32, 30),
-    "hunyuan-544p": Preset("hunyuan", 129, 544, 960, 8, torch.bfloat16, True, ("dinov2-g",), 32, 30),
+    "hunyuan-544p": Preset("hunyuan", 129, 544, 960, 8, torch.bfloat16, True, ("dinov2-g",), 32, 40),
 }
 # Memory options on top of precomputed conditions (README, "Fitting a 12-24 GB card"): --selective_checkpointing,
 # --offload_activations, --blocks_to_swap (the preset's number). The bf16 one runs before fp8 casts the transformer.
@@ -647,12 +647,14 @@ class LiveTensorBytes(TorchDispatchMode):
     exist before (weights, optimizer state, the batch) are passed in `existing`. `phase` names the running phase,
     so the peak is attributed to one."""
 
-    def __init__(self, existing=()) -> None:
+    def __init__(self, existing=(), elsewhere=()) -> None:
         super().__init__()
         self.sizes = WeakIdKeyDictionary()  # storage -> bytes; a storage is counted once however many views
         self.current = self.peak = 0
         self.phase = self.peak_phase = "before the step"
         self.phase_peaks: dict[str, int] = {}  # the most bytes alive while each phase ran
+        for tensor in elsewhere:  # known, not counted here (e.g. weights counted by ModelsInTurn), nor their views
+            self.sizes[tensor.untyped_storage()] = 0
         for tensor in existing:
             self._track(tensor)
 
@@ -776,10 +778,11 @@ def _tensors(*objects) -> list[torch.Tensor]:
 
 class ModelsInTurn:
     """The memory count of --offload_encoders: a model's weights are on the device from its first forward (the VAE:
-    its encoder's) until another model's forward starts; none before the first."""
+    its encoder's) until another model's forward starts; none before the first. Each model's turn is a phase of
+    the count (its peak: `phase_peaks`)."""
 
     def __init__(self, memory_count: LiveTensorBytes, models: dict[str, torch.nn.Module], entry_points: dict) -> None:
-        self.memory, self.active, self.peaks = memory_count, None, {}
+        self.memory, self.active = memory_count, None
         self.sizes = {name: sum(t.nbytes for t in _tensors(model)) for name, model in models.items()}
         self.handles = [
             module.register_forward_pre_hook(lambda *_, name=name: self.visit(name))
@@ -787,11 +790,13 @@ class ModelsInTurn:
         ]
 
     def visit(self, name: str) -> None:
-        if name != self.active:
-            self.memory.current += self.sizes[name] - (self.sizes[self.active] if self.active else 0)
-            self.memory.peak = max(self.memory.peak, self.memory.current)
-            self.active = name
-        self.peaks[name] = max(self.peaks.get(name, 0), self.memory.current)
+        if name == self.active:
+            return
+        self.memory.current += self.sizes[name] - (self.sizes[self.active] if self.active else 0)
+        self.memory.phase, self.active = name, name
+        self.memory.phase_peaks[name] = max(self.memory.phase_peaks.get(name, 0), self.memory.current)
+        if self.memory.current > self.memory.peak:
+            self.memory.peak, self.memory.peak_phase = self.memory.current, name
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -810,7 +815,8 @@ def count_cache_pass(setup: StepSetup, offload_and_tiling: bool) -> dict:
     existing = [setup.batch["frames"]] + ([] if offload_and_tiling else _tensors(*models.values()))
     if offload_and_tiling:
         vae.enable_tiling()
-    with gpu_attention_on_meta(), LiveTensorBytes(existing) as memory_count:
+    elsewhere = _tensors(*models.values()) if offload_and_tiling else []
+    with gpu_attention_on_meta(), LiveTensorBytes(existing, elsewhere) as memory_count:
         turns = (
             ModelsInTurn(memory_count, models, {**texts, "vae": vae.encoder, "dinov2": crepa.encoder.encoder})
             if offload_and_tiling
@@ -826,7 +832,8 @@ def count_cache_pass(setup: StepSetup, offload_and_tiling: bool) -> dict:
     gib = 2**30
     return {
         "peak_gib": memory_count.peak / gib,
-        "model_peaks_gib": {name: n / gib for name, n in turns.peaks.items()} if turns else None,
+        "model_peaks_gib": {n: memory_count.phase_peaks.get(n, 0) / gib for n in models} if turns else None,
+        "peak_during": memory_count.peak_phase,
         "weights_gib": {name: sum(t.nbytes for t in _tensors(m)) / gib for name, m in models.items()},
     }
 

@@ -1008,8 +1008,9 @@ def main(args: argparse.Namespace) -> Path:
         transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=weight_dtype)
     crepa = build_crepa(args, transformer, device)  # CREPA: frozen DINOv2 + block hook + projector (None: none)
     model = TransformerWithProjector(transformer, crepa)  # CREPA: one trained module for DDP/DeepSpeed/FSDP
-    if args.offload_encoders:  # one frozen encoder on the device at a time, DINOv2 included
-        memory.offload_models_in_turn([text_encoder, vae, crepa.encoder.encoder if crepa else None], device)
+    if args.offload_encoders:  # one frozen encoder on the device at a time
+        dinov2 = crepa.encoder.encoder if crepa is not None else None  # CREPA: DINOv2 takes its turn too
+        memory.offload_models_in_turn([text_encoder, vae, dinov2], device)
     if args.blocks_to_swap:  # after the fp8 cast: the host keeps the stored dtype
         memory.BlockSwap(transformer_blocks(transformer), args.blocks_to_swap, device)
 

@@ -183,6 +183,12 @@ def test_offload_models_in_turn_chains_the_models_in_a_ring():
         assert hook.hook.execution_device == torch.device("cpu")
         assert hook.hook.prev_module_hook is hooks[n - 1]  # the first one's is the last one's
     torch.testing.assert_close(models[0](torch.ones(1, 2)), models[0].weight.sum(1)[None] + models[0].bias)
+    # The ring holds the models weakly: a dropped model is freed, and the next model's turn moves nothing of it.
+    dropped = weakref.ref(models.pop(1))
+    gc.collect()
+    assert dropped() is None
+    assert next(hooks[1].model.parameters()).device == torch.device("cpu")
+    models[1](torch.ones(1, 2))
 
 
 def test_memory_flags_are_checked_with_the_flag_named():

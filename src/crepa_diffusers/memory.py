@@ -304,13 +304,25 @@ def selective_checkpointing(ops=ATTENTION_OPS):
 def offload_models_in_turn(models: list[nn.Module | None], device: torch.device | str) -> list:
     """Each model waits in host memory and moves to `device` when its forward (or a diffusers VAE's encode/decode)
     starts, sending the model that ran before it back to the host: one model on the device at a time (accelerate's
-    `cpu_offload_with_hook`, chained in a ring as diffusers' `enable_model_cpu_offload` chains a pipeline)."""
+    `cpu_offload_with_hook`, chained in a ring as diffusers' `enable_model_cpu_offload` chains a pipeline). The ring
+    holds the models weakly: a model the loop drops (the encoders after the --cache_conditions pass) is freed."""
     from accelerate import cpu_offload_with_hook
+    from accelerate.hooks import UserCpuOffloadHook
+
+    class WeakModelHook(UserCpuOffloadHook):
+        def __init__(self, model, hook) -> None:
+            self._model, self.hook = weakref.ref(model), hook
+
+        @property
+        def model(self):  # a dropped model: one weight in host memory, so that nothing is moved
+            return self._model() or nn.Linear(1, 1)
 
     hooks = []
     for model in (m for m in models if m is not None):
         _, hook = cpu_offload_with_hook(model, torch.device(device), prev_module_hook=hooks[-1] if hooks else None)
-        hooks.append(hook)
+        hooks.append(WeakModelHook(model, hook.hook))
+        if len(hooks) > 1:
+            hook.hook.prev_module_hook = hooks[-2]
     if len(hooks) > 1:  # the first model's next visit sends the last one back
         hooks[0].hook.prev_module_hook = hooks[-1]
     return hooks
