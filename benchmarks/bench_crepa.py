@@ -528,6 +528,31 @@ def layerwise_casting_from(mode: str, setup: StepSetup, dtype: torch.dtype) -> N
         setup.transformer._crepa_bench_fp8 = True
 
 
+def copy_compute_overlap(events) -> dict:
+    """From a CUDA profile of one step: the time of host<->device copies, and the fraction of it during which a compute
+    kernel ran (copies on the side stream hidden behind the blocks' work: 1.0 is a perfect overlap)."""
+    import bisect
+
+    from torch.autograd import DeviceType
+
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    copies = [(e.time_range.start, e.time_range.end) for e in kernels if "Memcpy" in e.name]
+    merged = []  # the union of the compute kernels' intervals
+    for start, end in sorted((e.time_range.start, e.time_range.end) for e in kernels if "Mem" not in e.name):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    starts, hidden = [m[0] for m in merged], 0.0
+    for start, end in copies:
+        for m_start, m_end in merged[max(bisect.bisect_right(starts, start) - 1, 0) :]:
+            if m_start >= end:
+                break
+            hidden += max(0.0, min(end, m_end) - max(start, m_start))
+    total = sum(end - start for start, end in copies)
+    return {"copy_ms": total / 1e3, "overlapped_fraction": hidden / total if total else None}
+
+
 def select_modes(setup: StepSetup, modes: list[str] | None) -> None:
     """--modes: only these (and `none`, the baseline of every ratio)."""
     if modes:
@@ -545,6 +570,7 @@ def run(
     batch_size: int,
     device: torch.device,
     modes: list[str] | None = None,
+    trace_dir: str | None = None,
 ) -> dict:
     preset = PRESETS[preset_name]
     dtype = preset.dtype if device.type == "cuda" else torch.float32
@@ -586,7 +612,7 @@ def run(
     times = {mode: [] for mode in modes}
     peaks = dict.fromkeys(modes, 0)
     host_peaks = dict.fromkeys(modes, 0)
-    splits = {}
+    splits, overlaps = {}, {}
     # Interleaved within a group; the precomputed modes run after the encoders left the GPU, the fp8 ones last.
     for group in mode_groups(modes):
         if "precomputed" in group[0]:
@@ -615,6 +641,12 @@ def run(
                     step(mode, timer)
                 splits[mode] = {name: total / steps for name, total in timer.totals.items()}
                 host_peaks[mode] = host_bytes(forward_context, swap)
+                if trace_dir and device.type == "cuda":  # one more step, profiled: a Chrome trace and the overlap
+                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+                        step(mode)
+                        sync()
+                    profile.export_chrome_trace(str(Path(trace_dir, f"{preset_name}-{encoder_name}-{mode}.json")))
+                    overlaps[mode] = copy_compute_overlap(profile.events())
 
     median = {mode: statistics.median(values) for mode, values in times.items()}
     encoder_bytes = sum(p.numel() * p.element_size() for p in encoder.parameters())
@@ -635,6 +667,7 @@ def run(
         "phase_split_s": splits,
         "peak_memory_gib": {m: peaks[m] / 2**30 for m in modes} if device.type == "cuda" else None,
         "host_peak_gib": {m: host_peaks[m] / 2**30 for m in modes},
+        "copy_overlap": overlaps,
         "encoder_weights_gib": encoder_bytes / 2**30,
         "lora_rank": preset.rank,
         "blocks_to_swap": preset.blocks_to_swap,
@@ -975,8 +1008,10 @@ def markdown(result: dict) -> str:
         f"encoder {result['encoder']}, gradient checkpointing {'on' if result['gradient_checkpointing'] else 'off'}) "
         f"on {result['device']}, {result['date']}, median of {result['steps_timed']} steps",
         "",
-        "| mode | step (s) | ratio to none | " + " | ".join(phases) + " | peak memory (GiB) |",
-        "|---" * (4 + len(phases)) + "|",
+        "| mode | step (s) | ratio to none | "
+        + " | ".join(phases)
+        + " | peak memory (GiB) | host (GiB) | copies (ms, overlapped) |",
+        "|---" * (6 + len(phases)) + "|",
     ]
     for mode, seconds in result["median_step_s"].items():
         split = result["phase_split_s"][mode]
@@ -984,7 +1019,13 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {mode} | {seconds:.4f} | {result['ratio_to_none'][mode]:.3f} | "
             + " | ".join(f"{split.get(p, 0.0):.4f}" for p in phases)
-            + f" | {peak} |"
+            + f" | {peak} | {result.get('host_peak_gib', {}).get(mode, 0.0):.2f} | "
+            + (
+                f"{overlap['copy_ms']:.1f}, {overlap['overlapped_fraction'] or 0:.0%}"
+                if (overlap := result.get("copy_overlap", {}).get(mode))
+                else "n/a"
+            )
+            + " |"
         )
     return "\n".join(lines)
 
@@ -1001,6 +1042,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--output", type=str, default=None, help="Write the results as JSON here.")
     parser.add_argument(
         "--modes", type=lambda s: s.split(","), default=None, help="Comma-separated modes to run (none always runs)."
+    )
+    parser.add_argument(
+        "--trace", type=str, default=None, help="GPU: profile one more step per mode, Chrome traces in this folder."
     )
     parser.add_argument(
         "--count",
@@ -1026,7 +1070,11 @@ def main(argv=None) -> list[dict]:
         parser.error(f"--preset {args.preset} is full size: it needs a GPU.")
     results = []
     for encoder_name in args.encoder or PRESETS[args.preset].encoders:
-        result = run(args.preset, encoder_name, args.steps, args.warmup, args.batch_size, device, args.modes)
+        if args.trace:
+            Path(args.trace).mkdir(parents=True, exist_ok=True)
+        result = run(
+            args.preset, encoder_name, args.steps, args.warmup, args.batch_size, device, args.modes, args.trace
+        )
         print(markdown(result), "\n", flush=True)
         results.append(result)
         if device.type == "cuda":

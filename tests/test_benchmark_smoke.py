@@ -163,3 +163,27 @@ def test_memory_counted_on_the_meta_device_equals_the_same_step_on_real_tensors(
         assert {"text_vae_encoding", "transformer_forward", "backward"} <= set(counts["cpu", mode])
     assert "encoder_features" in counts["cpu", "crepa"] and "encoder_features" not in counts["cpu", "none"]
     assert counts["cpu", "crepa"]["backward"] > counts["cpu", "none"]["backward"]
+
+
+def test_copy_compute_overlap_of_a_profile():
+    """The GPU trace's overlap figure: the share of the copies' time during which a compute kernel ran."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    bench = import_script(ROOT / "benchmarks" / "bench_crepa.py")
+
+    def kernel(name, start, end, device=DeviceType.CUDA):
+        return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(start=start, end=end))
+
+    events = [
+        kernel("gemm", 0, 100),
+        kernel("gemm", 50, 150),  # overlapping compute counts once: [0, 150]
+        kernel("Memcpy HtoD (Pinned -> Device)", 120, 220),  # 30 of 100 us under compute
+        kernel("softmax", 200, 210),  # 10 more
+        kernel("Memcpy DtoH (Device -> Pinned)", 300, 400),  # none
+        kernel("Memcpy HtoD (Pinned -> Device)", 0, 1000, DeviceType.CPU),  # a CPU-side event: ignored
+    ]
+    overlap = bench.copy_compute_overlap(events)
+    assert overlap == {"copy_ms": 0.2, "overlapped_fraction": 40 / 200}
+    assert bench.copy_compute_overlap([kernel("gemm", 0, 1)]) == {"copy_ms": 0.0, "overlapped_fraction": None}
