@@ -235,3 +235,14 @@ def test_memory_options_train_the_same_lora(
     assert pa.keys() == pb.keys() and pa
     for key in pa:
         torch.testing.assert_close(pa[key], pb[key], rtol=1e-5, atol=1e-5)
+
+
+def test_blocks_to_swap_without_checkpointing_fails_before_weights_load(tiny_models, dataset, tmp_path, monkeypatch):
+    import diffusers
+
+    script = import_script(HUNYUAN_SCRIPT)
+    monkeypatch.setattr(diffusers.HunyuanVideoTransformer3DModel, "from_pretrained", None)  # never reached
+    with pytest.raises(SystemExit, match="--blocks_to_swap needs --gradient_checkpointing"):
+        run_main(
+            script, hunyuan_args(tiny_models["hunyuan"], dataset, tmp_path / "out", extra=["--blocks_to_swap", "2"])
+        )
