@@ -16,6 +16,9 @@ the data already on the device. Modes are interleaved after warm-up:
   the DataLoader gives them), and the memory holds no text encoder, VAE encoder or DINOv2;
 - none-precomputed-fp8, crepa-precomputed-fp8: the same with --layerwise_upcasting (frozen transformer weights in
   float8_e4m3fn, computed in bf16; run last, as they change the shared transformer);
+- crepa-precomputed-selective, crepa-precomputed-fp8-selective (--selective_checkpointing), crepa-precomputed-fp8-offload
+  (--offload_activations), crepa-precomputed-fp8-offload-swap (and --blocks_to_swap, the preset's N): the memory
+  options of crepa_diffusers.memory; what they hold in host memory is reported as host_peak_gib;
 - crepa-decode: the decode-based anchor (SimpleTuner's approach): VAE-decode the clean latents, DINOv2 on every
   pixel frame at 518x518, linspace subsampling to the token frames and bilinear token interpolation.
 Reported: median step time (unsynchronised steps, one sync per step boundary), the phase split (a second pass with a
@@ -23,7 +26,9 @@ device sync at each phase boundary), peak memory (CUDA), and the ratios to `none
 model configs with random weights (nothing is downloaded), bf16 and gradient checkpointing.
 With --count the same step runs on PyTorch's meta device (shapes only, no GPU, no memory for the weights): FLOPs
 per phase (torch.utils.flop_counter) and the peak of live tensor bytes, the weights, optimizer state and batch
-included, with attention routed to the fused kernels a GPU runs. The count is of tensors, not of the CUDA caching
+included, with attention routed to the fused kernels a GPU runs; and the device peak of the one-off --cache_conditions
+pass (cache_pass_peak_gib: one encoder on the device at a time, VAE tiling). --modes picks modes; --trace (GPU)
+profiles one step per mode and reports how much of the copies' time overlapped compute. The count is of tensors, not of the CUDA caching
 allocator (fragmentation, cuBLAS/attention workspaces and the CUDA context add to a GPU's figure).
 """
 

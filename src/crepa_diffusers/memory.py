@@ -16,15 +16,12 @@ Without CUDA the same code runs with plain copies (no pinning, no streams): the 
 from __future__ import annotations
 
 import functools
-import logging
 import weakref
 
 import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-
-logger = logging.getLogger(__name__)
 
 # The fused attention kernels whose outputs selective checkpointing keeps (SDPA dispatches to one of them).
 ATTENTION_OPS = tuple(
@@ -65,11 +62,10 @@ def _copy_stream(device: torch.device):
 class _Packed:
     """One saved tensor in host memory; `device_copy` is set when it was prefetched."""
 
-    __slots__ = ("host", "index", "copied", "device_copy", "ready", "__weakref__")
+    __slots__ = ("host", "index", "device_copy", "ready", "__weakref__")
 
-    def __init__(self, host, index, copied) -> None:
-        self.host, self.index, self.copied = host, index, copied
-        self.device_copy = self.ready = None
+    def __init__(self, host, index) -> None:
+        self.host, self.index, self.device_copy, self.ready = host, index, None, None
 
 
 class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
@@ -100,7 +96,7 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
     def _pack(self, tensor: torch.Tensor):
         if (
             isinstance(tensor, nn.Parameter)
-            or tensor.device != self.device
+            or tensor.device.type != self.device.type
             or tensor.untyped_storage().nbytes() < self.min_bytes
         ):
             return tensor
@@ -112,12 +108,10 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.stream):
                 host = self._to_host(tensor)
-                copied = torch.cuda.Event()
-                copied.record(self.stream)
             tensor.record_stream(self.stream)
         else:
-            host, copied = self._to_host(tensor), None
-        packed = _Packed(host, len(self._order), copied)
+            host = self._to_host(tensor)
+        packed = _Packed(host, len(self._order))
         self._order.append(weakref.ref(packed))
         self._seen[key] = (key._version, packed)
         return packed
@@ -129,7 +123,7 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
         if self.stream is None:
             packed.device_copy = packed.host.to(self.device, copy=True)
             return
-        with torch.cuda.stream(self.stream):  # after the host copy (same stream)
+        with torch.cuda.stream(self.stream):  # after the copy to the host: the same stream
             packed.device_copy = packed.host.to(self.device, non_blocking=True)
             packed.ready = torch.cuda.Event()
             packed.ready.record(self.stream)
