@@ -922,7 +922,9 @@ def main(args: argparse.Namespace) -> Path:
     )
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if deepspeed and args.blocks_to_swap:
-        raise SystemExit("--blocks_to_swap does not run under DeepSpeed (its engine places the weights): drop one.")
+        raise SystemExit(
+            "--blocks_to_swap does not run under DeepSpeed (its engine places the weights): use one or the other."
+        )
     if deepspeed and accelerator.state.deepspeed_plugin.deepspeed_config.get("gradient_clipping") in (None, "auto"):
         # The config's "auto" would become accelerate's fixed 1.0: --max_grad_norm decides, as without DeepSpeed.
         accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm

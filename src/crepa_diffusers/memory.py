@@ -162,7 +162,10 @@ class BlockSwap:
     it autograd keeps every block's weights for backward anyway. Only Linear weights move (as with diffusers' layerwise
     casting, autograd saves views of them, never the parameter), so LoRA weights, norms and the rest of the model
     never leave the device. Between uses a swapped weight holds an empty tensor: `model.to(device)` and accelerate's
-    `prepare` move nothing of it. Build it after any fp8 casting (the host keeps the stored dtype)."""
+    `prepare` move nothing of it. Build it after any fp8 casting (the host keeps the stored dtype).
+    Not diffusers' `apply_group_offloading`: it moves every parameter of a group, the LoRA's too; with `use_stream` an
+    offload restores each parameter from the host copy taken when it was applied (undoing the LoRA's training), and
+    without it the LoRA would sit on the host at the optimizer step."""
 
     def __init__(
         self, blocks: list[nn.Module], num_blocks: int, device: torch.device | str, host_device: str = "cpu"
