@@ -16,7 +16,6 @@ lists every line CREPA adds. Needs `pip install crepa-diffusers` (the CREPA term
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import logging
@@ -522,13 +521,12 @@ def encode_conditions(
     prompts: list[str],
     parts: Parts,
     crepa: CrepaTerm | None = None,
-    timer=contextlib.nullcontext,
 ) -> dict[str, torch.Tensor]:
     """What the frozen encoders give a batch: the VAE latent distribution's parameters, the Llama + CLIP embeddings
     and (CREPA) the DINOv2 features on the DiT's token grid. Every step; or once per clip, before training, with
     the cache."""
     dtype = parts.weight_dtype
-    with timer("text_vae_encoding"), torch.no_grad():
+    with torch.no_grad():
         embeds, pooled, mask = parts.pipe.encode_prompt(
             prompts, device=parts.device, dtype=dtype, max_sequence_length=parts.args.max_sequence_length
         )
@@ -539,11 +537,9 @@ def encode_conditions(
             "prompt_attention_mask": mask,
         }
     if crepa is not None:
-        with timer("encoder_features"):  # CREPA: one feature map per token frame, on the DiT's token grid
-            grid = (parts.height // (VAE_SPATIAL * parts.patch_size), parts.width // (VAE_SPATIAL * parts.patch_size))
-            conditions["features"] = crepa.encode(
-                frames, grid, token_frame_groups(frames.shape[1], VAE_TEMPORAL)
-            )  # CREPA
+        # CREPA: one feature map per token frame, on the DiT's token grid
+        grid = (parts.height // (VAE_SPATIAL * parts.patch_size), parts.width // (VAE_SPATIAL * parts.patch_size))
+        conditions["features"] = crepa.encode(frames, grid, token_frame_groups(frames.shape[1], VAE_TEMPORAL))  # CREPA
     return conditions
 
 
@@ -601,10 +597,8 @@ def training_loss(
     crepa: CrepaTerm | None,
     step: int,
     max_train_steps: int,
-    timer=contextlib.nullcontext,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One micro-batch's loss: flow matching, target noise - x0 (+ lambda * L_align), and the values to log.
-    `timer(name)` is a context manager around each phase (the benchmark times them; training passes none)."""
+    """One micro-batch's loss: flow matching, target noise - x0 (+ lambda * L_align), and the values to log."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     args, device, dtype = parts.args, parts.device, parts.weight_dtype
@@ -616,7 +610,7 @@ def training_loss(
         frames = batch["frames"].to(device)  # [B, F, 3, H, W] in [-1, 1]: the VAE's input, and the encoder's  # CREPA
         if args.random_flip:
             frames = random_flip(frames, generator)
-        conditions = encode_conditions(frames, batch["prompts"], parts, crepa if use_crepa else None, timer)
+        conditions = encode_conditions(frames, batch["prompts"], parts, crepa if use_crepa else None)
     latents = DiagonalGaussianDistribution(conditions["latent_dist"]).sample(generator=generator)
     latents = (latents * parts.pipe.vae.config.scaling_factor).float()  # [B, C, F, h, w]
     batch_size = latents.shape[0]
@@ -627,27 +621,25 @@ def training_loss(
     guidance = torch.full((batch_size,), args.guidance_scale * 1000.0, device=device, dtype=dtype)
     if use_crepa:
         crepa.prepare(conditions["features"])  # CREPA: this step's DINOv2 features; arms the block hook
-    with timer("transformer_forward"):
-        output, projected = parts.model(  # CREPA: the projected block tokens come back beside the output
-            hidden_states=noisy.to(dtype),
-            timestep=timesteps,
-            encoder_hidden_states=conditions["prompt_embeds"],
-            encoder_attention_mask=conditions["prompt_attention_mask"],
-            pooled_projections=conditions["pooled_prompt_embeds"],
-            guidance=guidance,
-            return_dict=False,
-        )
-        model_pred = output[0]
-    with timer("loss"):
-        loss = ((model_pred.float() - (noise - latents)) ** 2).reshape(batch_size, -1).mean(1).mean()
-        logs = {"diffusion_loss": loss.detach()}
-        if projected is not None:  # CREPA: lambda(step) * L_align of the block tokens against the features
-            crepa_term, crepa_logs = crepa.loss(projected, step, max_train_steps)  # CREPA
-            logs.update(crepa_logs)  # CREPA
-            loss = loss + crepa_term  # CREPA: L = L_diffusion + lambda * L_align
-        elif crepa is not None:
-            logs["crepa_lambda"] = 0.0  # CREPA
-        return loss, logs
+    output, projected = parts.model(  # CREPA: the projected block tokens come back beside the output
+        hidden_states=noisy.to(dtype),
+        timestep=timesteps,
+        encoder_hidden_states=conditions["prompt_embeds"],
+        encoder_attention_mask=conditions["prompt_attention_mask"],
+        pooled_projections=conditions["pooled_prompt_embeds"],
+        guidance=guidance,
+        return_dict=False,
+    )
+    model_pred = output[0]
+    loss = ((model_pred.float() - (noise - latents)) ** 2).reshape(batch_size, -1).mean(1).mean()
+    logs = {"diffusion_loss": loss.detach()}
+    if projected is not None:  # CREPA: lambda(step) * L_align of the block tokens against the features
+        crepa_term, crepa_logs = crepa.loss(projected, step, max_train_steps)  # CREPA
+        logs.update(crepa_logs)  # CREPA
+        loss = loss + crepa_term  # CREPA: L = L_diffusion + lambda * L_align
+    elif crepa is not None:
+        logs["crepa_lambda"] = 0.0  # CREPA
+    return loss, logs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1202,7 +1194,6 @@ def main(args: argparse.Namespace) -> Path:
             sampler.use_epoch(epoch)
             skip = (global_step - epoch * num_update_steps_per_epoch) * args.gradient_accumulation_steps
             loader = accelerator.skip_first_batches(train_dataloader, skip) if skip > 0 else train_dataloader
-            step_finite = torch.ones((), device=device, dtype=torch.bool)
             for step, batch in enumerate(loader):
                 generator = training_utils.step_generator(
                     seed, global_step, accelerator.process_index, device, micro_batch
@@ -1212,20 +1203,17 @@ def main(args: argparse.Namespace) -> Path:
                 )
                 with accelerator.accumulate(model):
                     loss, logs = training_loss(batch, generator, parts, crepa, global_step, args.max_train_steps)
-                    step_finite = step_finite & torch.isfinite(loss.detach())
-                    # A NaN/inf loss on any rank in any micro-batch makes the whole optimizer step a skip on every
-                    # rank, so its gradients never reach the weights. Every rank runs backward (DDP needs it); under
-                    # DeepSpeed, whose engine steps inside backward(), the skip is decided before it.
-                    apply_step = not deepspeed or nonfinite.all_finite(accelerator, step_finite)
-                    if apply_step:
+                    # A NaN/inf loss on any rank in any micro-batch skips the optimizer step on every rank.
+                    nonfinite.add(loss)
+                    # DeepSpeed's engine steps inside backward(): there the skip is decided before it.
+                    if not deepspeed or nonfinite.step_is_finite(accelerator):
                         accelerator.backward(loss)
                     if accelerator.sync_gradients:
-                        if apply_step and (deepspeed or nonfinite.all_finite(accelerator, step_finite)):
+                        if nonfinite.step_is_finite(accelerator):
                             training_utils.clip_grad_norms(accelerator, clipped_parts, args.max_grad_norm)
                             optimizer.step()
                             lr_scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
-                        step_finite = torch.ones((), device=device, dtype=torch.bool)
                     metrics.add({"loss": loss.detach(), **logs})
                 if not accelerator.sync_gradients:
                     micro_batch += 1

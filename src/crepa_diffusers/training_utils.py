@@ -171,12 +171,31 @@ class NonFiniteSteps:
 
     def __init__(self, max_in_a_row: int) -> None:
         self.max_in_a_row, self.in_a_row = max_in_a_row, 0
+        self._finite: torch.Tensor | None = None  # this optimizer step's micro-batches so far, on the device
+        self._decision: bool | None = None
+        self._step_done = False
 
-    def all_finite(self, accelerator, step_finite: torch.Tensor) -> bool:
-        """Call once per optimizer step on every rank (one host sync, needed to decide the skip). Under DeepSpeed, whose
-        engine steps inside backward(), call it before backward on every micro-batch: with accumulation the engine
-        already holds the step's earlier micro-batches, so a NaN/inf loss there stops the run instead."""
-        finite_ranks = accelerator.reduce(step_finite.float(), reduction="sum")
+    def add(self, loss: torch.Tensor) -> None:
+        """Each micro-batch's loss, on every rank (no host sync)."""
+        finite = torch.isfinite(loss.detach())
+        if self._finite is None or self._step_done:
+            self._finite, self._step_done = finite, False
+        else:
+            self._finite = self._finite & finite
+        self._decision = None
+
+    def step_is_finite(self, accelerator) -> bool:
+        """Whether this optimizer step's losses were finite on every rank: call it on every rank at the step's last
+        micro-batch (one host sync; a second call reuses the answer). Under DeepSpeed, whose engine steps inside
+        backward(), call it before each backward too: with accumulation the engine already holds the step's earlier
+        micro-batches, so a NaN/inf loss there stops the run instead."""
+        if self._decision is None:
+            self._decision = self._all_ranks_finite(accelerator)
+        self._step_done = accelerator.sync_gradients
+        return self._decision
+
+    def _all_ranks_finite(self, accelerator) -> bool:
+        finite_ranks = accelerator.reduce(self._finite.float(), reduction="sum")
         if bool(finite_ranks == accelerator.num_processes):
             self.in_a_row = 0
             return True
