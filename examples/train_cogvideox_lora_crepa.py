@@ -126,6 +126,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--rank", type=int, default=128, help="LoRA rank.")
     train.add_argument("--lora_alpha", type=float, default=128, help="LoRA alpha (scale = alpha / rank).")
     train.add_argument(
+        "--lora_layers",
+        type=str,
+        default="to_k,to_q,to_v,to_out.0",
+        help="Comma-separated layers of the transformer blocks to adapt (a name or its dotted suffix), e.g. "
+        "to_k,to_q,to_v,to_out.0,ff.net.0.proj,ff.net.2,norm1.linear; proj_out, norm_out.linear: the output layer.",
+    )
+    train.add_argument(
         "--mixed_precision",
         type=str,
         default=None,
@@ -816,7 +823,7 @@ def get_optimizer(args: argparse.Namespace, params_to_optimize: list[dict]) -> t
 
 
 def main(args: argparse.Namespace) -> Path:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, init_empty_weights
     from accelerate.utils import (
         DistributedDataParallelKwargs,
         DistributedType,
@@ -857,6 +864,13 @@ def main(args: argparse.Namespace) -> Path:
                 f"{patch}): use e.g. {max(multiple, round(value / multiple) * multiple)}."
             )
     check_crepa_args(args, config["num_layers"], "CogVideoX")  # CREPA: block index and encoder, from configs
+    with init_empty_weights():  # a weightless model: every --lora_layers name is checked against its layers
+        lora_targets = training_utils.lora_target_regex(
+            args.lora_layers,
+            CogVideoXTransformer3DModel.from_config(config),
+            ("transformer_blocks",),
+            ("proj_out", "norm_out.linear"),
+        )
     resume_path = checkpoints.resolve_resume_checkpoint(
         args.resume_from_checkpoint, args.output_dir, args.rank, CrepaConfig.from_args(args).enabled
     )  # CREPA: projector or not
@@ -965,7 +979,7 @@ def main(args: argparse.Namespace) -> Path:
             r=args.rank,
             lora_alpha=args.lora_alpha,
             init_lora_weights=True,
-            target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+            target_modules=lora_targets,
         )
     )
     cast_training_params(transformer, dtype=torch.float32)  # LoRA weights train in fp32 over the frozen base
@@ -1115,7 +1129,10 @@ def main(args: argparse.Namespace) -> Path:
     if accelerator.is_main_process:
         accelerator.init_trackers(
             args.tracker_name or "cogvideox-lora-crepa",
-            config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
+            # Never the Hub token: tensorboard writes the config into the run's hparams under --output_dir.
+            config={
+                k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"
+            },
         )
 
     def validate(step: int) -> None:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from crepa_diffusers import checkpoints, training_utils
+from crepa_diffusers import checkpoints, comfyui, training_utils
 from crepa_diffusers.cache import ConditionCache, make_condition_cache
 from crepa_diffusers.crepa import CrepaConfig, add_crepa_args  # CREPA
 from crepa_diffusers.features import token_frame_groups  # CREPA
@@ -260,8 +260,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--lora_layers",
         type=str,
         default=DEFAULT_LORA_LAYERS,
-        help="Comma-separated attention projections to adapt inside the transformer blocks, e.g. "
-        "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out.",
+        help="Comma-separated layers to adapt inside the double/single-stream blocks (a name or its dotted suffix), "
+        "e.g. to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out,proj_mlp,ff.net.0.proj; "
+        "proj_out and norm_out.linear also take the output layer.",
     )
     add_crepa_args(
         parser,
@@ -470,14 +471,13 @@ def random_flip(frames: torch.Tensor, generator: torch.Generator) -> torch.Tenso
 # HunyuanVideo: LoRA targets, flow-matching sigmas, and one step's loss
 
 
-def lora_target_regex(lora_layers: str) -> str:
-    """Full-match regex over module names: the listed projections inside transformer_blocks.N and
-    single_transformer_blocks.N only (a plain list would also wrap the token refiner's attention)."""
-    names = [name.strip() for name in lora_layers.split(",") if name.strip()]
-    if not names:
-        raise SystemExit("--lora_layers is empty: name at least one projection, e.g. to_q,to_k,to_v,to_out.0")
-    alternatives = "|".join(re.escape(name) for name in names)
-    return rf"^(transformer_blocks|single_transformer_blocks)\.\d+\.attn\.({alternatives})$"
+def lora_target_regex(lora_layers: str, transformer: torch.nn.Module) -> str:
+    """peft regex: the named layers (any layer, e.g. proj_mlp, ff.net.0.proj, norm1.linear) inside
+    transformer_blocks.N and single_transformer_blocks.N, and the output layer's proj_out / norm_out.linear; never
+    the token refiner (a plain list would wrap its attention too). A name matching no layer stops the run."""
+    return training_utils.lora_target_regex(
+        lora_layers, transformer, ("transformer_blocks", "single_transformer_blocks"), ("proj_out", "norm_out.linear")
+    )
 
 
 def sample_flow_sigmas(args, scheduler, batch_size: int, generator: torch.Generator, device):
@@ -824,7 +824,7 @@ def get_optimizer(args: argparse.Namespace, params_to_optimize: list[dict]) -> t
 
 
 def main(args: argparse.Namespace) -> Path:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, init_empty_weights
     from accelerate.utils import (
         DistributedDataParallelKwargs,
         DistributedType,
@@ -870,6 +870,8 @@ def main(args: argparse.Namespace) -> Path:
                 f"{flag} {value} is not a multiple of {multiple} (VAE x{VAE_SPATIAL} times patch size "
                 f"{patch}): use e.g. {max(multiple, round(value / multiple) * multiple)}."
             )
+    with init_empty_weights():  # a weightless model: every --lora_layers name is checked against its layers
+        lora_targets = lora_target_regex(args.lora_layers, HunyuanVideoTransformer3DModel.from_config(config))
     check_crepa_args(
         args,
         config["num_layers"] + config["num_single_layers"],  # CREPA: block index, encoder
@@ -988,7 +990,7 @@ def main(args: argparse.Namespace) -> Path:
             r=args.rank,
             lora_alpha=args.lora_alpha,
             init_lora_weights=True,
-            target_modules=lora_target_regex(args.lora_layers),
+            target_modules=lora_targets,
         )
     )
     cast_training_params(transformer, dtype=torch.float32)  # LoRA weights train in fp32 over the frozen base
@@ -1144,7 +1146,10 @@ def main(args: argparse.Namespace) -> Path:
     if accelerator.is_main_process:
         accelerator.init_trackers(
             args.tracker_name or "hunyuan-lora-crepa",
-            config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
+            # Never the Hub token: tensorboard writes the config into the run's hparams under --output_dir.
+            config={
+                k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"
+            },
         )
 
     def validate(step: int) -> None:
@@ -1259,7 +1264,10 @@ def main(args: argparse.Namespace) -> Path:
             transformer_lora_layers=get_peft_model_state_dict(transformer),
             **checkpoints.lora_adapter_metadata(transformer),
         )
-        checkpoints.match_umask(Path(args.output_dir, "pytorch_lora_weights.safetensors"))
+        # The same LoRA for ComfyUI's native loader (original names, fused q/k/v, an .alpha per layer): exact.
+        comfyui.convert_file(args.output_dir, mlp_ratio=transformer.config.mlp_ratio)
+        for saved in ("pytorch_lora_weights.safetensors", comfyui.COMFYUI_FILE):
+            checkpoints.match_umask(Path(args.output_dir, saved))
         write_loss_plot(history, args.output_dir)
     # Free what training held before loading a second pipeline (as diffusers does): two copies of every model
     # would not fit next to each other on the GPU.
@@ -1300,7 +1308,7 @@ def main(args: argparse.Namespace) -> Path:
             ),
             validation_prompts=prompts,
             video_files=videos,
-            extra="\n## Training curves\n\n![losses](loss.png)\n" if history else "",
+            extra=comfyui.CARD_SECTION + ("\n## Training curves\n\n![losses](loss.png)\n" if history else ""),
         )
         if args.push_to_hub:
             from huggingface_hub import upload_folder
@@ -1312,6 +1320,7 @@ def main(args: argparse.Namespace) -> Path:
                 commit_message="End of training",
                 allow_patterns=[
                     "pytorch_lora_weights.safetensors",
+                    comfyui.COMFYUI_FILE,
                     "README.md",
                     "validation_video_*.mp4",
                     "test_video_*.mp4",
