@@ -1134,6 +1134,8 @@ def main(args: argparse.Namespace) -> Path:
     )
     # DDP need not broadcast the frozen base from rank 0 (every rank loaded the same files; GBs at start-up, and gloo
     # cannot send the fp8 weights of --layerwise_upcasting): it syncs only what trains.
+    if resume_state.get("diffusers_checkpoint"):  # diffusers' example wrote it: its LoRA and schedule, before prepare
+        checkpoints.load_diffusers_checkpoint(resume_path, transformer, lr_scheduler, accelerator.num_processes)
     torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
         model, [name for name, param in model.named_parameters() if not param.requires_grad]
     )
@@ -1161,9 +1163,10 @@ def main(args: argparse.Namespace) -> Path:
     global_step, history = 0, []
     if resume_path is not None:
         logger.info("Resuming from %s", resume_path)
-        accelerator.load_state(
-            str(resume_path), **({"load_module_strict": False} if deepspeed else {})
-        )  # no frozen base
+        if not resume_state.get("diffusers_checkpoint"):
+            accelerator.load_state(
+                str(resume_path), **({"load_module_strict": False} if deepspeed else {})
+            )  # no frozen base
         global_step, history = resume_state["global_step"], resume_state.get("history", [])
     first_epoch = global_step // num_update_steps_per_epoch
     logger.info(
