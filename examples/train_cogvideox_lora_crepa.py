@@ -253,7 +253,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "logging_steps",
         "max_nonfinite_steps",
         "validation_epochs",
-        "num_validation_videos",
         "max_num_frames",
         "max_train_steps",
         "validation_steps",
@@ -264,7 +263,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     ):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
-    for flag in ("skip_frames_start", "skip_frames_end", "lr_warmup_steps", "dataloader_num_workers", "lora_alpha"):
+    nonnegative = ("skip_frames_start", "skip_frames_end", "lr_warmup_steps", "dataloader_num_workers")
+    for flag in (*nonnegative, "num_validation_videos", "lora_alpha"):  # 0 videos: no validation, as in diffusers
         if getattr(args, flag) < 0 or (flag == "lora_alpha" and args.lora_alpha == 0):
             parser.error(f"--{flag} must be {'> 0' if flag == 'lora_alpha' else '>= 0'}, got {getattr(args, flag)}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
@@ -342,7 +342,9 @@ def load_video_items(args: argparse.Namespace) -> list[VideoItem]:
     if not videos:
         raise SystemExit(f"{source}: no videos listed.")
     if args.id_token:
-        prompts = [f"{args.id_token} {prompt}" for prompt in prompts]
+        # diffusers joins id_token + prompt as given; a space here keeps "--id_token TOK" from gluing to the first
+        # word, and the rstrip makes diffusers' usual "--id_token 'TOK '" give the same prompts as there.
+        prompts = [f"{args.id_token.rstrip()} {prompt}" for prompt in prompts]
     return [VideoItem(Path(v) if Path(v).is_absolute() else root / v, p) for v, p in zip(videos, prompts)]
 
 
@@ -907,6 +909,11 @@ def main(args: argparse.Namespace) -> Path:
     if deepspeed and accelerator.state.deepspeed_plugin.deepspeed_config.get("gradient_clipping") in (None, "auto"):
         # The config's "auto" would become accelerate's fixed 1.0: --max_grad_norm decides, as without DeepSpeed.
         accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm
+    if deepspeed and {"optimizer", "scheduler"} & set(accelerator.state.deepspeed_plugin.deepspeed_config):
+        raise SystemExit(
+            "The DeepSpeed config has an optimizer/scheduler block: delete it. This script builds both from "
+            "--optimizer / --lr_scheduler (its LoRA and CREPA projector are clipped apart, non-finite steps skipped)."
+        )
     if accelerator.mixed_precision == "fp16" and is_large:
         logger.warning("fp16 gives NaN losses on CogVideoX-5B / 1.5 (trained in bf16): use --mixed_precision bf16.")
     args.mixed_precision = accelerator.mixed_precision  # what runs, for the trackers and the card
@@ -934,6 +941,7 @@ def main(args: argparse.Namespace) -> Path:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
     prompts = [p.strip() for p in (args.validation_prompt or "").split(args.validation_prompt_separator) if p.strip()]
+    prompts = prompts if args.num_validation_videos else []  # --num_validation_videos 0: no validation videos
     # --cache_conditions: the clips of this rank still to encode. With none, and the validation prompts' embeddings
     # stored too, the text encoder is never loaded (a resumed or second run).
     cache = make_condition_cache(args)
@@ -1130,7 +1138,7 @@ def main(args: argparse.Namespace) -> Path:
     args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
     if accelerator.is_main_process:
         accelerator.init_trackers(
-            args.tracker_name or "cogvideox-lora-crepa",
+            args.tracker_name or "cogvideox-lora",
             # Never the Hub token: tensorboard writes the config into the run's hparams under --output_dir.
             config={
                 k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"

@@ -78,6 +78,7 @@ def test_cogvideox_named_layers_train_and_token_stays_out(cog, tiny_models, data
     out = tmp_path / "out"
     extra = ["--crepa_mode", "none", "--lora_layers", "to_q,ff.net.0.proj,norm1.linear", "--report_to", "tensorboard"]
     extra += ["--hub_token", TOKEN, "--checkpointing_steps", "1", "--tracker_name", "tracked-run-name"]
+    extra += ["--validation_prompt", "a bunny walks", "--num_validation_videos", "0"]  # 0: no videos, as in diffusers
     model = tiny_models["cogvideox-2b"]
     run_main(cog, tiny_train_args(model, dataset, out, steps=1, extra=extra))
     blocks = range(json.loads((Path(model) / "transformer" / "config.json").read_text())["num_layers"])
@@ -88,6 +89,19 @@ def test_cogvideox_named_layers_train_and_token_stays_out(cog, tiny_models, data
     }
     assert all(state[key].abs().max() > 0 for key in state if "lora_B" in key)
     assert_token_in_no_file(out, "tracked-run-name")
+    assert not list(out.glob("*.mp4"))
+
+
+@pytest.mark.parametrize("script_name", ["hunyuan", "cog"])
+def test_id_token_joins_as_diffusers_does_with_its_usual_trailing_space(hunyuan, cog, dataset, tmp_path, script_name):
+    script = {"hunyuan": hunyuan, "cog": cog}[script_name]
+    plain = script.load_video_items(script.parse_args(tiny_train_args(tmp_path, dataset, tmp_path)))
+    for token in ("TOK ", "TOK"):  # diffusers: "TOK " + prompt; "TOK" alone would glue to the first word there
+        argv = tiny_train_args(tmp_path, dataset, tmp_path, extra=["--id_token", token])
+        items = script.load_video_items(script.parse_args(argv))
+        assert [item.prompt for item in items] == [f"TOK {item.prompt}" for item in plain]
+    with pytest.raises(SystemExit):
+        script.parse_args(tiny_train_args(tmp_path, dataset, tmp_path, extra=["--num_validation_videos", "-1"]))
 
 
 @pytest.mark.parametrize(
