@@ -31,9 +31,9 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 
 
 def diffusers_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """checkpoint-N folders of diffusers' example (accelerate `save_state` with its LoRA hook: the LoRA file, without
-    the adapter metadata and projector this project's checkpoints hold, beside optimizer.bin / scheduler.bin; no
-    completion marker), oldest first. This project never changes them; a cut save of ours is not one of them."""
+    """checkpoint-N folders of diffusers' example (accelerate `save_state` with its LoRA hook: the LoRA file without
+    the adapter metadata and projector this project's checkpoints hold, and no completion marker), oldest first.
+    This project never changes them; a cut save of ours (its LoRA has the metadata) is not one of them."""
     from safetensors import safe_open
 
     def from_diffusers(path: Path) -> bool:
@@ -45,7 +45,7 @@ def diffusers_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
                 ours = "lora_adapter_metadata" in (handle.metadata() or {})
         except Exception:  # unreadable: not a checkpoint to resume from either way
             return False
-        return not ours and any((path / name).is_file() for name in ("optimizer.bin", "scheduler.bin"))
+        return not ours  # optimizer.bin / scheduler.bin too, unless DeepSpeed saved them its own way
 
     root = Path(output_dir)
     found = [

@@ -113,34 +113,20 @@ def convert_to_comfyui(
         targets.setdefault(target, {})[part] = module
     out = {}
     for target, parts in sorted(targets.items()):
-        if None in parts:  # one-to-one
-            down, up = modules[parts[None]]["lora_A"], modules[parts[None]]["lora_B"]
-            if target in _SWAP_HALVES:
-                up = torch.cat(up.chunk(2, dim=0)[::-1])
-            ups, downs, base = [up], [down], scale(parts[None])
-        else:
-            names = _FUSED[target.rsplit(".", 1)[-1]]
-            hidden = next(iter(modules[m]["lora_A"].shape[1] for m in parts.values()))
-            base = scale(parts[min(parts)])
-            downs, ups = [], []
-            for index, name in enumerate(names):
-                rows = round(hidden * mlp_ratio) if name == "proj_mlp" else hidden
-                if index in parts:
-                    pair = modules[parts[index]]
-                    downs.append(pair["lora_A"])
-                    ups.append(pair["lora_B"] * (scale(parts[index]) / base))  # 1 unless the patterns differ
-                else:
-                    ups.append(torch.zeros(rows, 0))  # no LoRA on this part: zero rows
-            # Block diagonal: part i's lora_B fills its own rows and the columns of its own lora_A rows.
-            total = sum(d.shape[0] for d in downs)
-            columns, blocks = 0, []
-            for up in ups:
-                block = torch.zeros(up.shape[0], total)
-                block[:, columns : columns + up.shape[1]] = up
-                columns += up.shape[1]
-                blocks.append(block)
-            ups = [torch.cat(blocks)]
-        down, up = torch.cat(downs), ups[0]
+        names = _FUSED.get(target.rsplit(".", 1)[-1], (None,)) if None not in parts else (None,)
+        hidden = next(modules[m]["lora_A"].shape[1] for m in parts.values())  # every part reads the hidden states
+        base = scale(parts[None] if None in parts else min(parts))
+        downs, ups = [], []
+        for index, name in enumerate(names):
+            part = None if name is None else index
+            if part in parts:
+                downs.append(modules[parts[part]]["lora_A"])
+                ups.append(modules[parts[part]]["lora_B"] * (scale(parts[part]) / base))  # 1 unless patterns differ
+            else:  # no LoRA on this part: zero rows
+                ups.append(torch.zeros(round(hidden * mlp_ratio) if name == "proj_mlp" else hidden, 0))
+        down, up = torch.cat(downs), torch.block_diag(*ups)  # part i's lora_B meets only part i's lora_A rows
+        if target in _SWAP_HALVES:
+            up = torch.cat(up.chunk(2, dim=0)[::-1])
         key = f"diffusion_model.{target}"
         out[f"{key}.lora_A.weight"] = down.contiguous()
         out[f"{key}.lora_B.weight"] = up.contiguous()
