@@ -480,7 +480,7 @@ def run(preset_name: str, encoder_name: str, steps: int, warmup: int, batch_size
     def step(mode: str, timer=contextlib.nullcontext):
         generator = step_generator(0, 0, 0, device)
         mode_parts = dataclasses.replace(parts, model=models[mode])
-        loss, _ = script.training_loss(batch_of(setup, mode), generator, mode_parts, terms[mode], timer=timer)
+        loss, _ = script.training_loss(batch_of(setup, mode), generator, mode_parts, terms[mode], 0, 1, timer=timer)
         with timer("backward"):
             loss.backward()
         with timer("optimizer"):
@@ -711,7 +711,7 @@ def count_on_meta(preset_name: str, encoder_name: str, batch_size: int = 1) -> d
         mode_parts = dataclasses.replace(parts, model=model)
 
         def step(phases):
-            loss, _ = setup.script.training_loss(batch_of(setup, mode), None, mode_parts, term, timer=phases)
+            loss, _ = setup.script.training_loss(batch_of(setup, mode), None, mode_parts, term, 0, 1, timer=phases)
             with phases("backward"):
                 loss.backward()
             with phases("optimizer"):

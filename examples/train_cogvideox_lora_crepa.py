@@ -31,12 +31,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from crepa_diffusers import checkpoints, training_utils
-from crepa_diffusers.cache import ConditionCache, make_condition_cache
-from crepa_diffusers.crepa import CrepaConfig, add_crepa_args  # CREPA
-from crepa_diffusers.features import token_frame_groups  # CREPA
-from crepa_diffusers.model_card import crepa_card_settings, training_card_settings, write_model_card
-from crepa_diffusers.term import CrepaTerm, TransformerWithProjector, build_crepa, check_crepa_args  # CREPA
+from crepa_diffusers import (
+    ConditionCache,
+    CrepaConfig,  # CREPA
+    CrepaTerm,  # CREPA
+    TransformerWithProjector,  # CREPA
+    add_crepa_args,  # CREPA
+    build_crepa,  # CREPA
+    checkpoints,
+    token_frame_groups,  # CREPA
+    training_utils,
+    write_model_card,
+)
 
 
 logger = logging.getLogger("train_cogvideox_lora_crepa")
@@ -588,8 +594,9 @@ def training_loss(
     batch: dict,
     generator: torch.Generator,
     parts: Parts,
-    crepa: CrepaTerm | None = None,
-    crepa_lambda: float | None = None,
+    crepa: CrepaTerm | None,
+    step: int,
+    max_train_steps: int,
     timer=contextlib.nullcontext,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One micro-batch's loss: diffusers' v-prediction loss (+ lambda * L_align), and the values to log. `timer(name)`
@@ -597,8 +604,8 @@ def training_loss(
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     device, dtype, config = parts.device, parts.weight_dtype, parts.config
-    crepa_lambda = crepa.lambda_ if crepa is not None and crepa_lambda is None else crepa_lambda  # CREPA
-    use_crepa = crepa is not None and crepa_lambda > 0  # CREPA: at lambda 0 the encoder, hook and projector do no work
+    # CREPA: lambda follows --crepa_scheduler by optimizer step; at 0 the encoder, hook and projector do no work.
+    use_crepa = crepa is not None and crepa.lambda_at(step, max_train_steps) > 0  # CREPA
     if "conditions" in batch:  # --cache_conditions: encoded before training
         conditions = {name: tensor.to(device, non_blocking=True) for name, tensor in batch["conditions"].items()}
     else:
@@ -635,12 +642,12 @@ def training_loss(
         weights = (1 / (1 - alphas_cumprod[timesteps])).view(-1, 1, 1, 1, 1)
         loss = (weights * (model_pred - latents.float()) ** 2).reshape(batch_size, -1).mean(1).mean()
         logs = {"diffusion_loss": loss.detach()}
-        if crepa is not None:
-            logs["crepa_lambda"] = crepa_lambda  # CREPA
-        if projected is not None:
-            align_loss, stats = crepa.loss(projected)  # CREPA: L_align of the block tokens against the features
-            logs.update(crepa_loss=align_loss.detach(), **stats)  # CREPA
-            loss = loss + crepa_lambda * align_loss  # CREPA: L = L_diffusion + lambda * L_align
+        if projected is not None:  # CREPA: lambda(step) * L_align of the block tokens against the features
+            crepa_term, crepa_logs = crepa.loss(projected, step, max_train_steps)  # CREPA
+            logs.update(crepa_logs)  # CREPA
+            loss = loss + crepa_term  # CREPA: L = L_diffusion + lambda * L_align
+        elif crepa is not None:
+            logs["crepa_lambda"] = 0.0  # CREPA
         return loss, logs
 
 
@@ -829,7 +836,6 @@ def main(args: argparse.Namespace) -> Path:
     from accelerate.utils import (
         DistributedDataParallelKwargs,
         DistributedType,
-        InitProcessGroupKwargs,
         ProjectConfiguration,
         set_seed,
     )
@@ -865,7 +871,8 @@ def main(args: argparse.Namespace) -> Path:
                 f"{flag} {value} is not a multiple of {multiple} (VAE x{VAE_SPATIAL} times patch size "
                 f"{patch}): use e.g. {max(multiple, round(value / multiple) * multiple)}."
             )
-    check_crepa_args(args, config["num_layers"], "CogVideoX")  # CREPA: block index and encoder, from configs
+    crepa_config = CrepaConfig.from_args(args)  # CREPA: the --crepa_* settings as values
+    crepa_config.check(config["num_layers"], "CogVideoX", args.cache_dir)  # CREPA: block index, encoder (configs)
     with init_empty_weights():  # a weightless model: every --lora_layers name is checked against its layers
         lora_targets = training_utils.lora_target_regex(
             args.lora_layers,
@@ -874,7 +881,7 @@ def main(args: argparse.Namespace) -> Path:
             ("proj_out", "norm_out.linear"),
         )
     resume_path = checkpoints.resolve_resume_checkpoint(
-        args.resume_from_checkpoint, args.output_dir, args.rank, CrepaConfig.from_args(args).enabled
+        args.resume_from_checkpoint, args.output_dir, args.rank, crepa_config.enabled
     )  # CREPA: projector or not
     items = training_utils.check_videos(
         load_video_items(args),
@@ -894,15 +901,7 @@ def main(args: argparse.Namespace) -> Path:
         # CREPA: a step at lambda 0 leaves the projector unused; only then does DDP need to look for unused
         # parameters (a graph traversal every step).
         kwargs_handlers=[
-            DistributedDataParallelKwargs(find_unused_parameters=CrepaConfig.from_args(args).may_skip_steps),  # CREPA
-            # DeepSpeed without GPUs (its CPU accelerator): accelerate leaves its backend unset and counts one process
-            # although DeepSpeed started gloo on every rank (accelerate/state.py, PartialState.__init__, "if
-            # self.backend is None: ... num_processes = 1"): every rank then acts as the main one. Naming gloo fixes it.
-            *(
-                [InitProcessGroupKwargs(backend="gloo")]
-                if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and not torch.cuda.is_available()
-                else []
-            ),
+            DistributedDataParallelKwargs(find_unused_parameters=crepa_config.may_skip_steps),  # CREPA
         ],
     )
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
@@ -944,11 +943,31 @@ def main(args: argparse.Namespace) -> Path:
     prompts = prompts if args.num_validation_videos else []  # --num_validation_videos 0: no validation videos
     # --cache_conditions: the clips of this rank still to encode. With none, and the validation prompts' embeddings
     # stored too, the text encoder is never loaded (a resumed or second run).
-    cache = make_condition_cache(args)
+    cache = None
+    if args.cache_conditions:  # an entry is keyed by every flag its tensors depend on: a changed flag re-encodes
+        cache_key_flags = (
+            "pretrained_model_name_or_path",
+            "revision",
+            "variant",
+            "height",
+            "width",
+            "max_num_frames",
+            "skip_frames_start",
+            "skip_frames_end",
+            "video_reshape_mode",
+            "crepa_mode",  # CREPA
+            "crepa_encoder",  # CREPA
+            "crepa_frame_pooling",  # CREPA
+            "mixed_precision",
+        )
+        cache = ConditionCache(
+            args.condition_cache_dir or Path(args.output_dir, "condition_cache"),
+            salt={flag: getattr(args, flag) for flag in cache_key_flags},
+        )
     required = {
         "latent_dist",
         "prompt_embeds",
-        *(["features"] if CrepaConfig.from_args(args).enabled else []),
+        *(["features"] if crepa_config.enabled else []),
     }  # CREPA
     todo = cache.missing(items, required, accelerator.process_index, accelerator.num_processes) if cache else []
     validation_key = cache.key("validation prompts", prompts) if cache else None
@@ -993,7 +1012,8 @@ def main(args: argparse.Namespace) -> Path:
     cast_training_params(transformer, dtype=torch.float32)  # LoRA weights train in fp32 over the frozen base
     if args.layerwise_upcasting:  # frozen weights in fp8, upcast per layer; diffusers skips embedders, norms, LoRA
         transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=weight_dtype)
-    crepa = build_crepa(args, transformer, device)  # CREPA: frozen DINOv2 + block hook + projector (None: none)
+    # CREPA: frozen DINOv2 + block hook + projector (None for --crepa_mode none)
+    crepa = build_crepa(crepa_config, transformer, device, args.cache_dir)  # CREPA
     model = TransformerWithProjector(transformer, crepa)  # CREPA: one trained module for DDP/DeepSpeed/FSDP
 
     # accelerate's save_state / load_state write the LoRA (diffusers format) and the CREPA projector only.
@@ -1094,7 +1114,7 @@ def main(args: argparse.Namespace) -> Path:
         )
         text_encoder = tokenizer = parts.text_encoder = parts.tokenizer = vae.encoder = None
         if crepa is not None:
-            crepa.encoder = None  # CREPA: DINOv2 served the pass
+            crepa.free_encoder()  # CREPA: DINOv2 served the pass
         free_memory()
     else:
         validation_inputs = None
@@ -1123,13 +1143,8 @@ def main(args: argparse.Namespace) -> Path:
         num_cycles=args.lr_num_cycles,
         power=args.lr_power,
     )
-    # DDP need not broadcast the frozen base from rank 0 (every rank loaded the same files; GBs at start-up, and gloo
-    # cannot send the fp8 weights of --layerwise_upcasting): it syncs only what trains.
     if resume_state.get("diffusers_checkpoint"):  # diffusers' example wrote it: its LoRA and schedule, before prepare
         checkpoints.load_diffusers_checkpoint(resume_path, transformer, lr_scheduler, accelerator.num_processes)
-    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-        model, [name for name, param in model.named_parameters() if not param.requires_grad]
-    )
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, lr_scheduler
     )
@@ -1200,10 +1215,8 @@ def main(args: argparse.Namespace) -> Path:
                 logger.debug(
                     "rank %d step %d samples %s", accelerator.process_index, global_step + 1, batch["indices"].tolist()
                 )
-                # CREPA: lambda is a function of the optimizer step (exact on resume); 0 skips the CREPA work.
-                crepa_lambda = crepa.config.lambda_at(global_step, args.max_train_steps) if crepa else None  # CREPA
                 with accelerator.accumulate(model):
-                    loss, logs = training_loss(batch, generator, parts, crepa, crepa_lambda)
+                    loss, logs = training_loss(batch, generator, parts, crepa, global_step, args.max_train_steps)
                     step_finite = step_finite & torch.isfinite(loss.detach())
                     # A NaN/inf loss on any rank in any micro-batch makes the whole optimizer step a skip on every
                     # rank, so its gradients never reach the weights. Every rank runs backward (DDP needs it); under
@@ -1307,8 +1320,21 @@ def main(args: argparse.Namespace) -> Path:
             base_model=base,
             model_tags=["cogvideox", "cogvideox-diffusers"],
             pipeline_cls_name="CogVideoXPipeline",
-            crepa_settings=crepa_card_settings(args),  # CREPA
-            training_settings=training_card_settings(args, global_step, variant),
+            crepa_settings=crepa_config.card_settings(),  # CREPA
+            training_settings={
+                "model": variant,
+                "steps": global_step,
+                "rank": args.rank,
+                "lora_alpha": args.lora_alpha,
+                "learning_rate": args.learning_rate,
+                "train_batch_size": args.train_batch_size,
+                "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                "resolution": f"{args.max_num_frames}x{args.height}x{args.width}",
+                "mixed_precision": args.mixed_precision,
+                "optimizer": args.optimizer,
+                "seed": args.seed,
+                "layerwise_upcasting": args.layerwise_upcasting,
+            },
             validation_prompts=prompts,
             video_files=videos,
             extra="\n## Training curves\n\n![losses](loss.png)\n" if history else "",

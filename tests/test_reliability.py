@@ -15,6 +15,7 @@ import pytest
 import torch
 from helpers import (
     COGVIDEOX_SCRIPT,
+    CPU_RANKS,
     HUNYUAN_SCRIPT,
     accelerate_config,
     import_script,
@@ -420,6 +421,7 @@ def test_two_process_run(tiny_models, dataset, tmp_path, script_path, model, blo
             "--standalone",
             "--nproc_per_node",
             "2",
+            str(CPU_RANKS),
             str(script_path),
             *argv,
         ],
