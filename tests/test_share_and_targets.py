@@ -131,3 +131,27 @@ def test_unknown_lora_layer_stops_before_weights_load(
     assert "'attn.to_q'" in message or "'attn1.to_q'" in message  # the names that exist are listed
     if script_name == "hunyuan":
         assert "'proj_mlp'" in message and "'ff.net.0.proj'" in message and "token_refiner" not in message
+
+
+@pytest.mark.parametrize("script_name", ["hunyuan", "cog"])
+def test_deepspeed_config_with_optimizer_block_is_refused_before_weights_load(
+    hunyuan, cog, tiny_models, dataset, tmp_path, monkeypatch, script_name
+):
+    # diffusers' script hands such blocks to DeepSpeed; here the flags build both. An accelerator as accelerate
+    # builds it from such a config (DeepSpeed itself needs no GPU for this check).
+    import types
+
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    class DeepSpeedAccelerator:
+        def __init__(self, **kwargs):
+            self.distributed_type = DistributedType.DEEPSPEED
+            config = {"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupLR"}}
+            self.state = types.SimpleNamespace(deepspeed_plugin=types.SimpleNamespace(deepspeed_config=config))
+
+    monkeypatch.setattr(accelerate, "Accelerator", DeepSpeedAccelerator)
+    script = {"hunyuan": hunyuan, "cog": cog}[script_name]
+    model = tiny_models["hunyuan" if script_name == "hunyuan" else "cogvideox-2b"]
+    with pytest.raises(SystemExit, match="The DeepSpeed config has an optimizer/scheduler block: delete it"):
+        script.main(script.parse_args(tiny_train_args(model, dataset, tmp_path / "o")))
