@@ -164,7 +164,7 @@ def tiny_transformer():
     return testing.build_tiny_hunyuan_pipeline().transformer.float().eval()
 
 
-def random_lora_dir(base, tmp_path, targets=TARGETS):
+def random_lora_dir(base, tmp_path, targets=TARGETS, **config):
     """A diffusers LoRA file (with adapter metadata) of random weights on `targets`, saved as the script saves."""
     from diffusers import HunyuanVideoPipeline
     from peft import LoraConfig
@@ -173,7 +173,9 @@ def random_lora_dir(base, tmp_path, targets=TARGETS):
     from crepa_diffusers import checkpoints
 
     transformer = copy.deepcopy(base)
-    transformer.add_adapter(LoraConfig(r=RANK, lora_alpha=LORA_ALPHA, init_lora_weights=True, target_modules=targets))
+    transformer.add_adapter(
+        LoraConfig(r=RANK, lora_alpha=LORA_ALPHA, init_lora_weights=True, target_modules=targets, **config)
+    )
     generator = torch.Generator().manual_seed(0)
     for name, param in transformer.named_parameters():
         if "lora_" in name:
@@ -231,3 +233,13 @@ def test_converter_command_and_its_errors(tiny_transformer, tmp_path, capsys):
         comfyui.main([str(foreign)])
     with pytest.raises(SystemExit, match="no such file"):
         comfyui.main([str(tmp_path / "missing")])
+
+
+def test_rslora_scale_is_kept(tiny_transformer, tmp_path):
+    from crepa_diffusers import comfyui
+
+    # peft's rsLoRA scales by alpha / sqrt(rank): the file's .alpha must reproduce that, not alpha / rank.
+    lora_dir = random_lora_dir(
+        tiny_transformer, tmp_path, targets=r"^transformer_blocks\.1\.ff\.net\.2$", use_rslora=True
+    )
+    assert assert_comfyui_file_exact(comfyui.convert_file(lora_dir), lora_dir, tiny_transformer) == 1

@@ -84,6 +84,7 @@ def convert_to_comfyui(
     alpha_pattern: dict | None = None,
     rank_pattern: dict | None = None,
     mlp_ratio: float = 4.0,
+    use_rslora: bool = False,
 ) -> dict[str, torch.Tensor]:
     """diffusers/peft LoRA tensors (`[transformer.]<module>.lora_A.weight` / `lora_B.weight`) -> ComfyUI's
     `diffusion_model.<original>.lora_A.weight` / `.lora_B.weight` / `.alpha` (float32). `lora_alpha` / `rank` (and
@@ -105,7 +106,8 @@ def convert_to_comfyui(
         def lookup(pattern, default):
             return next((v for k, v in (pattern or {}).items() if re.search(rf"(^|\.){k}$", module)), default)
 
-        return lookup(alpha_pattern, lora_alpha) / lookup(rank_pattern, rank)
+        r = lookup(rank_pattern, rank)
+        return lookup(alpha_pattern, lora_alpha) / (r**0.5 if use_rslora else r)  # peft's scaling
 
     targets: dict[str, dict[int | None, str]] = {}
     for module in modules:
@@ -175,7 +177,13 @@ def convert_file(
             f"{file}: no adapter metadata (lora_alpha): pass --lora_alpha, the value the LoRA was trained with."
         )
     converted = convert_to_comfyui(
-        tensors, alpha, rank, adapter.get("alpha_pattern"), adapter.get("rank_pattern"), mlp_ratio
+        tensors,
+        alpha,
+        rank,
+        adapter.get("alpha_pattern"),
+        adapter.get("rank_pattern"),
+        mlp_ratio,
+        adapter.get("use_rslora"),
     )
     output = Path(output) if output else file.with_name(COMFYUI_FILE)
     save_file(converted, str(output), metadata={"format": "pt"})
