@@ -370,7 +370,7 @@ def build_step_setup(
         targets = (
             ["to_k", "to_q", "to_v", "to_out.0"]
             if preset.model == "cogvideox"
-            else script.lora_target_regex(script.DEFAULT_LORA_LAYERS)
+            else script.lora_target_regex(script.DEFAULT_LORA_LAYERS, transformer)
         )
         transformer.add_adapter(
             LoraConfig(r=128 if full_size else 16, lora_alpha=128, init_lora_weights=True, target_modules=targets)

@@ -131,6 +131,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--rank", type=int, default=128, help="LoRA rank.")
     train.add_argument("--lora_alpha", type=float, default=128, help="LoRA alpha (scale = alpha / rank).")
     train.add_argument(
+        "--lora_layers",
+        type=str,
+        default="to_k,to_q,to_v,to_out.0",
+        help="Comma-separated layers of the transformer blocks to adapt (a name or its dotted suffix), e.g. "
+        "to_k,to_q,to_v,to_out.0,ff.net.0.proj,ff.net.2,norm1.linear; proj_out, norm_out.linear: the output layer.",
+    )
+    train.add_argument(
         "--mixed_precision",
         type=str,
         default=None,
@@ -251,7 +258,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "logging_steps",
         "max_nonfinite_steps",
         "validation_epochs",
-        "num_validation_videos",
         "max_num_frames",
         "max_train_steps",
         "validation_steps",
@@ -262,7 +268,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     ):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
-    for flag in ("skip_frames_start", "skip_frames_end", "lr_warmup_steps", "dataloader_num_workers", "lora_alpha"):
+    nonnegative = ("skip_frames_start", "skip_frames_end", "lr_warmup_steps", "dataloader_num_workers")
+    for flag in (*nonnegative, "num_validation_videos", "lora_alpha"):  # 0 videos: no validation, as in diffusers
         if getattr(args, flag) < 0 or (flag == "lora_alpha" and args.lora_alpha == 0):
             parser.error(f"--{flag} must be {'> 0' if flag == 'lora_alpha' else '>= 0'}, got {getattr(args, flag)}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
@@ -340,7 +347,9 @@ def load_video_items(args: argparse.Namespace) -> list[VideoItem]:
     if not videos:
         raise SystemExit(f"{source}: no videos listed.")
     if args.id_token:
-        prompts = [f"{args.id_token} {prompt}" for prompt in prompts]
+        # diffusers joins id_token + prompt as given; a space here keeps "--id_token TOK" from gluing to the first
+        # word, and the rstrip makes diffusers' usual "--id_token 'TOK '" give the same prompts as there.
+        prompts = [f"{args.id_token.rstrip()} {prompt}" for prompt in prompts]
     return [VideoItem(Path(v) if Path(v).is_absolute() else root / v, p) for v, p in zip(videos, prompts)]
 
 
@@ -817,7 +826,7 @@ def get_optimizer(args: argparse.Namespace, params_to_optimize: list[dict]) -> t
 
 
 def main(args: argparse.Namespace) -> Path:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, init_empty_weights
     from accelerate.utils import (
         DistributedDataParallelKwargs,
         DistributedType,
@@ -858,6 +867,13 @@ def main(args: argparse.Namespace) -> Path:
             )
     crepa_config = CrepaConfig.from_args(args)  # CREPA: the --crepa_* settings as values
     crepa_config.check(config["num_layers"], "CogVideoX", args.cache_dir)  # CREPA: block index, encoder (configs)
+    with init_empty_weights():  # a weightless model: every --lora_layers name is checked against its layers
+        lora_targets = training_utils.lora_target_regex(
+            args.lora_layers,
+            CogVideoXTransformer3DModel.from_config(config),
+            ("transformer_blocks",),
+            ("proj_out", "norm_out.linear"),
+        )
     resume_path = checkpoints.resolve_resume_checkpoint(
         args.resume_from_checkpoint, args.output_dir, args.rank, crepa_config.enabled
     )  # CREPA: projector or not
@@ -886,6 +902,11 @@ def main(args: argparse.Namespace) -> Path:
     if deepspeed and accelerator.state.deepspeed_plugin.deepspeed_config.get("gradient_clipping") in (None, "auto"):
         # The config's "auto" would become accelerate's fixed 1.0: --max_grad_norm decides, as without DeepSpeed.
         accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm
+    if deepspeed and {"optimizer", "scheduler"} & set(accelerator.state.deepspeed_plugin.deepspeed_config):
+        raise SystemExit(
+            "The DeepSpeed config has an optimizer/scheduler block: delete it. This script builds both from "
+            "--optimizer / --lr_scheduler (its LoRA and CREPA projector are clipped apart, non-finite steps skipped)."
+        )
     if accelerator.mixed_precision == "fp16" and is_large:
         logger.warning("fp16 gives NaN losses on CogVideoX-5B / 1.5 (trained in bf16): use --mixed_precision bf16.")
     args.mixed_precision = accelerator.mixed_precision  # what runs, for the trackers and the card
@@ -913,6 +934,7 @@ def main(args: argparse.Namespace) -> Path:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
     prompts = [p.strip() for p in (args.validation_prompt or "").split(args.validation_prompt_separator) if p.strip()]
+    prompts = prompts if args.num_validation_videos else []  # --num_validation_videos 0: no validation videos
     # --cache_conditions: the clips of this rank still to encode. With none, and the validation prompts' embeddings
     # stored too, the text encoder is never loaded (a resumed or second run).
     cache = None
@@ -978,7 +1000,7 @@ def main(args: argparse.Namespace) -> Path:
             r=args.rank,
             lora_alpha=args.lora_alpha,
             init_lora_weights=True,
-            target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+            target_modules=lora_targets,
         )
     )
     cast_training_params(transformer, dtype=torch.float32)  # LoRA weights train in fp32 over the frozen base
@@ -1115,6 +1137,8 @@ def main(args: argparse.Namespace) -> Path:
         num_cycles=args.lr_num_cycles,
         power=args.lr_power,
     )
+    if resume_state.get("diffusers_checkpoint"):  # diffusers' example wrote it: its LoRA and schedule, before prepare
+        checkpoints.load_diffusers_checkpoint(resume_path, transformer, lr_scheduler, accelerator.num_processes)
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, lr_scheduler
     )
@@ -1123,8 +1147,11 @@ def main(args: argparse.Namespace) -> Path:
     args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
     if accelerator.is_main_process:
         accelerator.init_trackers(
-            args.tracker_name or "cogvideox-lora-crepa",
-            config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
+            args.tracker_name or "cogvideox-lora",
+            # Never the Hub token: tensorboard writes the config into the run's hparams under --output_dir.
+            config={
+                k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"
+            },
         )
 
     def validate(step: int) -> None:
@@ -1143,9 +1170,10 @@ def main(args: argparse.Namespace) -> Path:
     global_step, history = 0, []
     if resume_path is not None:
         logger.info("Resuming from %s", resume_path)
-        accelerator.load_state(
-            str(resume_path), **({"load_module_strict": False} if deepspeed else {})
-        )  # no frozen base
+        if not resume_state.get("diffusers_checkpoint"):
+            accelerator.load_state(
+                str(resume_path), **({"load_module_strict": False} if deepspeed else {})
+            )  # no frozen base
         global_step, history = resume_state["global_step"], resume_state.get("history", [])
     first_epoch = global_step // num_update_steps_per_epoch
     logger.info(

@@ -40,6 +40,7 @@ from crepa_diffusers import (
     add_crepa_args,  # CREPA
     build_crepa,  # CREPA
     checkpoints,
+    comfyui,
     token_frame_groups,  # CREPA
     training_utils,
     write_model_card,
@@ -265,8 +266,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--lora_layers",
         type=str,
         default=DEFAULT_LORA_LAYERS,
-        help="Comma-separated attention projections to adapt inside the transformer blocks, e.g. "
-        "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out.",
+        help="Comma-separated layers to adapt inside the double/single-stream blocks (a name or its dotted suffix), "
+        "e.g. to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out,proj_mlp,ff.net.0.proj; "
+        "proj_out and norm_out.linear also take the output layer.",
     )
     add_crepa_args(
         parser,
@@ -290,7 +292,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "logging_steps",
         "max_nonfinite_steps",
         "validation_epochs",
-        "num_validation_videos",
         "max_num_frames",
         "max_train_steps",
         "validation_steps",
@@ -301,7 +302,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     ):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
-    for flag in ("skip_frames_start", "skip_frames_end", "lr_warmup_steps", "dataloader_num_workers", "lora_alpha"):
+    nonnegative = ("skip_frames_start", "skip_frames_end", "lr_warmup_steps", "dataloader_num_workers")
+    for flag in (*nonnegative, "num_validation_videos", "lora_alpha"):  # 0 videos: no validation, as in diffusers
         if getattr(args, flag) < 0 or (flag == "lora_alpha" and args.lora_alpha == 0):
             parser.error(f"--{flag} must be {'> 0' if flag == 'lora_alpha' else '>= 0'}, got {getattr(args, flag)}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
@@ -381,7 +383,9 @@ def load_video_items(args: argparse.Namespace) -> list[VideoItem]:
     if not videos:
         raise SystemExit(f"{source}: no videos listed.")
     if args.id_token:
-        prompts = [f"{args.id_token} {prompt}" for prompt in prompts]
+        # diffusers joins id_token + prompt as given; a space here keeps "--id_token TOK" from gluing to the first
+        # word, and the rstrip makes diffusers' usual "--id_token 'TOK '" give the same prompts as there.
+        prompts = [f"{args.id_token.rstrip()} {prompt}" for prompt in prompts]
     return [VideoItem(Path(v) if Path(v).is_absolute() else root / v, p) for v, p in zip(videos, prompts)]
 
 
@@ -475,14 +479,13 @@ def random_flip(frames: torch.Tensor, generator: torch.Generator) -> torch.Tenso
 # HunyuanVideo: LoRA targets, flow-matching sigmas, and one step's loss
 
 
-def lora_target_regex(lora_layers: str) -> str:
-    """Full-match regex over module names: the listed projections inside transformer_blocks.N and
-    single_transformer_blocks.N only (a plain list would also wrap the token refiner's attention)."""
-    names = [name.strip() for name in lora_layers.split(",") if name.strip()]
-    if not names:
-        raise SystemExit("--lora_layers is empty: name at least one projection, e.g. to_q,to_k,to_v,to_out.0")
-    alternatives = "|".join(re.escape(name) for name in names)
-    return rf"^(transformer_blocks|single_transformer_blocks)\.\d+\.attn\.({alternatives})$"
+def lora_target_regex(lora_layers: str, transformer: torch.nn.Module) -> str:
+    """peft regex: the named layers (any layer, e.g. proj_mlp, ff.net.0.proj, norm1.linear) inside
+    transformer_blocks.N and single_transformer_blocks.N, and the output layer's proj_out / norm_out.linear; never
+    the token refiner (a plain list would wrap its attention too). A name matching no layer stops the run."""
+    return training_utils.lora_target_regex(
+        lora_layers, transformer, ("transformer_blocks", "single_transformer_blocks"), ("proj_out", "norm_out.linear")
+    )
 
 
 def sample_flow_sigmas(args, scheduler, batch_size: int, generator: torch.Generator, device):
@@ -823,7 +826,7 @@ def get_optimizer(args: argparse.Namespace, params_to_optimize: list[dict]) -> t
 
 
 def main(args: argparse.Namespace) -> Path:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, init_empty_weights
     from accelerate.utils import (
         DistributedDataParallelKwargs,
         DistributedType,
@@ -868,6 +871,8 @@ def main(args: argparse.Namespace) -> Path:
                 f"{flag} {value} is not a multiple of {multiple} (VAE x{VAE_SPATIAL} times patch size "
                 f"{patch}): use e.g. {max(multiple, round(value / multiple) * multiple)}."
             )
+    with init_empty_weights():  # a weightless model: every --lora_layers name is checked against its layers
+        lora_targets = lora_target_regex(args.lora_layers, HunyuanVideoTransformer3DModel.from_config(config))
     crepa_config = CrepaConfig.from_args(args)  # CREPA: the --crepa_* settings as values
     crepa_config.check(  # CREPA: block index, encoder (from configs)
         config["num_layers"] + config["num_single_layers"],  # CREPA
@@ -902,6 +907,11 @@ def main(args: argparse.Namespace) -> Path:
     if deepspeed and accelerator.state.deepspeed_plugin.deepspeed_config.get("gradient_clipping") in (None, "auto"):
         # The config's "auto" would become accelerate's fixed 1.0: --max_grad_norm decides, as without DeepSpeed.
         accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm
+    if deepspeed and {"optimizer", "scheduler"} & set(accelerator.state.deepspeed_plugin.deepspeed_config):
+        raise SystemExit(
+            "The DeepSpeed config has an optimizer/scheduler block: delete it. This script builds both from "
+            "--optimizer / --lr_scheduler (its LoRA and CREPA projector are clipped apart, non-finite steps skipped)."
+        )
     if accelerator.mixed_precision == "fp16":
         logger.warning("fp16 gives NaN losses on HunyuanVideo (trained in bf16): use --mixed_precision bf16.")
     args.mixed_precision = accelerator.mixed_precision  # what runs, for the trackers and the card
@@ -931,6 +941,7 @@ def main(args: argparse.Namespace) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", **load)
     tokenizer_2 = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2", **load)
     prompts = [p.strip() for p in (args.validation_prompt or "").split(args.validation_prompt_separator) if p.strip()]
+    prompts = prompts if args.num_validation_videos else []  # --num_validation_videos 0: no validation videos
     # --cache_conditions: the clips of this rank still to encode. With none, and the validation prompts' embeddings
     # stored too, the text encoders are never loaded (a resumed or second run).
     cache = None
@@ -1000,7 +1011,7 @@ def main(args: argparse.Namespace) -> Path:
             r=args.rank,
             lora_alpha=args.lora_alpha,
             init_lora_weights=True,
-            target_modules=lora_target_regex(args.lora_layers),
+            target_modules=lora_targets,
         )
     )
     cast_training_params(transformer, dtype=torch.float32)  # LoRA weights train in fp32 over the frozen base
@@ -1143,6 +1154,8 @@ def main(args: argparse.Namespace) -> Path:
         num_cycles=args.lr_num_cycles,
         power=args.lr_power,
     )
+    if resume_state.get("diffusers_checkpoint"):  # diffusers' example wrote it: its LoRA and schedule, before prepare
+        checkpoints.load_diffusers_checkpoint(resume_path, transformer, lr_scheduler, accelerator.num_processes)
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, lr_scheduler
     )
@@ -1152,7 +1165,10 @@ def main(args: argparse.Namespace) -> Path:
     if accelerator.is_main_process:
         accelerator.init_trackers(
             args.tracker_name or "hunyuan-lora-crepa",
-            config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
+            # Never the Hub token: tensorboard writes the config into the run's hparams under --output_dir.
+            config={
+                k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"
+            },
         )
 
     def validate(step: int) -> None:
@@ -1164,9 +1180,10 @@ def main(args: argparse.Namespace) -> Path:
     global_step, history = 0, []
     if resume_path is not None:
         logger.info("Resuming from %s", resume_path)
-        accelerator.load_state(
-            str(resume_path), **({"load_module_strict": False} if deepspeed else {})
-        )  # no frozen base
+        if not resume_state.get("diffusers_checkpoint"):
+            accelerator.load_state(
+                str(resume_path), **({"load_module_strict": False} if deepspeed else {})
+            )  # no frozen base
         global_step, history = resume_state["global_step"], resume_state.get("history", [])
     first_epoch = global_step // num_update_steps_per_epoch
     logger.info(
@@ -1261,7 +1278,10 @@ def main(args: argparse.Namespace) -> Path:
             transformer_lora_layers=get_peft_model_state_dict(transformer),
             **checkpoints.lora_adapter_metadata(transformer),
         )
-        checkpoints.match_umask(Path(args.output_dir, "pytorch_lora_weights.safetensors"))
+        # The same LoRA for ComfyUI's native loader (original names, fused q/k/v, an .alpha per layer): exact.
+        comfyui.convert_file(args.output_dir, mlp_ratio=transformer.config.mlp_ratio)
+        for saved in ("pytorch_lora_weights.safetensors", comfyui.COMFYUI_FILE):
+            checkpoints.match_umask(Path(args.output_dir, saved))
         write_loss_plot(history, args.output_dir)
     # Free what training held before loading a second pipeline (as diffusers does): two copies of every model
     # would not fit next to each other on the GPU.
@@ -1314,7 +1334,7 @@ def main(args: argparse.Namespace) -> Path:
             },
             validation_prompts=prompts,
             video_files=videos,
-            extra="\n## Training curves\n\n![losses](loss.png)\n" if history else "",
+            extra=comfyui.CARD_SECTION + ("\n## Training curves\n\n![losses](loss.png)\n" if history else ""),
         )
         if args.push_to_hub:
             from huggingface_hub import upload_folder
@@ -1326,6 +1346,7 @@ def main(args: argparse.Namespace) -> Path:
                 commit_message="End of training",
                 allow_patterns=[
                     "pytorch_lora_weights.safetensors",
+                    comfyui.COMFYUI_FILE,
                     "README.md",
                     "validation_video_*.mp4",
                     "test_video_*.mp4",

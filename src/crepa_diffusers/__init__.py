@@ -2,10 +2,10 @@
 
 The CREPA term (`CrepaConfig`, `build_crepa` -> `CrepaTerm`, `TransformerWithProjector`, `crepa_loss`), and the
 small mechanisms the example scripts' loops call explicitly (`checkpoints`, `training_utils`, `ConditionCache`,
-`write_model_card`): everything the scripts import is listed in `__all__`.
+`write_model_card`, `comfyui`): everything the scripts import is listed in `__all__`.
 """
 
-from . import checkpoints, training_utils
+from . import checkpoints, comfyui, training_utils
 from .cache import ConditionCache
 from .capture import HiddenStateCapture, transformer_blocks
 from .crepa import CrepaConfig, CrepaProjector, add_crepa_args, crepa_loss
@@ -26,6 +26,7 @@ __all__ = [
     "add_crepa_args",
     "build_crepa",
     "checkpoints",
+    "comfyui",
     "crepa_loss",
     "token_frame_groups",
     "training_utils",
