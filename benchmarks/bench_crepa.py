@@ -236,7 +236,7 @@ def build_hunyuan():
 
 class PhaseTimer:
     """Accumulates wall time per named phase, synchronising the device at each boundary (timed runs only: the
-    scripts' training_loss takes `timer=contextlib.nullcontext`, which adds no sync)."""
+    scripts' training step knows nothing of it; `script_step_phases` names its phases from outside)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.totals = device, {}
@@ -252,6 +252,51 @@ class PhaseTimer:
         yield
         self._sync()
         self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def script_step_phases(setup: "StepSetup", model: torch.nn.Module, term, phases):
+    """Names the phases of the script's `training_loss` from outside it (the scripts take no timer): while this is
+    open, the calls into the frozen text encoders and VAE are "text_vae_encoding", DINOv2 (`term.encode`) is
+    "encoder_features", the trained module's forward is "transformer_forward", and what follows it is "loss".
+    `phases(name)` is a context manager (PhaseTimer, CountedPhases, LiveTensorBytes.phases)."""
+    parts, pipe, wrapped = setup.parts, setup.pipe, []
+    loss_phase = []
+
+    def wrap(owner, attr: str, name: str, then: str | None = None) -> None:
+        original = owner.__dict__.get(attr)
+        call = getattr(owner, attr)
+
+        def in_phase(*args, **kwargs):
+            with phases(name):
+                result = call(*args, **kwargs)
+            if then is not None:
+                loss_phase.append(phases(then))
+                loss_phase[-1].__enter__()
+            return result
+
+        setattr(owner, attr, in_phase)
+        wrapped.append((owner, attr, original))
+
+    if pipe is None:  # CogVideoX: the script's T5 helper and the VAE
+        wrap(setup.script, "encode_prompts", "text_vae_encoding")
+        wrap(parts.vae, "encode", "text_vae_encoding")
+    else:  # HunyuanVideo: the pipeline's Llama + CLIP encoding and its VAE
+        wrap(pipe, "encode_prompt", "text_vae_encoding")
+        wrap(pipe.vae, "encode", "text_vae_encoding")
+    if term is not None:
+        wrap(term, "encode", "encoder_features")
+    wrap(model, "forward", "transformer_forward", then="loss")
+    try:
+        yield
+    finally:
+        for phase in loss_phase:
+            phase.__exit__(None, None, None)
+        for owner, attr, original in reversed(wrapped):
+            if original is None:
+                delattr(owner, attr)  # back to the class's method
+            else:
+                setattr(owner, attr, original)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -344,7 +389,7 @@ def build_step_setup(
         targets = (
             ["to_k", "to_q", "to_v", "to_out.0"]
             if preset.model == "cogvideox"
-            else script.lora_target_regex(script.DEFAULT_LORA_LAYERS)
+            else script.lora_target_regex(script.DEFAULT_LORA_LAYERS, transformer)
         )
         transformer.add_adapter(
             LoraConfig(r=preset.rank, lora_alpha=preset.rank, init_lora_weights=True, target_modules=targets)
@@ -605,7 +650,8 @@ def run(
     def step(mode: str, timer=contextlib.nullcontext):
         generator = step_generator(0, 0, 0, device)
         mode_parts = dataclasses.replace(parts, model=models[mode], forward_context=forward_context)
-        loss, _ = script.training_loss(batch_of(setup, mode), generator, mode_parts, terms[mode], timer=timer)
+        with script_step_phases(setup, models[mode], terms[mode], timer):
+            loss, _ = script.training_loss(batch_of(setup, mode), generator, mode_parts, terms[mode], 0, 1)
         with timer("backward"):
             loss.backward()
         with timer("optimizer"):
@@ -948,7 +994,8 @@ def count_mode(mode, term, setup, preset, frozen, lora, forward_context, flops, 
     mode_parts = dataclasses.replace(parts, model=model, forward_context=forward_context)
 
     def step(phases):
-        loss, _ = setup.script.training_loss(batch_of(setup, mode), None, mode_parts, term, timer=phases)
+        with script_step_phases(setup, model, term, phases):
+            loss, _ = setup.script.training_loss(batch_of(setup, mode), None, mode_parts, term, 0, 1)
         with phases("backward"):
             loss.backward()
         with phases("optimizer"):

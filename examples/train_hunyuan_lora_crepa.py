@@ -33,13 +33,21 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from crepa_diffusers import checkpoints, memory, training_utils
-from crepa_diffusers.cache import ConditionCache, make_condition_cache
-from crepa_diffusers.capture import transformer_blocks
-from crepa_diffusers.crepa import CrepaConfig, add_crepa_args  # CREPA
-from crepa_diffusers.features import token_frame_groups  # CREPA
-from crepa_diffusers.model_card import crepa_card_settings, training_card_settings, write_model_card
-from crepa_diffusers.term import CrepaTerm, TransformerWithProjector, build_crepa, check_crepa_args  # CREPA
+from crepa_diffusers import (
+    ConditionCache,
+    CrepaConfig,  # CREPA
+    CrepaTerm,  # CREPA
+    TransformerWithProjector,  # CREPA
+    add_crepa_args,  # CREPA
+    build_crepa,  # CREPA
+    checkpoints,
+    comfyui,
+    memory,
+    token_frame_groups,  # CREPA
+    training_utils,
+    transformer_blocks,
+    write_model_card,
+)
 
 
 logger = logging.getLogger("train_hunyuan_lora_crepa")
@@ -288,8 +296,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--lora_layers",
         type=str,
         default=DEFAULT_LORA_LAYERS,
-        help="Comma-separated attention projections to adapt inside the transformer blocks, e.g. "
-        "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out.",
+        help="Comma-separated layers to adapt inside the double/single-stream blocks (a name or its dotted suffix), "
+        "e.g. to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out,proj_mlp,ff.net.0.proj; "
+        "proj_out and norm_out.linear also take the output layer.",
     )
     add_crepa_args(
         parser,
@@ -313,7 +322,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "logging_steps",
         "max_nonfinite_steps",
         "validation_epochs",
-        "num_validation_videos",
         "max_num_frames",
         "max_train_steps",
         "validation_steps",
@@ -324,7 +332,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     ):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
-    for flag in ("skip_frames_start", "skip_frames_end", "lr_warmup_steps", "dataloader_num_workers", "lora_alpha"):
+    nonnegative = ("skip_frames_start", "skip_frames_end", "lr_warmup_steps", "dataloader_num_workers")
+    for flag in (*nonnegative, "num_validation_videos", "lora_alpha"):  # 0 videos: no validation, as in diffusers
         if getattr(args, flag) < 0 or (flag == "lora_alpha" and args.lora_alpha == 0):
             parser.error(f"--{flag} must be {'> 0' if flag == 'lora_alpha' else '>= 0'}, got {getattr(args, flag)}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
@@ -404,7 +413,9 @@ def load_video_items(args: argparse.Namespace) -> list[VideoItem]:
     if not videos:
         raise SystemExit(f"{source}: no videos listed.")
     if args.id_token:
-        prompts = [f"{args.id_token} {prompt}" for prompt in prompts]
+        # diffusers joins id_token + prompt as given; a space here keeps "--id_token TOK" from gluing to the first
+        # word, and the rstrip makes diffusers' usual "--id_token 'TOK '" give the same prompts as there.
+        prompts = [f"{args.id_token.rstrip()} {prompt}" for prompt in prompts]
     return [VideoItem(Path(v) if Path(v).is_absolute() else root / v, p) for v, p in zip(videos, prompts)]
 
 
@@ -498,14 +509,13 @@ def random_flip(frames: torch.Tensor, generator: torch.Generator) -> torch.Tenso
 # HunyuanVideo: LoRA targets, flow-matching sigmas, and one step's loss
 
 
-def lora_target_regex(lora_layers: str) -> str:
-    """Full-match regex over module names: the listed projections inside transformer_blocks.N and
-    single_transformer_blocks.N only (a plain list would also wrap the token refiner's attention)."""
-    names = [name.strip() for name in lora_layers.split(",") if name.strip()]
-    if not names:
-        raise SystemExit("--lora_layers is empty: name at least one projection, e.g. to_q,to_k,to_v,to_out.0")
-    alternatives = "|".join(re.escape(name) for name in names)
-    return rf"^(transformer_blocks|single_transformer_blocks)\.\d+\.attn\.({alternatives})$"
+def lora_target_regex(lora_layers: str, transformer: torch.nn.Module) -> str:
+    """peft regex: the named layers (any layer, e.g. proj_mlp, ff.net.0.proj, norm1.linear) inside
+    transformer_blocks.N and single_transformer_blocks.N, and the output layer's proj_out / norm_out.linear; never
+    the token refiner (a plain list would wrap its attention too). A name matching no layer stops the run."""
+    return training_utils.lora_target_regex(
+        lora_layers, transformer, ("transformer_blocks", "single_transformer_blocks"), ("proj_out", "norm_out.linear")
+    )
 
 
 def sample_flow_sigmas(args, scheduler, batch_size: int, generator: torch.Generator, device):
@@ -545,13 +555,12 @@ def encode_conditions(
     prompts: list[str],
     parts: Parts,
     crepa: CrepaTerm | None = None,
-    timer=contextlib.nullcontext,
 ) -> dict[str, torch.Tensor]:
     """What the frozen encoders give a batch: the VAE latent distribution's parameters, the Llama + CLIP embeddings
     and (CREPA) the DINOv2 features on the DiT's token grid. Every step; or once per clip, before training, with
     the cache."""
     dtype = parts.weight_dtype
-    with timer("text_vae_encoding"), torch.no_grad():
+    with torch.no_grad():
         embeds, pooled, mask = parts.pipe.encode_prompt(
             prompts, device=parts.device, dtype=dtype, max_sequence_length=parts.args.max_sequence_length
         )
@@ -562,11 +571,9 @@ def encode_conditions(
             "prompt_attention_mask": mask,
         }
     if crepa is not None:
-        with timer("encoder_features"):  # CREPA: one feature map per token frame, on the DiT's token grid
-            grid = (parts.height // (VAE_SPATIAL * parts.patch_size), parts.width // (VAE_SPATIAL * parts.patch_size))
-            conditions["features"] = crepa.encode(
-                frames, grid, token_frame_groups(frames.shape[1], VAE_TEMPORAL)
-            )  # CREPA
+        # CREPA: one feature map per token frame, on the DiT's token grid
+        grid = (parts.height // (VAE_SPATIAL * parts.patch_size), parts.width // (VAE_SPATIAL * parts.patch_size))
+        conditions["features"] = crepa.encode(frames, grid, token_frame_groups(frames.shape[1], VAE_TEMPORAL))  # CREPA
     return conditions
 
 
@@ -621,24 +628,23 @@ def training_loss(
     batch: dict,
     generator: torch.Generator,
     parts: Parts,
-    crepa: CrepaTerm | None = None,
-    crepa_lambda: float | None = None,
-    timer=contextlib.nullcontext,
+    crepa: CrepaTerm | None,
+    step: int,
+    max_train_steps: int,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One micro-batch's loss: flow matching, target noise - x0 (+ lambda * L_align), and the values to log.
-    `timer(name)` is a context manager around each phase (the benchmark times them; training passes none)."""
+    """One micro-batch's loss: flow matching, target noise - x0 (+ lambda * L_align), and the values to log."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     args, device, dtype = parts.args, parts.device, parts.weight_dtype
-    crepa_lambda = crepa.lambda_ if crepa is not None and crepa_lambda is None else crepa_lambda  # CREPA
-    use_crepa = crepa is not None and crepa_lambda > 0  # CREPA: at lambda 0 the encoder, hook and projector do no work
+    # CREPA: lambda follows --crepa_scheduler by optimizer step; at 0 the encoder, hook and projector do no work.
+    use_crepa = crepa is not None and crepa.lambda_at(step, max_train_steps) > 0  # CREPA
     if "conditions" in batch:  # --cache_conditions: encoded before training
         conditions = {name: tensor.to(device, non_blocking=True) for name, tensor in batch["conditions"].items()}
     else:
         frames = batch["frames"].to(device)  # [B, F, 3, H, W] in [-1, 1]: the VAE's input, and the encoder's  # CREPA
         if args.random_flip:
             frames = random_flip(frames, generator)
-        conditions = encode_conditions(frames, batch["prompts"], parts, crepa if use_crepa else None, timer)
+        conditions = encode_conditions(frames, batch["prompts"], parts, crepa if use_crepa else None)
     latents = DiagonalGaussianDistribution(conditions["latent_dist"]).sample(generator=generator)
     latents = (latents * parts.pipe.vae.config.scaling_factor).float()  # [B, C, F, h, w]
     batch_size = latents.shape[0]
@@ -649,7 +655,7 @@ def training_loss(
     guidance = torch.full((batch_size,), args.guidance_scale * 1000.0, device=device, dtype=dtype)
     if use_crepa:
         crepa.prepare(conditions["features"])  # CREPA: this step's DINOv2 features; arms the block hook
-    with timer("transformer_forward"), parts.forward_context:  # --offload_activations: saved tensors to the host
+    with parts.forward_context:  # --offload_activations: saved tensors to the host
         output, projected = parts.model(  # CREPA: the projected block tokens come back beside the output
             hidden_states=noisy.to(dtype),
             timestep=timesteps,
@@ -660,16 +666,15 @@ def training_loss(
             return_dict=False,
         )
         model_pred = output[0]
-    with timer("loss"):
-        loss = ((model_pred.float() - (noise - latents)) ** 2).reshape(batch_size, -1).mean(1).mean()
-        logs = {"diffusion_loss": loss.detach()}
-        if crepa is not None:
-            logs["crepa_lambda"] = crepa_lambda  # CREPA
-        if projected is not None:
-            align_loss, stats = crepa.loss(projected)  # CREPA: L_align of the block tokens against the features
-            logs.update(crepa_loss=align_loss.detach(), **stats)  # CREPA
-            loss = loss + crepa_lambda * align_loss  # CREPA: L = L_diffusion + lambda * L_align
-        return loss, logs
+    loss = ((model_pred.float() - (noise - latents)) ** 2).reshape(batch_size, -1).mean(1).mean()
+    logs = {"diffusion_loss": loss.detach()}
+    if projected is not None:  # CREPA: lambda(step) * L_align of the block tokens against the features
+        crepa_term, crepa_logs = crepa.loss(projected, step, max_train_steps)  # CREPA
+        logs.update(crepa_logs)  # CREPA
+        loss = loss + crepa_term  # CREPA: L = L_diffusion + lambda * L_align
+    elif crepa is not None:
+        logs["crepa_lambda"] = 0.0  # CREPA
+    return loss, logs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -853,11 +858,10 @@ def get_optimizer(args: argparse.Namespace, params_to_optimize: list[dict]) -> t
 
 
 def main(args: argparse.Namespace) -> Path:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, init_empty_weights
     from accelerate.utils import (
         DistributedDataParallelKwargs,
         DistributedType,
-        InitProcessGroupKwargs,
         ProjectConfiguration,
         set_seed,
     )
@@ -899,15 +903,18 @@ def main(args: argparse.Namespace) -> Path:
                 f"{flag} {value} is not a multiple of {multiple} (VAE x{VAE_SPATIAL} times patch size "
                 f"{patch}): use e.g. {max(multiple, round(value / multiple) * multiple)}."
             )
-    check_crepa_args(
-        args,
-        config["num_layers"] + config["num_single_layers"],  # CREPA: block index, encoder
-        f"HunyuanVideo ({config['num_layers']} double- + {config['num_single_layers']} single-stream)",
-    )
+    with init_empty_weights():  # a weightless model: every --lora_layers name is checked against its layers
+        lora_targets = lora_target_regex(args.lora_layers, HunyuanVideoTransformer3DModel.from_config(config))
+    crepa_config = CrepaConfig.from_args(args)  # CREPA: the --crepa_* settings as values
+    crepa_config.check(  # CREPA: block index, encoder (from configs)
+        config["num_layers"] + config["num_single_layers"],  # CREPA
+        f"HunyuanVideo ({config['num_layers']} double- + {config['num_single_layers']} single-stream)",  # CREPA
+        args.cache_dir,  # CREPA
+    )  # CREPA
     checkpointing = args.gradient_checkpointing or args.selective_checkpointing
     memory.check_memory_flags(args.blocks_to_swap, config["num_layers"] + config["num_single_layers"], checkpointing)
     resume_path = checkpoints.resolve_resume_checkpoint(
-        args.resume_from_checkpoint, args.output_dir, args.rank, CrepaConfig.from_args(args).enabled
+        args.resume_from_checkpoint, args.output_dir, args.rank, crepa_config.enabled
     )  # CREPA: projector or not
     items = training_utils.check_videos(
         load_video_items(args),
@@ -927,15 +934,7 @@ def main(args: argparse.Namespace) -> Path:
         # CREPA: a step at lambda 0 leaves the projector unused; only then does DDP need to look for unused
         # parameters (a graph traversal every step).
         kwargs_handlers=[
-            DistributedDataParallelKwargs(find_unused_parameters=CrepaConfig.from_args(args).may_skip_steps),  # CREPA
-            # DeepSpeed without GPUs (its CPU accelerator): accelerate leaves its backend unset and counts one process
-            # although DeepSpeed started gloo on every rank (accelerate/state.py, PartialState.__init__, "if
-            # self.backend is None: ... num_processes = 1"): every rank then acts as the main one. Naming gloo fixes it.
-            *(
-                [InitProcessGroupKwargs(backend="gloo")]
-                if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and not torch.cuda.is_available()
-                else []
-            ),
+            DistributedDataParallelKwargs(find_unused_parameters=crepa_config.may_skip_steps),  # CREPA
         ],
     )
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
@@ -946,6 +945,11 @@ def main(args: argparse.Namespace) -> Path:
     if deepspeed and accelerator.state.deepspeed_plugin.deepspeed_config.get("gradient_clipping") in (None, "auto"):
         # The config's "auto" would become accelerate's fixed 1.0: --max_grad_norm decides, as without DeepSpeed.
         accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm
+    if deepspeed and {"optimizer", "scheduler"} & set(accelerator.state.deepspeed_plugin.deepspeed_config):
+        raise SystemExit(
+            "The DeepSpeed config has an optimizer/scheduler block: delete it. This script builds both from "
+            "--optimizer / --lr_scheduler (its LoRA and CREPA projector are clipped apart, non-finite steps skipped)."
+        )
     if accelerator.mixed_precision == "fp16":
         logger.warning("fp16 gives NaN losses on HunyuanVideo (trained in bf16): use --mixed_precision bf16.")
     args.mixed_precision = accelerator.mixed_precision  # what runs, for the trackers and the card
@@ -975,13 +979,35 @@ def main(args: argparse.Namespace) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", **load)
     tokenizer_2 = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2", **load)
     prompts = [p.strip() for p in (args.validation_prompt or "").split(args.validation_prompt_separator) if p.strip()]
+    prompts = prompts if args.num_validation_videos else []  # --num_validation_videos 0: no validation videos
     # --cache_conditions: the clips of this rank still to encode. With none, and the validation prompts' embeddings
     # stored too, the text encoders are never loaded (a resumed or second run).
-    cache = make_condition_cache(args)
+    cache = None
+    if args.cache_conditions:  # an entry is keyed by every flag its tensors depend on: a changed flag re-encodes
+        cache_key_flags = (
+            "pretrained_model_name_or_path",
+            "revision",
+            "variant",
+            "height",
+            "width",
+            "max_num_frames",
+            "skip_frames_start",
+            "skip_frames_end",
+            "video_reshape_mode",
+            "crepa_mode",  # CREPA
+            "crepa_encoder",  # CREPA
+            "crepa_frame_pooling",  # CREPA
+            "max_sequence_length",
+            "mixed_precision",
+        )
+        cache = ConditionCache(
+            args.condition_cache_dir or Path(args.output_dir, "condition_cache"),
+            salt={flag: getattr(args, flag) for flag in cache_key_flags},
+        )
     required = {
         "latent_dist",
         "prompt_embeds",
-        *(["features"] if CrepaConfig.from_args(args).enabled else []),
+        *(["features"] if crepa_config.enabled else []),
     }  # CREPA
     todo = cache.missing(items, required, accelerator.process_index, accelerator.num_processes) if cache else []
     validation_key = cache.key("validation prompts", prompts) if cache else None
@@ -1025,13 +1051,14 @@ def main(args: argparse.Namespace) -> Path:
             r=args.rank,
             lora_alpha=args.lora_alpha,
             init_lora_weights=True,
-            target_modules=lora_target_regex(args.lora_layers),
+            target_modules=lora_targets,
         )
     )
     cast_training_params(transformer, dtype=torch.float32)  # LoRA weights train in fp32 over the frozen base
     if args.layerwise_upcasting:  # frozen weights in fp8, upcast per layer; AdaLN modulation linears in fp8 too
         training_utils.enable_fp8_weights(transformer, compute_dtype=weight_dtype)
-    crepa = build_crepa(args, transformer, device)  # CREPA: frozen DINOv2 + block hook + projector (None: none)
+    # CREPA: frozen DINOv2 + block hook + projector (None for --crepa_mode none)
+    crepa = build_crepa(crepa_config, transformer, device, args.cache_dir)  # CREPA
     model = TransformerWithProjector(transformer, crepa)  # CREPA: one trained module for DDP/DeepSpeed/FSDP
     if args.offload_encoders:  # one frozen encoder on the device at a time
         dinov2 = crepa.encoder.encoder if crepa is not None else None  # CREPA: DINOv2 takes its turn too
@@ -1146,7 +1173,7 @@ def main(args: argparse.Namespace) -> Path:
         )
         pipe.text_encoder = pipe.text_encoder_2 = text_encoder = text_encoder_2 = vae.encoder = None
         if crepa is not None:
-            crepa.encoder = None  # CREPA: DINOv2 served the pass
+            crepa.free_encoder()  # CREPA: DINOv2 served the pass
         free_memory()
     # The transformer (fp8 already with --layerwise_upcasting) joins the GPU now: with the cache, after the encoders
     # left it, so the two never share it (HunyuanVideo: 24 GiB of bf16 transformer beside 15 GiB of Llama).
@@ -1173,11 +1200,8 @@ def main(args: argparse.Namespace) -> Path:
         num_cycles=args.lr_num_cycles,
         power=args.lr_power,
     )
-    # DDP need not broadcast the frozen base from rank 0 (every rank loaded the same files; GBs at start-up, and gloo
-    # cannot send the fp8 weights of --layerwise_upcasting): it syncs only what trains.
-    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-        model, [name for name, param in model.named_parameters() if not param.requires_grad]
-    )
+    if resume_state.get("diffusers_checkpoint"):  # diffusers' example wrote it: its LoRA and schedule, before prepare
+        checkpoints.load_diffusers_checkpoint(resume_path, transformer, lr_scheduler, accelerator.num_processes)
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, lr_scheduler
     )
@@ -1187,7 +1211,10 @@ def main(args: argparse.Namespace) -> Path:
     if accelerator.is_main_process:
         accelerator.init_trackers(
             args.tracker_name or "hunyuan-lora-crepa",
-            config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
+            # Never the Hub token: tensorboard writes the config into the run's hparams under --output_dir.
+            config={
+                k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"
+            },
         )
 
     def validate(step: int) -> None:
@@ -1199,9 +1226,10 @@ def main(args: argparse.Namespace) -> Path:
     global_step, history = 0, []
     if resume_path is not None:
         logger.info("Resuming from %s", resume_path)
-        accelerator.load_state(
-            str(resume_path), **({"load_module_strict": False} if deepspeed else {})
-        )  # no frozen base
+        if not resume_state.get("diffusers_checkpoint"):
+            accelerator.load_state(
+                str(resume_path), **({"load_module_strict": False} if deepspeed else {})
+            )  # no frozen base
         global_step, history = resume_state["global_step"], resume_state.get("history", [])
     first_epoch = global_step // num_update_steps_per_epoch
     logger.info(
@@ -1229,7 +1257,6 @@ def main(args: argparse.Namespace) -> Path:
             sampler.use_epoch(epoch)
             skip = (global_step - epoch * num_update_steps_per_epoch) * args.gradient_accumulation_steps
             loader = accelerator.skip_first_batches(train_dataloader, skip) if skip > 0 else train_dataloader
-            step_finite = torch.ones((), device=device, dtype=torch.bool)
             for step, batch in enumerate(loader):
                 generator = training_utils.step_generator(
                     seed, global_step, accelerator.process_index, device, micro_batch
@@ -1237,24 +1264,19 @@ def main(args: argparse.Namespace) -> Path:
                 logger.debug(
                     "rank %d step %d samples %s", accelerator.process_index, global_step + 1, batch["indices"].tolist()
                 )
-                # CREPA: lambda is a function of the optimizer step (exact on resume); 0 skips the CREPA work.
-                crepa_lambda = crepa.config.lambda_at(global_step, args.max_train_steps) if crepa else None  # CREPA
                 with accelerator.accumulate(model):
-                    loss, logs = training_loss(batch, generator, parts, crepa, crepa_lambda)
-                    step_finite = step_finite & torch.isfinite(loss.detach())
-                    # A NaN/inf loss on any rank in any micro-batch makes the whole optimizer step a skip on every
-                    # rank, so its gradients never reach the weights. Every rank runs backward (DDP needs it); under
-                    # DeepSpeed, whose engine steps inside backward(), the skip is decided before it.
-                    apply_step = not deepspeed or nonfinite.all_finite(accelerator, step_finite)
-                    if apply_step:
+                    loss, logs = training_loss(batch, generator, parts, crepa, global_step, args.max_train_steps)
+                    # A NaN/inf loss on any rank in any micro-batch skips the optimizer step on every rank.
+                    nonfinite.add(loss)
+                    # DeepSpeed's engine steps inside backward(): there the skip is decided before it.
+                    if not deepspeed or nonfinite.step_is_finite(accelerator):
                         accelerator.backward(loss)
                     if accelerator.sync_gradients:
-                        if apply_step and (deepspeed or nonfinite.all_finite(accelerator, step_finite)):
+                        if nonfinite.step_is_finite(accelerator):
                             training_utils.clip_grad_norms(accelerator, clipped_parts, args.max_grad_norm)
                             optimizer.step()
                             lr_scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
-                        step_finite = torch.ones((), device=device, dtype=torch.bool)
                     metrics.add({"loss": loss.detach(), **logs})
                 if not accelerator.sync_gradients:
                     micro_batch += 1
@@ -1302,7 +1324,10 @@ def main(args: argparse.Namespace) -> Path:
             transformer_lora_layers=get_peft_model_state_dict(transformer),
             **checkpoints.lora_adapter_metadata(transformer),
         )
-        checkpoints.match_umask(Path(args.output_dir, "pytorch_lora_weights.safetensors"))
+        # The same LoRA for ComfyUI's native loader (original names, fused q/k/v, an .alpha per layer): exact.
+        comfyui.convert_file(args.output_dir, mlp_ratio=transformer.config.mlp_ratio)
+        for saved in ("pytorch_lora_weights.safetensors", comfyui.COMFYUI_FILE):
+            checkpoints.match_umask(Path(args.output_dir, saved))
         write_loss_plot(history, args.output_dir)
     # Free what training held before loading a second pipeline (as diffusers does): two copies of every model
     # would not fit next to each other on the GPU.
@@ -1337,13 +1362,25 @@ def main(args: argparse.Namespace) -> Path:
             base_model=base,
             model_tags=["hunyuan-video", "hunyuanvideo"],
             pipeline_cls_name="HunyuanVideoPipeline",
-            crepa_settings=crepa_card_settings(args),  # CREPA
-            training_settings=training_card_settings(
-                args, global_step, "HunyuanVideo", sampling_flow_shift=scheduler.config.shift
-            ),
+            crepa_settings=crepa_config.card_settings(),  # CREPA
+            training_settings={
+                "model": "HunyuanVideo",
+                "steps": global_step,
+                "rank": args.rank,
+                "lora_alpha": args.lora_alpha,
+                "learning_rate": args.learning_rate,
+                "train_batch_size": args.train_batch_size,
+                "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                "resolution": f"{args.max_num_frames}x{args.height}x{args.width}",
+                "mixed_precision": args.mixed_precision,
+                "optimizer": args.optimizer,
+                "seed": args.seed,
+                "layerwise_upcasting": args.layerwise_upcasting,
+                "sampling_flow_shift": scheduler.config.shift,
+            },
             validation_prompts=prompts,
             video_files=videos,
-            extra="\n## Training curves\n\n![losses](loss.png)\n" if history else "",
+            extra=comfyui.CARD_SECTION + ("\n## Training curves\n\n![losses](loss.png)\n" if history else ""),
         )
         if args.push_to_hub:
             from huggingface_hub import upload_folder
@@ -1355,6 +1392,7 @@ def main(args: argparse.Namespace) -> Path:
                 commit_message="End of training",
                 allow_patterns=[
                     "pytorch_lora_weights.safetensors",
+                    comfyui.COMFYUI_FILE,
                     "README.md",
                     "validation_video_*.mp4",
                     "test_video_*.mp4",

@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 COGVIDEOX_SCRIPT = ROOT / "examples" / "train_cogvideox_lora_crepa.py"
 HUNYUAN_SCRIPT = ROOT / "examples" / "train_hunyuan_lora_crepa.py"
+# Launched scripts start through this shim: what several CPU ranks need (gloo), kept out of the scripts.
+CPU_RANKS = ROOT / "tests" / "cpu_ranks.py"
 
 
 def offline_env(**extra) -> dict:
@@ -60,6 +62,7 @@ def launch(
         "accelerate.commands.launch",
         "--config_file",
         str(config_file or accelerate_config(tmp_path)),
+        str(CPU_RANKS),
         str(script),
         *args,
     ]

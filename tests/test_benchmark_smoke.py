@@ -154,7 +154,8 @@ def test_memory_counted_on_the_meta_device_equals_the_same_step_on_real_tensors(
             held += [setup.encoder.encoder, setup.projector] if term is not None else []
             generator = step_generator(0, 0, 0, torch.device(device)) if device == "cpu" else None
             with sdpa_kernel(SDPBackend.MATH), bench.LiveTensorBytes(bench._tensors(*held)) as memory:
-                loss, _ = setup.script.training_loss(setup.batch, generator, parts, term, timer=memory.phases)
+                with bench.script_step_phases(setup, parts.model, term, memory.phases):
+                    loss, _ = setup.script.training_loss(setup.batch, generator, parts, term, 0, 1)
                 with memory.phases("backward"):
                     loss.backward()
             counts[device, mode] = memory.phase_peaks

@@ -71,7 +71,7 @@ def alignment_loss(transformer, kwargs, token_frames, block_index, projector, fe
         capture.arm(token_frames)
         transformer(**kwargs)
         hidden = capture.pop()
-        loss = crepa_loss(projector(hidden), features)
+        loss, _ = crepa_loss(projector(hidden), features)
         loss.backward()
     return hidden, loss
 

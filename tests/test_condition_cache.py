@@ -9,7 +9,16 @@ import sys
 
 import pytest
 import torch
-from helpers import COGVIDEOX_SCRIPT, HUNYUAN_SCRIPT, import_script, launch, lora_state, offline_env, run_main
+from helpers import (
+    COGVIDEOX_SCRIPT,
+    CPU_RANKS,
+    HUNYUAN_SCRIPT,
+    import_script,
+    launch,
+    lora_state,
+    offline_env,
+    run_main,
+)
 from test_train_cogvideox import base_args, dataset  # noqa: F401  (module fixture)
 
 from crepa_diffusers import checkpoints
@@ -214,7 +223,16 @@ def test_two_ranks_encode_each_clip_once(tiny_models, dataset, tmp_path):
             extra=["--cache_conditions", "--condition_cache_dir", str(cache), *validation],
         )
         result = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(COGVIDEOX_SCRIPT), *argv],
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                "2",
+                str(CPU_RANKS),
+                str(COGVIDEOX_SCRIPT),
+                *argv,
+            ],
             cwd=tmp_path,
             env=env,
             capture_output=True,

@@ -1,10 +1,12 @@
 import argparse
 import math
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
-from crepa_diffusers.crepa import CrepaConfig, CrepaProjector, add_crepa_args, crepa_loss, crepa_loss_and_stats
+from crepa_diffusers.crepa import CrepaConfig, CrepaProjector, add_crepa_args, crepa_loss
 
 
 def naive_crepa_loss(projected, features, distance, tau, cumulative, normalize_by_frames):
@@ -42,7 +44,7 @@ def test_loss_matches_naive_equation(frames, distance, cumulative, normalize):
     projected = torch.randn(2, frames, 3, 5, dtype=torch.float64)
     features = torch.randn(2, frames, 3, 5, dtype=torch.float64)
     expected = naive_crepa_loss(projected, features, distance, tau, cumulative, normalize)
-    actual = crepa_loss(projected, features, distance, tau, cumulative, normalize)
+    actual, _ = crepa_loss(projected, features, distance, tau, cumulative, normalize)
     assert actual.shape == ()
     torch.testing.assert_close(actual.double(), torch.as_tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
 
@@ -56,19 +58,19 @@ def test_aligned_inputs_reach_the_analytic_optimum():
     tau = 1.0
     neighbours = 2 * 5 - 2  # interior frames have 2 neighbours, the two ends 1
     optimum = -(5 + math.exp(-1 / tau) * neighbours) / 5
-    torch.testing.assert_close(crepa_loss(same_frames * 3, same_frames, 1, tau), torch.tensor(optimum))
-    torch.testing.assert_close(crepa_loss(projected, features, distance=0), torch.tensor(-1.0))
-    torch.testing.assert_close(crepa_loss(-projected, features, distance=0), torch.tensor(1.0))
+    torch.testing.assert_close(crepa_loss(same_frames * 3, same_frames, 1, tau)[0], torch.tensor(optimum))
+    torch.testing.assert_close(crepa_loss(projected, features, distance=0)[0], torch.tensor(-1.0))
+    torch.testing.assert_close(crepa_loss(-projected, features, distance=0)[0], torch.tensor(1.0))
     # The plain paper sum is T times the normalised one.
     torch.testing.assert_close(
-        crepa_loss(same_frames, same_frames, 1, tau, normalize_by_frames=False), torch.tensor(optimum * 5)
+        crepa_loss(same_frames, same_frames, 1, tau, normalize_by_frames=False)[0], torch.tensor(optimum * 5)
     )
 
 
 def test_gradients_reach_projected_not_features():
     projected = torch.randn(2, 4, 3, 6, requires_grad=True)
     features = torch.randn(2, 4, 3, 6, requires_grad=True)
-    loss, stats = crepa_loss_and_stats(projected, features.detach())
+    loss, stats = crepa_loss(projected, features.detach())
     loss.backward()
     assert projected.grad is not None and projected.grad.abs().sum() > 0
     assert features.grad is None
@@ -81,11 +83,11 @@ def test_stats_are_the_mean_self_and_neighbour_similarities():
     cos = torch.nn.functional.cosine_similarity(projected[:, :, None], features[:, None, :], dim=-1).mean(
         -1
     )  # [B,F,K]
-    _, stats = crepa_loss_and_stats(projected, features, distance=1)
+    _, stats = crepa_loss(projected, features, distance=1)
     torch.testing.assert_close(stats["similarity_self"], cos.diagonal(dim1=1, dim2=2).mean())
     neighbour = torch.stack([cos[:, f, k] for f in range(4) for k in range(4) if abs(f - k) == 1], dim=1)
     torch.testing.assert_close(stats["similarity_neighbour"], neighbour.mean())
-    _, repa_stats = crepa_loss_and_stats(projected, features, distance=0)
+    _, repa_stats = crepa_loss(projected, features, distance=0)
     assert torch.isnan(repa_stats["similarity_neighbour"])
 
 
@@ -118,8 +120,34 @@ def test_args_defaults_and_config():
     assert repa.effective_distance == 0 and repa.enabled
     assert not CrepaConfig.from_args(make_parser().parse_args(["--crepa_mode", "none"])).enabled
     assert not CrepaConfig.from_args(make_parser().parse_args(["--no-crepa_normalize_by_frames"])).normalize_by_frames
-    _, stats = repa.loss_and_stats(torch.randn(1, 3, 2, 4), torch.randn(1, 3, 2, 4))
-    assert set(stats) == {"similarity_self"}
+    assert repa.card_settings()["crepa_adjacent_distance"] == 0 and config.card_settings()["crepa_lambda"] == 1.0
+
+
+@pytest.mark.parametrize("mode", ["crepa", "repa"])
+def test_term_loss_is_the_scheduled_lambda_times_l_align(mode):
+    """CrepaTerm.loss, the loop's one entry point: lambda(step) of the schedule times crepa_loss at the config's
+    distance; REPA* logs no neighbour similarity; the hook comes off with remove()."""
+    from crepa_diffusers import build_crepa, testing
+    from crepa_diffusers.capture import transformer_blocks
+
+    transformer = testing.build_tiny_cogvideox_pipeline().transformer
+    encoder_dir = testing.save_tiny_dinov2(Path(tempfile.mkdtemp()) / "dinov2")
+    argv = ["--crepa_mode", mode, "--crepa_encoder", str(encoder_dir), "--crepa_scheduler", "linear"]
+    config = CrepaConfig.from_args(make_parser().parse_args([*argv, "--crepa_block_index", "1"]))
+    crepa = build_crepa(config, transformer, torch.device("cpu"))
+    projected, features = torch.randn(2, 3, 4, 32), torch.randn(2, 3, 4, 32)
+    for step, max_train_steps in ((0, 10), (6, 10)):
+        crepa.prepare(features)
+        term, logs = crepa.loss(projected, step, max_train_steps)
+        expected, stats = crepa_loss(projected, features, distance=1 if mode == "crepa" else 0)
+        lambda_ = 0.5 * (1 - step / max_train_steps)  # linear decay from --crepa_lambda 0.5 to 0
+        torch.testing.assert_close(term, lambda_ * expected)
+        assert logs["crepa_lambda"] == pytest.approx(lambda_) and logs["crepa_loss"] == expected
+        assert set(logs) == {"crepa_loss", "crepa_lambda", *(stats if mode == "crepa" else ["similarity_self"])}
+    block = transformer_blocks(transformer)[1]
+    assert len(block._forward_hooks) == 1
+    crepa.remove()
+    assert len(block._forward_hooks) == 0
 
 
 @pytest.mark.parametrize(
@@ -145,6 +173,6 @@ def test_loss_and_stats_never_read_device_values():
     projected = torch.randn(2, 5, 3, 8, device="meta", requires_grad=True)
     features = torch.randn(2, 5, 3, 8, device="meta")
     for distance, cumulative in ((0, False), (1, False), (2, True)):
-        loss, stats = crepa_loss_and_stats(projected, features, distance=distance, cumulative=cumulative)
+        loss, stats = crepa_loss(projected, features, distance=distance, cumulative=cumulative)
         loss.backward()
         assert loss.shape == () and all(value.shape == () for value in stats.values())

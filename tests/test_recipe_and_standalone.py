@@ -10,6 +10,7 @@ import torch
 from helpers import (
     COGVIDEOX_SCRIPT,
     HUNYUAN_SCRIPT,
+    ROOT,
     assert_lora_changes_output,
     import_script,
     launch,
@@ -18,21 +19,35 @@ from helpers import (
 )
 
 
-def test_minimal_loop_with_the_public_api_matches_the_script(tiny_models, dataset, tmp_path):
-    """README's recipe, written out here on a tiny CogVideoX with only `crepa_diffusers`' public API (plus diffusers,
-    peft and the script's data pipeline for the batch): step 1 gives the same total, diffusion and CREPA losses as
-    the script on the same batch and seed."""
+def readme_recipe() -> str:
+    """The code block of README's "Add CREPA to your own diffusers training script", as written there."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Add CREPA to your own diffusers training script") :]
+    return section[section.index("```python\n") + len("```python\n") : section.index("```\n", 10)]
+
+
+def test_readme_recipe_runs_in_a_plain_diffusers_loop_and_matches_the_script(
+    tiny_models, dataset, tmp_path, monkeypatch
+):
+    """README's recipe, executed as written inside a plain diffusers-style CogVideoX loop (tiny models; only
+    `crepa_diffusers`' public API, diffusers, peft and accelerate; the script's data pipeline for the batch): step 1
+    gives the script's total, diffusion and CREPA losses on the same batch and seed, and follows the lambda schedule."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXTransformer3DModel
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
     from transformers import AutoTokenizer, T5EncoderModel
 
-    from crepa_diffusers import TransformerWithProjector, add_crepa_args, build_crepa, token_frame_groups
     from crepa_diffusers.training_utils import EpochShuffleSampler, step_generator
 
+    recipe = readme_recipe()
+    assert len([line for line in recipe.splitlines() if line.strip()]) <= 25
     model_dir, out = tiny_models["cogvideox-2b"], tmp_path / "out"
-    argv = tiny_train_args(model_dir, dataset, out, steps=1)
+    # A linear lambda decay over 4 steps: step 1 (index 0) still trains at the peak, as the recipe must compute it.
+    crepa_flags = ["--crepa_scheduler", "linear", "--crepa_warmup_steps", "0"]
+    argv = tiny_train_args(model_dir, dataset, out, steps=1, extra=crepa_flags)
     launch(COGVIDEOX_SCRIPT, argv, tmp_path)
     logged = json.loads((out / "training_log.json").read_text())[0]
 
@@ -41,9 +56,9 @@ def test_minimal_loop_with_the_public_api_matches_the_script(tiny_models, datase
     script_args = script.parse_args(argv)
     items = script.load_video_items(script_args)
     example = script.VideoDataset(items, script_args)[next(iter(EpochShuffleSampler(len(items), seed=0)))]
-    frames, prompts = example["frames"][None], [example["prompt"]]
+    train_dataloader = torch.utils.data.DataLoader([{"frames": example["frames"], "prompts": example["prompt"]}])
 
-    # ---- The recipe: models, LoRA, the CREPA term, one trained module.
+    # ---- A plain diffusers loop's own parts: models, LoRA, VAE/T5 encoding, noise, v-prediction loss.
     set_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
     text_encoder = T5EncoderModel.from_pretrained(model_dir, subfolder="text_encoder")
@@ -56,58 +71,66 @@ def test_minimal_loop_with_the_public_api_matches_the_script(tiny_models, datase
         LoraConfig(r=4, lora_alpha=8, init_lora_weights=True, target_modules=["to_k", "to_q", "to_v", "to_out.0"])
     )
     cast_training_params(transformer, dtype=torch.float32)
-    parser = argparse.ArgumentParser()
-    add_crepa_args(parser, default_lambda=0.5)
-    crepa_args = parser.parse_args(
-        [
-            "--crepa_encoder",
-            str(model_dir.parent / "dinov2"),
-            "--crepa_block_index",
-            "1",
-            "--crepa_projector_dim",
-            "16",
-        ]
-    )
-    crepa = build_crepa(crepa_args, transformer, torch.device("cpu"))
-    model = TransformerWithProjector(transformer, crepa)
-    trained = [p for p in model.parameters() if p.requires_grad]
-    assert {id(p) for p in crepa.projector.parameters()} <= {id(p) for p in trained}
-
-    # ---- One step of diffusers' CogVideoX loss, plus lambda * L_align.
     generator = step_generator(0, 0, 0, "cpu")
-    with torch.no_grad():
-        latents = vae.encode(frames.permute(0, 2, 1, 3, 4)).latent_dist.sample(generator=generator)
-        latents = (latents * vae.config.scaling_factor).permute(0, 2, 1, 3, 4)
-        ids = tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=transformer.config.max_text_seq_length,
-            truncation=True,
-            add_special_tokens=True,
-            return_tensors="pt",
-        ).input_ids
-        prompt_embeds = text_encoder(ids)[0]
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator)
-    noise = torch.randn(latents.shape, generator=generator)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    crepa.prepare(
-        crepa.encode(frames, (32 // 16, 48 // 16), token_frame_groups(frames.shape[1]))
-    )  # before the forward
-    output, projected = model(
-        hidden_states=noisy, encoder_hidden_states=prompt_embeds, timestep=timesteps, return_dict=False
-    )
-    prediction = scheduler.get_velocity(output[0], noisy, timesteps)
-    weights = 1 / (1 - scheduler.alphas_cumprod[timesteps])
-    diffusion_loss = (weights * (prediction - latents) ** 2).mean()
-    align_loss, stats = crepa.loss(projected)
-    loss = diffusion_loss + crepa.lambda_ * align_loss
-    loss.backward()
 
-    assert logged["diffusion_loss"] == pytest.approx(diffusion_loss.item(), rel=1e-5)
-    assert logged["crepa_loss"] == pytest.approx(align_loss.item(), rel=1e-5, abs=1e-7)
-    assert logged["similarity_self"] == pytest.approx(stats["similarity_self"].item(), rel=1e-5, abs=1e-7)
-    assert logged["loss"] == pytest.approx(loss.item(), rel=1e-5)
-    assert align_loss.item() != 0 and all(p.grad is not None for p in crepa.projector.parameters())
+    def encode(frames, prompts):
+        with torch.no_grad():
+            latents = vae.encode(frames.permute(0, 2, 1, 3, 4)).latent_dist.sample(generator=generator)
+            ids = tokenizer(
+                prompts,
+                padding="max_length",
+                max_length=transformer.config.max_text_seq_length,
+                truncation=True,
+                add_special_tokens=True,
+                return_tensors="pt",
+            ).input_ids
+            return (latents * vae.config.scaling_factor).permute(0, 2, 1, 3, 4), text_encoder(ids)[0]
+
+    def add_noise(latents):
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator)
+        noise = torch.randn(latents.shape, generator=generator)
+        return scheduler.add_noise(latents, noise, timesteps), timesteps
+
+    def diffusion_loss(model_output, noisy, latents, timesteps):
+        prediction = scheduler.get_velocity(model_output, noisy, timesteps)
+        weights = 1 / (1 - scheduler.alphas_cumprod[timesteps])
+        loss = (weights * (prediction - latents) ** 2).mean()
+        seen["diffusion_loss"] = loss.item()
+        return loss
+
+    seen = {}
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--max_train_steps", type=int, default=4)
+    crepa_argv = argv[argv.index("--crepa_encoder") : argv.index("--height")] + crepa_flags
+    monkeypatch.setattr("sys.argv", ["train.py", *crepa_argv])  # what the recipe's parse_args() reads
+    lora_params = [p for p in transformer.parameters() if p.requires_grad]
+    namespace = {
+        "torch": torch,
+        "parser": parser,
+        "transformer": transformer,
+        "accelerator": Accelerator(cpu=True),
+        "params_to_optimize": [{"params": lora_params, "lr": 1e-4}],
+        "train_dataloader": train_dataloader,
+        "encode": encode,
+        "add_noise": add_noise,
+        "diffusion_loss": diffusion_loss,
+    }
+    try:
+        exec(compile(recipe, "README.md (recipe)", "exec"), namespace)
+    finally:
+        AcceleratorState._reset_state(True)
+
+    crepa, crepa_logs = namespace["crepa"], namespace["crepa_logs"]
+    assert namespace["args"].crepa_scheduler == "linear" and crepa.lambda_at(2, 4) == pytest.approx(0.25)
+    assert logged["diffusion_loss"] == pytest.approx(seen["diffusion_loss"], rel=1e-5)
+    assert logged["crepa_loss"] == pytest.approx(crepa_logs["crepa_loss"].item(), rel=1e-5, abs=1e-7)
+    assert logged["crepa_lambda"] == crepa_logs["crepa_lambda"] == 0.5
+    assert logged["similarity_self"] == pytest.approx(crepa_logs["similarity_self"].item(), rel=1e-5, abs=1e-7)
+    assert logged["loss"] == pytest.approx(namespace["loss"].item(), rel=1e-5)
+    assert crepa_logs["crepa_loss"].item() != 0
+    assert all(p.grad is None for p in crepa.projector.parameters())  # zero_grad ran after the step
+    assert any(p.abs().sum() > 0 for name, p in transformer.named_parameters() if "lora_B" in name)  # it stepped
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ import pytest
 import torch
 from helpers import (
     COGVIDEOX_SCRIPT,
+    CPU_RANKS,
     HUNYUAN_SCRIPT,
     accelerate_config,
     import_script,
@@ -379,6 +380,40 @@ def test_nonfinite_losses_are_skipped_then_stop(cog, tiny_models, dataset, tmp_p
     assert any(not torch.equal(first[k], load_file(str(good / "pytorch_lora_weights.safetensors"))[k]) for k in first)
 
 
+@pytest.mark.parametrize("deepspeed", [False, True])
+def test_nonfinite_decision_over_micro_batches(deepspeed):
+    """The loop's calls, as in the scripts: `add` every micro-batch, `step_is_finite` at the step's last one (and,
+    under DeepSpeed, before every backward). A NaN in any micro-batch skips its whole step; the next step starts
+    clean; the decision is taken once per call site with one reduce each, and a second call reuses it."""
+    from types import SimpleNamespace
+
+    reduces = []
+    accelerator = SimpleNamespace(
+        num_processes=1,
+        distributed_type="DEEPSPEED" if deepspeed else "NO",
+        gradient_accumulation_steps=1 if deepspeed else 2,
+        mixed_precision="no",
+        sync_gradients=False,
+        reduce=lambda tensor, reduction: reduces.append(tensor.item()) or tensor,
+    )
+    nonfinite = training_utils.NonFiniteSteps(max_in_a_row=2)
+    nan, one = torch.tensor(float("nan")), torch.tensor(1.0)
+    steps = [[one, nan], [one, one], [nan, one], [nan, nan]] if not deepspeed else [[nan], [one], [nan], [nan]]
+    decisions = []
+    with pytest.raises(training_utils.NonFiniteLossError):
+        for micro_batches in steps:
+            for index, loss in enumerate(micro_batches):
+                accelerator.sync_gradients = index == len(micro_batches) - 1
+                nonfinite.add(loss)
+                if deepspeed:
+                    nonfinite.step_is_finite(accelerator)  # before backward
+                if accelerator.sync_gradients:
+                    decisions.append(nonfinite.step_is_finite(accelerator))
+                    assert nonfinite.step_is_finite(accelerator) == decisions[-1]  # reused, no new reduce
+    assert decisions == [False, True, False]  # the third skip in a row (limit 2) raised
+    assert reduces == [0.0, 1.0, 0.0, 0.0]  # one reduce per optimizer step
+
+
 def test_nonfinite_message_names_the_fp16_fix():
     assert "--mixed_precision bf16" in training_utils.nonfinite_message(3, "fp16")
     assert "You train in fp16" in training_utils.nonfinite_message(3, "fp16")
@@ -420,6 +455,7 @@ def test_two_process_run(tiny_models, dataset, tmp_path, script_path, model, blo
             "--standalone",
             "--nproc_per_node",
             "2",
+            str(CPU_RANKS),
             str(script_path),
             *argv,
         ],

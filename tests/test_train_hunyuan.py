@@ -158,11 +158,17 @@ def test_resume_matches_uninterrupted_run_and_limits_checkpoints(hunyuan, tiny_m
     assert_same_trained_weights(straight, resumed, "checkpoint-4")
 
 
-def test_lora_layers_regex_targets_blocks_only():
-    script = import_script(HUNYUAN_SCRIPT)
+def test_lora_layers_regex_targets_blocks_only(tiny_models):
     import re
 
-    pattern = re.compile(script.lora_target_regex("to_q,to_out.0,add_q_proj"))
+    from accelerate import init_empty_weights
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    script = import_script(HUNYUAN_SCRIPT)
+    config = HunyuanVideoTransformer3DModel.load_config(tiny_models["hunyuan"], subfolder="transformer")
+    with init_empty_weights():
+        transformer = HunyuanVideoTransformer3DModel.from_config(config)
+    pattern = re.compile(script.lora_target_regex("to_q,to_out.0,add_q_proj", transformer))
     assert pattern.fullmatch("transformer_blocks.3.attn.to_q")
     assert pattern.fullmatch("single_transformer_blocks.39.attn.to_q")
     assert pattern.fullmatch("transformer_blocks.0.attn.add_q_proj")

@@ -1,13 +1,22 @@
-"""CREPA (Cross-frame Representation Alignment, arXiv 2506.09229) for diffusers video LoRA training."""
+"""CREPA (Cross-frame Representation Alignment, arXiv 2506.09229) for diffusers video LoRA training.
 
+The CREPA term (`CrepaConfig`, `build_crepa` -> `CrepaTerm`, `TransformerWithProjector`, `crepa_loss`), and the
+small mechanisms the example scripts' loops call explicitly (`checkpoints`, `training_utils`, `ConditionCache`,
+`write_model_card`, `comfyui`, `memory`): everything the scripts import is listed in `__all__`.
+"""
+
+from . import checkpoints, comfyui, memory, training_utils
+from .cache import ConditionCache
 from .capture import HiddenStateCapture, transformer_blocks
-from .crepa import CrepaConfig, CrepaProjector, add_crepa_args, crepa_loss, crepa_loss_and_stats
+from .crepa import CrepaConfig, CrepaProjector, add_crepa_args, crepa_loss
 from .features import DinoPatchFeatures, token_frame_groups
-from .term import CrepaTerm, TransformerWithProjector, build_crepa, check_crepa_args
+from .model_card import write_model_card
+from .term import CrepaTerm, TransformerWithProjector, build_crepa
 
 
 __version__ = "0.1.0"
 __all__ = [
+    "ConditionCache",
     "CrepaConfig",
     "CrepaProjector",
     "CrepaTerm",
@@ -16,9 +25,12 @@ __all__ = [
     "TransformerWithProjector",
     "add_crepa_args",
     "build_crepa",
-    "check_crepa_args",
+    "checkpoints",
+    "comfyui",
     "crepa_loss",
-    "crepa_loss_and_stats",
+    "memory",
     "token_frame_groups",
+    "training_utils",
     "transformer_blocks",
+    "write_model_card",
 ]

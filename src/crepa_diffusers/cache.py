@@ -3,7 +3,6 @@ its DINOv2 features), computed once in a pass before training, then read back by
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -92,30 +91,3 @@ class ConditionCache:
             raise SystemExit(
                 f"{sizes}. Point --condition_cache_dir at a larger disk, or train without --cache_conditions."
             )
-
-
-def make_condition_cache(args: argparse.Namespace) -> ConditionCache | None:
-    """The --cache_conditions cache, keyed by every flag the stored tensors depend on."""
-    if not args.cache_conditions:
-        return None
-    salt = {
-        name: getattr(args, name)
-        for name in (
-            "pretrained_model_name_or_path",
-            "revision",
-            "variant",
-            "height",
-            "width",
-            "max_num_frames",
-            "skip_frames_start",
-            "skip_frames_end",
-            "video_reshape_mode",
-            "crepa_mode",
-            "crepa_encoder",
-            "crepa_frame_pooling",
-            "max_sequence_length",
-            "mixed_precision",
-        )
-        if hasattr(args, name)
-    }
-    return ConditionCache(args.condition_cache_dir or Path(args.output_dir) / "condition_cache", salt)

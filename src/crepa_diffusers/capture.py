@@ -65,8 +65,13 @@ class HiddenStateCapture:
         captured, self._captured, self._token_frames = self._captured, None, None
         return captured
 
+    def remove(self) -> None:
+        """Takes the hook off the block (it stays there until then)."""
+        self._handle.remove()
+        self._token_frames = self._captured = None
+
     def __enter__(self) -> "HiddenStateCapture":
         return self
 
     def __exit__(self, *exc) -> None:
-        self._handle.remove()  # the hook stays on the block until then
+        self.remove()

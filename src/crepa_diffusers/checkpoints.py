@@ -30,28 +30,69 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+def diffusers_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """checkpoint-N folders of diffusers' example (accelerate `save_state` with its LoRA hook: the LoRA file without
+    the adapter metadata and projector this project's checkpoints hold, and no completion marker), oldest first.
+    This project never changes them; a cut save of ours (its LoRA has the metadata) is not one of them."""
+    from safetensors import safe_open
+
+    def from_diffusers(path: Path) -> bool:
+        lora = path / "pytorch_lora_weights.safetensors"
+        if (path / CHECKPOINT_COMPLETE).exists() or (path / PROJECTOR_FILE).exists() or not lora.is_file():
+            return False
+        try:
+            with safe_open(str(lora), "pt") as handle:
+                ours = "lora_adapter_metadata" in (handle.metadata() or {})
+        except Exception:  # unreadable: not a checkpoint to resume from either way
+            return False
+        return not ours  # optimizer.bin / scheduler.bin too, unless DeepSpeed saved them its own way
+
+    root = Path(output_dir)
+    found = [
+        (int(match.group(1)), path)
+        for path in (root.iterdir() if root.is_dir() else [])
+        if (match := CHECKPOINT_PATTERN.match(path.name)) and from_diffusers(path)
+    ]
+    return [path for _, path in sorted(found)]
+
+
+def _step(path: Path) -> int:
+    return int(CHECKPOINT_PATTERN.match(path.name).group(1))
+
+
 def resolve_resume_checkpoint(
     resume_from_checkpoint: str | None, output_dir: str, rank: int | None = None, with_projector: bool | None = None
 ) -> Path | None:
-    """The checkpoint to resume from ("latest": the newest complete one), refused before any weights load when it is
-    missing, incomplete, unreadable, of another LoRA `rank`, or saved with(out) a CREPA projector unlike this run."""
+    """The checkpoint to resume from ("latest": the newest complete one, ours or diffusers' example's), refused before
+    any weights load when it is missing, incomplete, unreadable, of another LoRA `rank`, or saved with(out) a CREPA
+    projector unlike this run; and refused when a diffusers-example checkpoint newer than the start would be in the
+    way of this run's own checkpoints (it is never overwritten)."""
     from safetensors import safe_open
 
-    if resume_from_checkpoint is None:
-        return None
-    found = list_checkpoints(output_dir)
-    if resume_from_checkpoint == "latest" and not found:
+    found, foreign = list_checkpoints(output_dir), diffusers_checkpoints(output_dir)
+    path = None
+    if resume_from_checkpoint == "latest" and not found + foreign:
         logger.warning(
             "--resume_from_checkpoint latest: no complete checkpoint in %s, starting a new run.", output_dir
         )
-        return None
-    path = found[-1] if resume_from_checkpoint == "latest" else Path(resume_from_checkpoint)
-    path = path if path.is_absolute() or path.exists() else Path(output_dir) / path
+    elif resume_from_checkpoint is not None:
+        path = max(found + foreign, key=_step) if resume_from_checkpoint == "latest" else Path(resume_from_checkpoint)
+        path = path if path.is_absolute() or path.exists() else Path(output_dir) / path
     flag, fix = (
         f"--resume_from_checkpoint {resume_from_checkpoint}",
-        f"use one of {[p.name for p in found]} or a new run",
+        f"use one of {[p.name for p in found + foreign]} or a new run",
     )
-    if not (path / CHECKPOINT_COMPLETE).is_file():
+    later = [p.name for p in foreign if _step(p) > (_step(path) if path else 0)]
+    if later:
+        raise SystemExit(
+            f"{output_dir} holds {later}, checkpoints another program (diffusers' example?) wrote after the step this "
+            f"run starts from: this run would write its own checkpoints where they are, and never changes them. "
+            f"Resume from the newest (--resume_from_checkpoint latest) or use another --output_dir."
+        )
+    if path is None:
+        return None
+    is_foreign = path.resolve() in {p.resolve() for p in diffusers_checkpoints(path.parent)}
+    if not is_foreign and not (path / CHECKPOINT_COMPLETE).is_file():
         raise SystemExit(
             f"{flag}: no such folder, or incomplete (no {path / CHECKPOINT_COMPLETE}: its save was cut); {fix}."
         )
@@ -69,7 +110,7 @@ def resolve_resume_checkpoint(
         raise SystemExit(
             f"{flag}: {path} holds a LoRA of rank {sorted(ranks)}, not --rank {rank}: pass that, or {fix}."
         )
-    if with_projector is not None and has_projector != with_projector:
+    if not is_foreign and with_projector is not None and has_projector != with_projector:
         raise SystemExit(
             f"{flag}: {path} was saved {'with' if has_projector else 'without'} a CREPA projector, unlike "
             f"this run: match --crepa_mode, or {fix}."
@@ -78,8 +119,52 @@ def resolve_resume_checkpoint(
 
 
 def checkpoint_state(path: Path) -> dict:
-    """What the completion marker holds: the global step, and the run state the loop stored (seed, history)."""
+    """What the completion marker holds: the global step, and the run state the loop stored (seed, history). For a
+    diffusers-example checkpoint: the step of its folder name (as diffusers reads it) and `diffusers_checkpoint`."""
+    if not (path / CHECKPOINT_COMPLETE).is_file():
+        return {"global_step": _step(path), "diffusers_checkpoint": True}
     return json.loads((path / CHECKPOINT_COMPLETE).read_text())
+
+
+def load_diffusers_checkpoint(path: Path, transformer: nn.Module, lr_scheduler, num_processes: int) -> None:
+    """Resume from diffusers' example's checkpoint-N, before `accelerator.prepare`: its LoRA into `transformer`
+    (peft, adapter "default") and the learning-rate schedule's position from scheduler.bin (else from the step).
+    The rest of what accelerate saved there (optimizer moments, RNG states) belongs to another program's objects:
+    the optimizer and the CREPA projector start fresh, said in the log."""
+    import torch
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    lora = load_file(str(path / "pytorch_lora_weights.safetensors"))
+    state = convert_unet_state_dict_to_peft({k[len("transformer.") :]: v for k, v in lora.items()})
+    result = set_peft_model_state_dict(transformer, state, adapter_name="default")
+    missing = [key for key in getattr(result, "missing_keys", []) if "lora_" in key]
+    if getattr(result, "unexpected_keys", None) or missing:
+        raise SystemExit(
+            f"{path}: its LoRA does not fit this run's targets (e.g. {(result.unexpected_keys or missing)[:3]}): "
+            "pass the --lora_layers it was trained with (diffusers' example: to_k,to_q,to_v,to_out.0)."
+        )
+    position = _step(path) * num_processes  # diffusers' loop steps accelerate's scheduler once per process per step
+    try:
+        position = torch.load(path / "scheduler.bin", weights_only=True)["last_epoch"]
+    except Exception as error:  # missing, or a scheduler accelerate did not save as a state dict
+        logger.warning("%s: scheduler.bin unreadable (%s); the schedule resumes from the step.", path, error)
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    scheduler.last_epoch, scheduler._step_count = position, position + 1
+    lrs = [base * factor(position) for factor, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+    logger.warning(
+        "Resuming from %s, written by diffusers' example: its LoRA, step %d and learning-rate schedule (lr %.3g) are "
+        "restored; the optimizer moments, RNG states and data position are not (another program's), the optimizer "
+        "and the CREPA projector start fresh and the data order is this script's from step %d.",
+        path,
+        _step(path),
+        lrs[0],
+        _step(path),
+    )
 
 
 def save_checkpoint(
@@ -100,6 +185,8 @@ def save_checkpoint(
     if accelerator.is_main_process:
         match_umask(staging)
         (staging / CHECKPOINT_COMPLETE).write_text(json.dumps({**(run_state or {}), "global_step": global_step}))
+        if final.exists() and not (final / CHECKPOINT_COMPLETE).is_file():  # never replace another program's
+            raise RuntimeError(f"{final} exists and this project did not write it: it is left untouched.")
         if final.exists():  # re-saving the same step (e.g. after a signal at a checkpoint step)
             shutil.rmtree(final)
         os.replace(staging, final)

@@ -9,7 +9,7 @@ features y_k of clean frame k (both [N, D_enc], N = tokens per frame):
     L_align    = - mean_b( sum_f score(f) / T )          (/T on by default; off gives the paper's plain sum)
 
 REPA* is d = 0 (self term only). The total loss is L_diffusion + lambda(step) * L_align, lambda(step) from
-`CrepaConfig.lambda_at` (constant by default, as in the paper).
+`CrepaConfig.lambda_at` (constant by default, as in the paper). The --crepa_* flags and their checks are here too.
 """
 
 from __future__ import annotations
@@ -46,20 +46,9 @@ def crepa_loss(
     tau: float = 1.0,
     cumulative: bool = False,
     normalize_by_frames: bool = True,
-) -> torch.Tensor:
-    """L_align of the module docstring (a scalar to minimise). `distance=0` gives REPA* (self term only)."""
-    return crepa_loss_and_stats(projected, features, distance, tau, cumulative, normalize_by_frames)[0]
-
-
-def crepa_loss_and_stats(
-    projected: torch.Tensor,
-    features: torch.Tensor,
-    distance: int = 1,
-    tau: float = 1.0,
-    cumulative: bool = False,
-    normalize_by_frames: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """L_align plus detached statistics to log (device tensors: reading them is the caller's only host sync).
+    """L_align of the module docstring (a scalar to minimise; `distance=0` gives REPA*), and detached statistics to
+    log (device tensors: reading them is the caller's only host sync).
 
     `similarity_self` is the mean of sim(f, f); `similarity_neighbour` the mean of sim(f, k) over the neighbour
     pairs (NaN when there are none: REPA*, or a clip with a single token frame).
@@ -119,8 +108,32 @@ class CrepaProjector(nn.Module):
             return self.mlp(hidden_states.to(self.mlp[0].weight.dtype))
 
 
+# --crepa_* flag -> CrepaConfig field: the one place that ties the flags to the values the helper takes.
+FLAG_FIELDS = {
+    "crepa_mode": "mode",
+    "crepa_lambda": "lambda_",
+    "crepa_block_index": "block_index",
+    "crepa_adjacent_distance": "distance",
+    "crepa_adjacent_tau": "tau",
+    "crepa_cumulative_neighbors": "cumulative",
+    "crepa_normalize_by_frames": "normalize_by_frames",
+    "crepa_encoder": "encoder",
+    "crepa_projector_dim": "projector_dim",
+    "crepa_encoder_frames_per_chunk": "encoder_frames_per_chunk",
+    "crepa_frame_pooling": "frame_pooling",
+    "crepa_scheduler": "scheduler",
+    "crepa_warmup_steps": "warmup_steps",
+    "crepa_decay_steps": "decay_steps",
+    "crepa_lambda_end": "lambda_end",
+    "crepa_power": "power",
+    "crepa_cutoff_step": "cutoff_step",
+}
+
+
 @dataclass(frozen=True)
 class CrepaConfig:
+    """Every CREPA setting as a value (a loop without the scripts' flags builds one directly)."""
+
     mode: str = "crepa"
     lambda_: float = 0.5
     block_index: int = 8
@@ -174,33 +187,29 @@ class CrepaConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "CrepaConfig":
-        return cls(
-            mode=args.crepa_mode,
-            lambda_=args.crepa_lambda,
-            block_index=args.crepa_block_index,
-            distance=args.crepa_adjacent_distance,
-            tau=args.crepa_adjacent_tau,
-            cumulative=args.crepa_cumulative_neighbors,
-            normalize_by_frames=args.crepa_normalize_by_frames,
-            encoder=args.crepa_encoder,
-            projector_dim=args.crepa_projector_dim,
-            encoder_frames_per_chunk=args.crepa_encoder_frames_per_chunk,
-            frame_pooling=args.crepa_frame_pooling,
-            scheduler=args.crepa_scheduler,
-            warmup_steps=args.crepa_warmup_steps,
-            decay_steps=args.crepa_decay_steps,
-            lambda_end=args.crepa_lambda_end,
-            power=args.crepa_power,
-            cutoff_step=args.crepa_cutoff_step,
-        )
+        """From the --crepa_* flags of `add_crepa_args`."""
+        return cls(**{field: getattr(args, flag) for flag, field in FLAG_FIELDS.items()})
 
-    def loss_and_stats(self, projected: torch.Tensor, features: torch.Tensor):
-        loss, stats = crepa_loss_and_stats(
-            projected, features, self.effective_distance, self.tau, self.cumulative, self.normalize_by_frames
-        )
-        if self.effective_distance == 0:  # REPA*: no neighbour pairs, so nothing to log for them
-            del stats["similarity_neighbour"]
-        return loss, stats
+    def card_settings(self) -> dict:
+        """Every setting by flag name, for the model card (REPA* shows distance 0: it has no neighbours)."""
+        settings = {flag: getattr(self, field) for flag, field in FLAG_FIELDS.items()}
+        return {**settings, "crepa_adjacent_distance": self.effective_distance}
+
+    def check(self, num_blocks: int, model_name: str, cache_dir: str | None = None) -> None:
+        """Before any weights load: the hooked block exists and the encoder is a DINOv2 (from its config alone)."""
+        from .features import load_encoder_config
+
+        if not self.enabled:
+            return
+        if not 0 <= self.block_index < num_blocks:
+            raise SystemExit(
+                f"--crepa_block_index {self.block_index} is out of range: this {model_name} has "
+                f"{num_blocks} blocks (valid indices 0..{num_blocks - 1})."
+            )
+        try:
+            load_encoder_config(self.encoder, cache_dir=cache_dir)
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
 
 
 def _checked(kind: type, test, requirement: str):

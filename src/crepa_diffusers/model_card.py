@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 
@@ -82,27 +81,3 @@ export_to_video(video, "output.mp4", fps=8)
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
     card.save(Path(output_dir) / "README.md")
     return Path(output_dir) / "README.md"
-
-
-def crepa_card_settings(args: argparse.Namespace) -> dict:
-    """Every --crepa_* setting of a run by flag name (`crepa_mode: none` for plain LoRA; REPA* shows distance 0)."""
-    settings = {key: value for key, value in vars(args).items() if key.startswith("crepa_")}
-    return {**settings, "crepa_adjacent_distance": 0 if args.crepa_mode == "repa" else args.crepa_adjacent_distance}
-
-
-def training_card_settings(args: argparse.Namespace, global_step: int, model_variant: str, **extra) -> dict:
-    return {
-        "model": model_variant,
-        "steps": global_step,
-        "rank": args.rank,
-        "lora_alpha": args.lora_alpha,
-        "learning_rate": args.learning_rate,
-        "train_batch_size": args.train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "resolution": f"{args.max_num_frames}x{args.height}x{args.width}",
-        "mixed_precision": args.mixed_precision,
-        "optimizer": args.optimizer,
-        "seed": args.seed,
-        "layerwise_upcasting": getattr(args, "layerwise_upcasting", False),
-        **extra,
-    }

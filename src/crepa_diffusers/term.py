@@ -1,13 +1,13 @@
 """The CREPA term of a training step, bundled: frozen DINOv2 + block hook + projector. In a diffusers loop (README,
-"Add CREPA to your own diffusers training script"): `crepa = build_crepa(args, transformer, device)`, train
+"Add CREPA to your own diffusers training script"): `crepa = build_crepa(config, transformer, device)`, train
 `TransformerWithProjector(transformer, crepa)` with the projector's parameters beside the LoRA's, call
-`crepa.prepare(crepa.encode(frames, ...))` before the forward (or prepare precomputed features; skip it where lambda
-is 0: the projector then does no work), and add `crepa_lambda * crepa.loss(projected)[0]` to the diffusion loss.
+`crepa.prepare(crepa.encode(frames, ...))` before the forward (or prepare precomputed features; skip it where
+`crepa.lambda_at(step, max_train_steps)` is 0: the projector then does no work), and add the term
+`crepa.loss(projected, step, max_train_steps)` gives (lambda(step) * L_align) to the diffusion loss.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
@@ -15,38 +15,23 @@ from torch import nn
 
 from .capture import HiddenStateCapture, transformer_blocks
 from .checkpoints import PROJECTOR_FILE
-from .crepa import CrepaConfig, CrepaProjector
-from .features import DinoPatchFeatures, load_encoder_config, select_frames
+from .crepa import CrepaConfig, CrepaProjector, crepa_loss
+from .features import DinoPatchFeatures, select_frames
 
 
-def check_crepa_args(args: argparse.Namespace, num_blocks: int, model_name: str) -> None:
-    """Before any weights load: the hooked block exists and --crepa_encoder is a DINOv2 (from its config alone)."""
-    config = CrepaConfig.from_args(args)
-    if not config.enabled:
-        return
-    if not 0 <= config.block_index < num_blocks:
-        raise SystemExit(
-            f"--crepa_block_index {config.block_index} is out of range: this {model_name} has "
-            f"{num_blocks} blocks (valid indices 0..{num_blocks - 1})."
-        )
-    try:
-        load_encoder_config(config.encoder, cache_dir=getattr(args, "cache_dir", None))
-    except ValueError as error:
-        raise SystemExit(str(error)) from None
-
-
-def build_crepa(args: argparse.Namespace, transformer: nn.Module, device: torch.device) -> "CrepaTerm | None":
-    """The CREPA term of a crepa/repa run (None for --crepa_mode none or --crepa_lambda 0). The encoder is frozen, in
-    bf16 on GPUs (fp32 on CPU), and runs under bf16 autocast there; the projector maps the transformer's width
-    (heads x head dim) to the encoder's and keeps fp32 parameters."""
-    config = CrepaConfig.from_args(args)
+def build_crepa(
+    config: CrepaConfig, transformer: nn.Module, device: torch.device, cache_dir: str | None = None
+) -> "CrepaTerm | None":
+    """The CREPA term of a crepa/repa run (None for mode none or lambda 0). The encoder is frozen, in bf16 on GPUs
+    (fp32 on CPU), and runs under bf16 autocast there; the projector maps the transformer's width (heads x head
+    dim) to the encoder's and keeps fp32 parameters."""
     if not config.enabled:
         return None
     on_cuda = device.type == "cuda"
     encoder = DinoPatchFeatures.from_pretrained(
         config.encoder,
         dtype=torch.bfloat16 if on_cuda else torch.float32,
-        cache_dir=getattr(args, "cache_dir", None),
+        cache_dir=cache_dir,
         frames_per_chunk=config.encoder_frames_per_chunk,
         autocast_dtype=torch.bfloat16 if on_cuda else None,
     )
@@ -57,20 +42,19 @@ def build_crepa(args: argparse.Namespace, transformer: nn.Module, device: torch.
 
 class CrepaTerm:
     """Encoder features of the clean frames (computed before the transformer forward), the block capture, and the
-    projector (run inside `TransformerWithProjector.forward`); `loss` gives L_align and its statistics."""
+    projector (run inside `TransformerWithProjector.forward`); `loss` gives lambda(step) * L_align and its statistics."""
 
     def __init__(
         self, config: CrepaConfig, transformer: nn.Module, projector: CrepaProjector, encoder: DinoPatchFeatures
     ) -> None:
         self.config, self.projector, self.encoder = config, projector, encoder
-        self.lambda_ = config.lambda_  # --crepa_lambda (the schedule's peak: see CrepaConfig.lambda_at)
         self.capture = HiddenStateCapture(transformer, config.block_index)
         self._features: torch.Tensor | None = None
+        self.cache_dtype = encoder.autocast_dtype or torch.float32  # stored features: bf16 where DINOv2 runs in bf16
 
-    @property
-    def cache_dtype(self) -> torch.dtype:
-        """How --cache_conditions stores features: bf16 where the encoder runs in bf16 (half the disk and the read)."""
-        return self.encoder.autocast_dtype or torch.float32
+    def lambda_at(self, step: int, max_train_steps: int) -> float:
+        """lambda for the optimizer step after `step` completed ones (the --crepa_scheduler schedule; 0: skip CREPA)."""
+        return self.config.lambda_at(step, max_train_steps)
 
     def encode(self, frames: torch.Tensor, token_grid: tuple[int, int], groups: list[list[int]]) -> torch.Tensor:
         """frames [B, F, 3, H, W] in [-1, 1] (the VAE's input) -> encoder features [B, T, N, D_enc] on the DiT's token
@@ -82,12 +66,29 @@ class CrepaTerm:
         self._features = features.float()
         self.capture.arm(features.shape[1])
 
-    def loss(self, projected: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """L_align of the projected block tokens against this step's features, and detached statistics to log."""
+    def loss(
+        self, projected: torch.Tensor, step: int, max_train_steps: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """The CREPA term of the loss, lambda(step) * L_align (the schedule applied), for the projected block tokens
+        against this step's features, and detached values to log."""
         if self._features is None:
             raise RuntimeError("CrepaTerm.loss() before prepare(): call prepare(features) before the forward.")
         features, self._features = self._features, None
-        return self.config.loss_and_stats(projected, features)
+        config, lambda_ = self.config, self.lambda_at(step, max_train_steps)
+        align_loss, stats = crepa_loss(
+            projected, features, config.effective_distance, config.tau, config.cumulative, config.normalize_by_frames
+        )
+        if config.effective_distance == 0:  # REPA*: no neighbour pairs, so nothing to log for them
+            del stats["similarity_neighbour"]
+        return lambda_ * align_loss, {"crepa_loss": align_loss.detach(), "crepa_lambda": lambda_, **stats}
+
+    def free_encoder(self) -> None:
+        """After the --cache_conditions pass: DINOv2 leaves the device (its features are stored)."""
+        self.encoder = None
+
+    def remove(self) -> None:
+        """Takes the block hook off the transformer."""
+        self.capture.remove()
 
     def save_projector(self, directory: str | os.PathLike) -> None:
         from safetensors.torch import save_file

@@ -29,6 +29,32 @@ def check_output_dir(output_dir: str) -> None:
         )
 
 
+def lora_target_regex(
+    lora_layers: str, transformer: torch.nn.Module, blocks: tuple[str, ...], top_level: tuple[str, ...] = ()
+) -> str:
+    """--lora_layers (comma-separated module names, each matching a module's whole name or dotted suffix, as in peft's
+    lists) -> a full-match regex for peft over `transformer`'s Linear/Conv modules inside `blocks` (`<block>.N.`) and
+    the top-level modules `top_level`. `transformer` may be a meta-device model (no weights). Every name must match:
+    else SystemExit naming the names that matched nothing and the module names there are."""
+    names = [name.strip() for name in lora_layers.split(",") if name.strip()]
+    layers = [
+        n for n, m in transformer.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))
+    ]
+    block = rf"(?:{'|'.join(map(re.escape, blocks))})\.\d+\."
+    scope = [n for n in layers if re.match(block, n) or n in top_level]
+    matched = {name: [n for n in scope if n == name or n.endswith("." + name)] for name in names}
+    unmatched = [name for name, found in matched.items() if not found]
+    if not names or unmatched:
+        existing = sorted({re.sub(f"^{block}", "", n) for n in scope})
+        raise SystemExit(
+            f"--lora_layers {lora_layers!r}: {unmatched or 'no name'} matched no module of the transformer's "
+            f"{', '.join(blocks)} blocks{' or ' + ', '.join(top_level) if top_level else ''}. Names there: {existing}"
+        )
+    top = [n for n in top_level if any(n in found for found in matched.values())]
+    alternatives = "|".join(map(re.escape, names))
+    return rf"^(?:{block}(?:.*\.)?(?:{alternatives}){''.join('|' + re.escape(n) for n in top)})$"
+
+
 def check_videos(items: list, min_frames: int, skip_invalid: bool = False) -> list:
     """Every listed video (items with a `.path`) is opened before training: all missing, undecodable or too-short
     files are reported at once (SystemExit), or dropped with a warning when `skip_invalid`."""
@@ -171,12 +197,31 @@ class NonFiniteSteps:
 
     def __init__(self, max_in_a_row: int) -> None:
         self.max_in_a_row, self.in_a_row = max_in_a_row, 0
+        self._finite: torch.Tensor | None = None  # this optimizer step's micro-batches so far, on the device
+        self._decision: bool | None = None
+        self._step_done = False
 
-    def all_finite(self, accelerator, step_finite: torch.Tensor) -> bool:
-        """Call once per optimizer step on every rank (one host sync, needed to decide the skip). Under DeepSpeed, whose
-        engine steps inside backward(), call it before backward on every micro-batch: with accumulation the engine
-        already holds the step's earlier micro-batches, so a NaN/inf loss there stops the run instead."""
-        finite_ranks = accelerator.reduce(step_finite.float(), reduction="sum")
+    def add(self, loss: torch.Tensor) -> None:
+        """Each micro-batch's loss, on every rank (no host sync)."""
+        finite = torch.isfinite(loss.detach())
+        if self._finite is None or self._step_done:
+            self._finite, self._step_done = finite, False
+        else:
+            self._finite = self._finite & finite
+        self._decision = None
+
+    def step_is_finite(self, accelerator) -> bool:
+        """Whether this optimizer step's losses were finite on every rank: call it on every rank at the step's last
+        micro-batch (one host sync; a second call reuses the answer). Under DeepSpeed, whose engine steps inside
+        backward(), call it before each backward too: with accumulation the engine already holds the step's earlier
+        micro-batches, so a NaN/inf loss there stops the run instead."""
+        if self._decision is None:
+            self._decision = self._all_ranks_finite(accelerator)
+        self._step_done = accelerator.sync_gradients
+        return self._decision
+
+    def _all_ranks_finite(self, accelerator) -> bool:
+        finite_ranks = accelerator.reduce(self._finite.float(), reduction="sum")
         if bool(finite_ranks == accelerator.num_processes):
             self.in_a_row = 0
             return True

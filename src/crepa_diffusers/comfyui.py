@@ -1,0 +1,208 @@
+"""HunyuanVideo LoRA in diffusers names -> a file ComfyUI's native loader reads whole, with the exact weight changes.
+
+ComfyUI (comfy/lora.py, `model_lora_keys_unet`, HunyuanVideo branch) keeps the original HunyuanVideo module names:
+q, k and v fused (`double_blocks.N.img_attn.qkv`, `txt_attn.qkv`), the single blocks' q, k, v and MLP input fused
+into `single_blocks.N.linear1`. It accepts `diffusion_model.<original name>.lora_A/lora_B.weight` (the names of
+diffusion-pipe / HunyuanVideo's own code, e.g. `img_attn_qkv`, `img_mod.linear`, `img_mlp.fc1`) and ignores
+safetensors metadata: the scale is `alpha / rank` from a `.alpha` tensor (comfy/weight_adapter/lora.py:
+`alpha / mat2.shape[0]`, weight change `up @ down`), 1 without one.
+
+A fused target stacks its parts' `lora_A` (the rank grows to the sum) and puts their `lora_B` on the block diagonal,
+so up @ down is exactly the parts' weight changes stacked; a part without a LoRA gets zero rows. The name map is the
+inverse of diffusers' own (loaders/lora_conversion_utils.py `_convert_hunyuan_video_lora_to_diffusers`, and
+scripts/convert_hunyuan_video_to_diffusers.py), including its shift/scale swap of the final modulation.
+
+    python -m crepa_diffusers.comfyui OUTPUT_DIR_OR_LORA_FILE [--output FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+
+
+COMFYUI_FILE = "pytorch_lora_weights_comfyui.safetensors"
+CARD_SECTION = f"""
+## Files
+
+- `pytorch_lora_weights.safetensors`: diffusers names, for `pipe.load_lora_weights` (above).
+- `{COMFYUI_FILE}`: the same LoRA for ComfyUI's native HunyuanVideo (original module names, q/k/v fused, an
+  `.alpha` per layer): put it in `ComfyUI/models/loras` and load it with **LoraLoaderModelOnly** at strength
+  **1.0** (the trained alpha / rank is inside the file).
+"""
+
+# Fused original targets: diffusers parts in the order of the fused weight's rows.
+_FUSED = {
+    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+}
+_DOUBLE_RENAMES = {
+    "attn.to_out.0": "img_attn_proj",
+    "attn.to_add_out": "txt_attn_proj",
+    "ff.net.0.proj": "img_mlp.fc1",
+    "ff.net.2": "img_mlp.fc2",
+    "ff_context.net.0.proj": "txt_mlp.fc1",
+    "ff_context.net.2": "txt_mlp.fc2",
+    "norm1.linear": "img_mod.linear",
+    "norm1_context.linear": "txt_mod.linear",
+}
+_SINGLE_RENAMES = {"proj_out": "linear2", "norm.linear": "modulation.linear"}
+_TOP_RENAMES = {"proj_out": "final_layer.linear", "norm_out.linear": "final_layer.adaLN_modulation.1"}
+_SWAP_HALVES = {"final_layer.adaLN_modulation.1"}  # diffusers keeps [scale, shift], the original [shift, scale]
+
+
+def comfyui_target(module: str) -> tuple[str, int | None] | None:
+    """A diffusers transformer module name -> (original name, index of the part in a fused target or None); None
+    when ComfyUI's HunyuanVideo has no counterpart."""
+    found = re.fullmatch(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)", module)
+    if found is None:
+        return (_TOP_RENAMES[module], None) if module in _TOP_RENAMES else None
+    kind, index, rest = found.groups()
+    prefix = f"{'double' if kind == 'transformer_blocks' else 'single'}_blocks.{index}."
+    fused = ("img_attn_qkv", "txt_attn_qkv") if kind == "transformer_blocks" else ("linear1",)
+    for target in fused:
+        if rest in _FUSED[target]:
+            return prefix + target, _FUSED[target].index(rest)
+    renames = _DOUBLE_RENAMES if kind == "transformer_blocks" else _SINGLE_RENAMES
+    return (prefix + renames[rest], None) if rest in renames else None
+
+
+def unsupported_modules(modules) -> list[str]:
+    """The LoRA-targeted diffusers module names that ComfyUI's HunyuanVideo cannot take."""
+    return [module for module in modules if comfyui_target(module) is None]
+
+
+def convert_to_comfyui(
+    state_dict: dict[str, torch.Tensor],
+    lora_alpha: float,
+    rank: int,
+    alpha_pattern: dict | None = None,
+    rank_pattern: dict | None = None,
+    mlp_ratio: float = 4.0,
+    use_rslora: bool = False,
+) -> dict[str, torch.Tensor]:
+    """diffusers/peft LoRA tensors (`[transformer.]<module>.lora_A.weight` / `lora_B.weight`) -> ComfyUI's
+    `diffusion_model.<original>.lora_A.weight` / `.lora_B.weight` / `.alpha` (float32). `lora_alpha` / `rank` (and
+    peft's per-module patterns) give each module's scale; `mlp_ratio` sizes the zero rows of a missing `proj_mlp`."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        found = re.fullmatch(r"(?:transformer\.)?(.+)\.(lora_A|lora_B)\.weight", key)
+        if found is None:
+            raise ValueError(f"{key}: not a LoRA tensor of the transformer (lora_A/lora_B weight)")
+        modules.setdefault(found.group(1), {})[found.group(2)] = tensor.float()
+    missing = [module for module, pair in modules.items() if len(pair) != 2]
+    if missing:
+        raise ValueError(f"lora_A or lora_B missing for {missing[:3]}")
+    unsupported = unsupported_modules(modules)
+    if unsupported:
+        raise ValueError(f"modules without a ComfyUI HunyuanVideo counterpart: {unsupported[:5]}")
+
+    def scale(module: str) -> float:  # peft: a pattern key matches a module name by its suffix
+        def lookup(pattern, default):
+            return next((v for k, v in (pattern or {}).items() if re.search(rf"(^|\.){k}$", module)), default)
+
+        r = lookup(rank_pattern, rank)
+        return lookup(alpha_pattern, lora_alpha) / (r**0.5 if use_rslora else r)  # peft's scaling
+
+    targets: dict[str, dict[int | None, str]] = {}
+    for module in modules:
+        target, part = comfyui_target(module)
+        targets.setdefault(target, {})[part] = module
+    out = {}
+    for target, parts in sorted(targets.items()):
+        names = _FUSED.get(target.rsplit(".", 1)[-1], (None,)) if None not in parts else (None,)
+        hidden = next(modules[m]["lora_A"].shape[1] for m in parts.values())  # every part reads the hidden states
+        base = scale(parts[None] if None in parts else min(parts))
+        downs, ups = [], []
+        for index, name in enumerate(names):
+            part = None if name is None else index
+            if part in parts:
+                downs.append(modules[parts[part]]["lora_A"])
+                ups.append(modules[parts[part]]["lora_B"] * (scale(parts[part]) / base))  # 1 unless patterns differ
+            else:  # no LoRA on this part: zero rows
+                ups.append(torch.zeros(round(hidden * mlp_ratio) if name == "proj_mlp" else hidden, 0))
+        down, up = torch.cat(downs), torch.block_diag(*ups)  # part i's lora_B meets only part i's lora_A rows
+        if target in _SWAP_HALVES:
+            up = torch.cat(up.chunk(2, dim=0)[::-1])
+        key = f"diffusion_model.{target}"
+        out[f"{key}.lora_A.weight"] = down.contiguous()
+        out[f"{key}.lora_B.weight"] = up.contiguous()
+        out[f"{key}.alpha"] = torch.tensor(base * down.shape[0], dtype=torch.float32)  # alpha / rank = scale
+    return out
+
+
+def read_diffusers_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, Path]:
+    """A diffusers LoRA file (or a folder holding pytorch_lora_weights.safetensors) -> (tensors, the transformer's
+    adapter metadata, the file)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    file = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
+    if not file.is_file():
+        raise SystemExit(f"{file}: no such file (give a diffusers LoRA .safetensors or the folder holding it).")
+    with safe_open(str(file), "pt") as handle:
+        metadata = handle.metadata() or {}
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    stored = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    adapter = {k[len("transformer.") :]: v for k, v in stored.items() if k.startswith("transformer.")}
+    return tensors, adapter, file
+
+
+def convert_file(
+    path: str | Path, output: str | Path | None = None, lora_alpha: float | None = None, mlp_ratio: float = 4.0
+) -> Path:
+    """Write the ComfyUI file of a diffusers HunyuanVideo LoRA (alpha and rank from its adapter metadata, or
+    `lora_alpha`); by default beside it as pytorch_lora_weights_comfyui.safetensors."""
+    from safetensors.torch import save_file
+
+    tensors, adapter, file = read_diffusers_lora(path)
+    problem = None
+    if not tensors or not all(key.startswith("transformer.") for key in tensors):
+        problem = "its tensors are not all `transformer.*` LoRA weights"
+    elif unsupported_modules({re.sub(r"\.lora_[AB]\.weight$", "", key[len("transformer.") :]) for key in tensors}):
+        problem = "its modules are not HunyuanVideo's (transformer_blocks.N / single_transformer_blocks.N)"
+    if problem:
+        raise SystemExit(f"{file}: not a HunyuanVideo LoRA in diffusers names ({problem}).")
+    if adapter.get("use_dora"):
+        raise SystemExit(f"{file}: a DoRA adapter; ComfyUI's lora_A/lora_B + alpha format cannot hold it.")
+    rank = adapter.get("r") or next(t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight"))
+    alpha = lora_alpha if lora_alpha is not None else adapter.get("lora_alpha")
+    if alpha is None:
+        raise SystemExit(
+            f"{file}: no adapter metadata (lora_alpha): pass --lora_alpha, the value the LoRA was trained with."
+        )
+    converted = convert_to_comfyui(
+        tensors,
+        alpha,
+        rank,
+        adapter.get("alpha_pattern"),
+        adapter.get("rank_pattern"),
+        mlp_ratio,
+        adapter.get("use_rslora"),
+    )
+    output = Path(output) if output else file.with_name(COMFYUI_FILE)
+    save_file(converted, str(output), metadata={"format": "pt"})
+    return output
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m crepa_diffusers.comfyui",
+        description="Write the ComfyUI file (native LoraLoaderModelOnly, strength 1.0) of a HunyuanVideo LoRA "
+        "saved in diffusers names.",
+    )
+    parser.add_argument("path", help="pytorch_lora_weights.safetensors, or the output folder holding it")
+    parser.add_argument("--output", default=None, help=f"default: {COMFYUI_FILE} beside the input")
+    parser.add_argument("--lora_alpha", type=float, default=None, help="only for a file without adapter metadata")
+    parser.add_argument("--mlp_ratio", type=float, default=4.0, help="HunyuanVideo's (4.0) unless yours differs")
+    args = parser.parse_args(argv)
+    print(convert_file(args.path, args.output, args.lora_alpha, args.mlp_ratio))
+
+
+if __name__ == "__main__":
+    main()
