@@ -1,17 +1,8 @@
-"""Memory options any training loop switches on around its transformer (explicit values, no argparse):
-
-- `ActivationOffload`: a saved-tensors context for the transformer's forward. Under gradient checkpointing what
-  autograd saves outside the checkpointed blocks is mostly the blocks' inputs (torch's non-reentrant checkpoint
-  saves them as ordinary saved tensors); they go to (pinned) host memory in forward and come back for backward,
-  each one prefetched while the block after it runs its backward. Copies run on a side CUDA stream.
-- `BlockSwap`: the frozen Linear weights of N transformer blocks wait in (pinned) host memory and visit the device
-  one block ahead of use, in forward and in backward (the recomputation of a checkpointed block is a forward).
-  LoRA parameters, norms and everything outside the swapped blocks stay on the device.
-- `selective_checkpointing`: gradient checkpointing that keeps the attention outputs and recomputes the rest.
-- `offload_models_in_turn`: each frozen encoder waits in host memory and visits the device for its own forward only.
-
-Without CUDA the same code runs with plain copies (no pinning, no streams): the results are the same, bit for bit.
-"""
+"""Memory options a training loop switches on around its transformer (explicit values): `ActivationOffload` (saved
+tensors to pinned host memory between forward and backward), `BlockSwap` (frozen block weights streamed from host
+memory one block ahead), `selective_checkpointing` (keep attention outputs, recompute the rest) and
+`offload_models_in_turn` (one frozen encoder on the device at a time). Copies run on a side CUDA stream; without CUDA
+the same code makes plain copies (no pinning, no streams) and gives the same results."""
 
 from __future__ import annotations
 
@@ -24,18 +15,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 
 # The fused attention kernels whose outputs selective checkpointing keeps (SDPA dispatches to one of them).
-ATTENTION_OPS = tuple(
-    getattr(torch.ops.aten, name).default
-    for name in (
-        "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_efficient_attention",
-        "_scaled_dot_product_cudnn_attention",
-        "_scaled_dot_product_flash_attention_for_cpu",
-        "_flash_attention_forward",
-        "_efficient_attention_forward",
-    )
-    if hasattr(torch.ops.aten, name)
-)
+_KERNELS = "flash_attention efficient_attention cudnn_attention flash_attention_for_cpu".split()
+ATTENTION_OPS = tuple(getattr(torch.ops.aten, f"_scaled_dot_product_{k}").default for k in _KERNELS)
 
 
 class _HostBytes:
@@ -55,8 +36,9 @@ class _HostBytes:
         self.current -= nbytes
 
 
-def _copy_stream(device: torch.device):
-    return torch.cuda.Stream(device) if device.type == "cuda" else None
+def _to_host(tensor: torch.Tensor, host_device: torch.device, pin: bool, held: _HostBytes) -> torch.Tensor:
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, device=host_device, pin_memory=pin)
+    return held.hold(host.copy_(tensor, non_blocking=pin))
 
 
 class _Packed:
@@ -70,14 +52,15 @@ class _Packed:
 
 class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
     """`with ActivationOffload(device): output = transformer(...)`: tensors of at least `min_bytes` that autograd saves
-    in this forward (outside checkpointed regions, whose own hooks take precedence) are moved to host memory and
-    brought back when backward needs them. Parameters stay where they are. Reusable: enter it for every forward."""
+    in this forward go to host memory and come back when backward needs them, each prefetched while the one unpacked
+    before it is used. Under gradient checkpointing that is the blocks' inputs (torch's non-reentrant checkpoint saves
+    them as ordinary saved tensors; inside a block its own hooks take precedence). Parameters stay. Reusable."""
 
     def __init__(self, device: torch.device | str, min_bytes: int = 1 << 20, host_device: str = "cpu") -> None:
         self.device, self.min_bytes = torch.device(device), min_bytes
         self.host_device = torch.device(host_device)
         self.pin = self.device.type == "cuda"
-        self.stream = _copy_stream(self.device)
+        self.stream = torch.cuda.Stream(self.device) if self.pin else None
         self.host_bytes = _HostBytes()
         # This forward's packs in order (weakly: autograd holds them until backward used them), unpacked in reverse.
         self._order: list[weakref.ref] = []
@@ -90,15 +73,11 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
         return super().__enter__()
 
     def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, device=self.host_device, pin_memory=self.pin)
-        return self.host_bytes.hold(host.copy_(tensor, non_blocking=self.pin))
+        return _to_host(tensor, self.host_device, self.pin, self.host_bytes)
 
     def _pack(self, tensor: torch.Tensor):
-        if (
-            isinstance(tensor, nn.Parameter)
-            or tensor.device.type != self.device.type
-            or tensor.untyped_storage().nbytes() < self.min_bytes
-        ):
+        small = tensor.untyped_storage().nbytes() < self.min_bytes
+        if small or isinstance(tensor, nn.Parameter) or tensor.device.type != self.device.type:
             return tensor
         seen = self._seen.get(tensor)
         if seen is not None and seen[0] == tensor._version:
@@ -156,16 +135,12 @@ def _swapped_tensors(block: nn.Module) -> list[nn.Parameter]:
 
 
 class BlockSwap:
-    """The frozen Linear weights of `num_blocks` of `blocks` (the last ones) wait in host memory, and each swapped
-    block is copied to `device` one block ahead of its use: in forward, and in backward, where gradient
-    checkpointing recomputes each block (a forward) just before its backward. Needs gradient checkpointing: without
-    it autograd keeps every block's weights for backward anyway. Only Linear weights move (as with diffusers' layerwise
-    casting, autograd saves views of them, never the parameter), so LoRA weights, norms and the rest of the model
-    never leave the device. Between uses a swapped weight holds an empty tensor: `model.to(device)` and accelerate's
-    `prepare` move nothing of it. Build it after any fp8 casting (the host keeps the stored dtype).
-    Not diffusers' `apply_group_offloading`: it moves every parameter of a group, the LoRA's too; with `use_stream` an
-    offload restores each parameter from the host copy taken when it was applied (undoing the LoRA's training), and
-    without it the LoRA would sit on the host at the optimizer step."""
+    """The frozen Linear weights of the last `num_blocks` blocks wait in host memory and reach `device` one block ahead
+    of use: in forward, and in backward, where checkpointing recomputes each block just before its backward (needed:
+    without it autograd keeps every block's weights). Only Linear weights move (autograd saves views of them, never
+    the parameter); LoRA, norms and the rest stay. Between uses a weight holds an empty tensor, so `model.to(device)`
+    moves nothing of it. Build it after fp8 casting. Not diffusers' group offloading: that moves the LoRA too, and
+    with `use_stream` restores it from the host copy taken when applied (undoing its training)."""
 
     def __init__(
         self, blocks: list[nn.Module], num_blocks: int, device: torch.device | str, host_device: str = "cpu"
@@ -174,12 +149,15 @@ class BlockSwap:
             raise ValueError(f"--blocks_to_swap {num_blocks}: choose 1..{len(blocks)} (the model has {len(blocks)}).")
         self.device, self.host_device = torch.device(device), torch.device(host_device)
         self.pin = self.device.type == "cuda"
-        self.stream = _copy_stream(self.device)
+        self.stream = torch.cuda.Stream(self.device) if self.pin else None
         self.blocks = list(blocks)
         self.swapped = list(range(len(blocks)))[-num_blocks:]
         self.params = {i: _swapped_tensors(blocks[i]) for i in self.swapped}
         self.host_bytes = _HostBytes()
-        self.host = {i: [self._to_host(param.data) for param in self.params[i]] for i in self.swapped}
+        self.host = {
+            i: [_to_host(p.data, self.host_device, self.pin, self.host_bytes) for p in self.params[i]]
+            for i in self.swapped
+        }
         for i in self.swapped:
             self._offload(i)
         self.resident: set[int] = set()  # swapped blocks whose weights are on the device now
@@ -193,10 +171,6 @@ class BlockSwap:
                 block.register_forward_hook(functools.partial(self._after, i)),
             )
         ]
-
-    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, device=self.host_device, pin_memory=self.pin)
-        return self.host_bytes.hold(host.copy_(tensor))
 
     def _offload(self, index: int) -> None:
         # What autograd saved for this block's backward (views of the weights) keeps the device copy until then.
@@ -216,10 +190,6 @@ class BlockSwap:
             ready = torch.cuda.Event()
             ready.record(self.stream)
         self._loading[index] = (copies, ready)
-
-    def _next_swapped(self, index: int, backward: bool) -> int | None:
-        later = [i for i in self.swapped if (i < index if backward else i > index)]
-        return (max(later) if backward else min(later)) if later else None
 
     def _before(self, index: int, module, args) -> None:
         backward = torch._C._current_graph_task_id() != -1  # a checkpointed block recomputed inside backward
@@ -244,9 +214,9 @@ class BlockSwap:
                 for param, copy in zip(self.params[index], copies):
                     param.data = copy
                 self.resident.add(index)
-        upcoming = self._next_swapped(index, backward)
-        if upcoming is not None:
-            self._start_load(upcoming)
+        upcoming = [i for i in self.swapped if (i < index if backward else i > index)]
+        if upcoming:
+            self._start_load(max(upcoming) if backward else min(upcoming))
 
     def _offload_all(self) -> None:
         for index in self.resident:
