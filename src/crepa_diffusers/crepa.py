@@ -198,7 +198,9 @@ class CrepaConfig:
         loss, stats = crepa_loss_and_stats(
             projected, features, self.effective_distance, self.tau, self.cumulative, self.normalize_by_frames
         )
-        if self.effective_distance == 0:  # REPA*: no neighbour pairs, so nothing to log for them
+        # No neighbour pairs, so nothing to log for them: REPA*, or too few token frames (a still has one).
+        distance = self.effective_distance
+        if distance == 0 or features.shape[1] <= (1 if self.cumulative else distance):
             del stats["similarity_neighbour"]
         return loss, stats
 
