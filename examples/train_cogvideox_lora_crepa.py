@@ -932,6 +932,9 @@ def main(args: argparse.Namespace) -> Path:
     if deepspeed and accelerator.state.deepspeed_plugin.deepspeed_config.get("gradient_clipping") in (None, "auto"):
         # The config's "auto" would become accelerate's fixed 1.0: --max_grad_norm decides, as without DeepSpeed.
         accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config if deepspeed else {}
+    if ds_config.get("train_micro_batch_size_per_gpu") == "auto":  # it reads the loader's batch_size, None: buckets
+        ds_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
     if accelerator.mixed_precision == "fp16" and is_large:
         logger.warning("fp16 gives NaN losses on CogVideoX-5B / 1.5 (trained in bf16): use --mixed_precision bf16.")
     args.mixed_precision = accelerator.mixed_precision  # what runs, for the trackers and the card

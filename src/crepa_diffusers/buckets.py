@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-import torch
+from .training_utils import EpochShuffleSampler
 
 
 Bucket = tuple[int, int, int]  # (frames, height, width); a still's bucket has 1 frame
@@ -73,58 +73,38 @@ def choose_bucket(num_frames: int, height: int, width: int, buckets: list[Bucket
     return min(fitting, key=distance)
 
 
-def log_bucket_counts(logger, buckets: list[Bucket | None]) -> None:
-    counts = Counter(buckets)
-    listing = ", ".join(f"{f}x{h}x{w}: {counts[(f, h, w)]}" for f, h, w in sorted(b for b in counts if b is not None))
-    logger.info("Buckets (frames x height x width: samples): %s; %d fit none", listing, counts[None])
-
-
-class BucketBatchSampler:
-    """Batches of sample indices, each from one bucket; the order depends only on (seed, epoch), the same on every
-    rank. `bucket_of[i]` is sample i's bucket (any hashable value).
-
-    Per epoch: a permutation of all samples (the same as `EpochShuffleSampler`'s), dealt into per-bucket batches of
-    `batch_size`, emitted as each fills; a bucket's last incomplete batch is kept (drop_last=False, as diffusers'
-    loaders do). With `num_replicas` W > 1, batches leave in groups of W from one bucket (a group short at the end is
-    completed with the bucket's first batches of the epoch): accelerate's `BatchSamplerShard` gives rank r the batches
-    r, r + W, ... of this list, so at every step all ranks hold a batch of the same bucket. No `batch_size` attribute:
-    the batches vary in size, and accelerate then deals them whole, without padding or dropping any. The length is the
-    same every epoch, so `skip_first_batches` on a resume skips exactly the batches an uninterrupted run trained on.
-
-    Named `use_epoch`, not `set_epoch`: accelerate calls `set_epoch(iteration_count)` on each new iterator, which would
-    restart the order at epoch 0 after a resume.
-    """
+class BucketBatchSampler(EpochShuffleSampler):
+    """Batches of sample indices, each from one bucket (`bucket_of[i]`: sample i's), in an order that depends only on
+    (seed, epoch), the same on every rank: `EpochShuffleSampler`'s permutation dealt into per-bucket batches, each
+    emitted when full (with one bucket: exactly the batches of before); a bucket's last incomplete batch is kept
+    (drop_last=False, as diffusers' loaders). With W = `num_replicas` > 1 a bucket's batches leave in groups of W (a
+    group short at the end is completed with the bucket's first batches): accelerate's `BatchSamplerShard` gives rank r
+    batches r, r + W, ..., so at each step every rank holds a batch of the same bucket. No `batch_size` attribute: the
+    batches vary in size, so accelerate deals them whole, padding or dropping none. The length is the same each epoch:
+    `skip_first_batches` on a resume skips exactly the batches an uninterrupted run trained on."""
 
     def __init__(self, bucket_of: list, batch_size: int, seed: int, num_replicas: int = 1) -> None:
-        self.bucket_of, self.size, self.seed, self.replicas, self.epoch = bucket_of, batch_size, seed, num_replicas, 0
-        self.counts = Counter(bucket_of)
-
-    def use_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        super().__init__(len(bucket_of), seed)
+        self.bucket_of, self.size, self.replicas, self.counts = bucket_of, batch_size, num_replicas, Counter(bucket_of)
 
     def __len__(self) -> int:
         return sum(math.ceil(math.ceil(n / self.size) / self.replicas) * self.replicas for n in self.counts.values())
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) % 2**63)
-        order = torch.randperm(len(self.bucket_of), generator=generator).tolist()
-        filling, ready, seen = {}, {}, {}  # per bucket: the batch being filled, full batches waiting, batches so far
-        for index in order:
+        filling, ready, done = {}, {}, {}  # per bucket: the batch being filled, full ones waiting, all full ones
+        for index in super().__iter__():
             bucket = self.bucket_of[index]
-            batch = filling.setdefault(bucket, [])
-            batch.append(index)
-            if len(batch) == self.size:
-                group = ready.setdefault(bucket, [])
-                group.append(filling.pop(bucket))
-                seen.setdefault(bucket, []).append(group[-1])
-                if len(group) == self.replicas:
+            filling.setdefault(bucket, []).append(index)
+            if len(filling[bucket]) == self.size:
+                batch = filling.pop(bucket)
+                ready.setdefault(bucket, []).append(batch)
+                done.setdefault(bucket, []).append(batch)
+                if len(ready[bucket]) == self.replicas:
                     yield from ready.pop(bucket)
-        for bucket in sorted(self.counts, key=str):  # the rest, bucket by bucket (in a fixed order)
+        for bucket in sorted(self.counts, key=str):  # what is left, bucket by bucket in a fixed order
             group = ready.pop(bucket, []) + ([filling.pop(bucket)] if bucket in filling else [])
-            first = seen.get(bucket, []) or group
-            for extra in range((-len(group)) % self.replicas):  # complete the group so every rank has a batch
-                group.append(first[extra % len(first)])
-            yield from group
+            first = done.get(bucket) or group
+            yield from group + [first[i % len(first)] for i in range((-len(group)) % self.replicas)]
 
 
 def buckets_from_flags(

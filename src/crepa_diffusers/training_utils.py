@@ -10,6 +10,7 @@ import re
 import signal
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -42,7 +43,7 @@ def check_videos(
     or too-short files are reported at once (SystemExit), or dropped with a warning when `skip_invalid`."""
     from dataclasses import replace
 
-    from .buckets import choose_bucket, log_bucket_counts
+    from .buckets import choose_bucket
     from .media import is_image, probe
 
     problems, kept, fit_none = [], [], 0
@@ -66,7 +67,9 @@ def check_videos(
             fit_none += 1
             continue
         kept.append(replace(item, bucket=bucket))
-    log_bucket_counts(logger, [item.bucket for item in kept] + [None] * fit_none)
+    counts = Counter(item.bucket for item in kept)
+    listing = ", ".join(f"{f}x{h}x{w}: {counts[(f, h, w)]}" for f, h, w in sorted(counts))
+    logger.info("Buckets (frames x height x width: samples): %s; %d fit none", listing, fit_none)
     if not problems:
         return kept
     listing = "\n  ".join(message for _, message in problems)
