@@ -446,3 +446,23 @@ def test_undecodable_still_and_samples_that_fit_no_bucket(cog, tiny_models, mixe
         )
     assert "; 1 fit none" in caplog.text and "Skipping 2 invalid videos" in caplog.text
     assert "Running training: 7 videos" in caplog.text
+
+
+def test_image_column_of_a_dataset(cog, tiny_models, mixed, tmp_path):
+    """--image_column: rows without a video take their image; a dataset of images alone needs no video column."""
+    model, out = tiny_models["cogvideox-2b"], tmp_path / "out"
+    mixed_rows = [
+        {"caption": "a clip", "file": "videos/bikes.mp4", "image": None},
+        {"caption": "a photo", "file": "", "image": "videos/still_landscape.jpg"},
+    ]
+    stills_rows = [{"caption": "a photo", "image": "videos/still_portrait.png"}]
+    for name, rows, expected in (
+        ("mixed.jsonl", mixed_rows, ["videos/bikes.mp4", "videos/still_landscape.jpg"]),
+        ("stills.jsonl", stills_rows, ["videos/still_portrait.png"]),
+    ):
+        (tmp_path / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+        data = ["--dataset_name", str(tmp_path / name), "--caption_column", "caption", "--video_column", "file"]
+        data += ["--image_column", "image", "--instance_data_root", str(mixed)]
+        items = cog.load_video_items(cog.parse_args(tiny_train_args(model, mixed, out, data=data)))
+        assert [item.path for item in items] == [mixed / path for path in expected]
+        assert [item.prompt for item in items] == [row["caption"] for row in rows]

@@ -99,14 +99,7 @@ def training_card_settings(args: argparse.Namespace, global_step: int, model_var
         "learning_rate": args.learning_rate,
         "train_batch_size": args.train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "resolution": " ".join(
-            getattr(args, "video_resolution_buckets", None) or [f"{args.max_num_frames}x{args.height}x{args.width}"]
-        ),
-        **(
-            {"image_resolution": " ".join(args.image_resolution_buckets)}
-            if getattr(args, "image_resolution_buckets", None)
-            else {}
-        ),
+        "resolution": f"{args.max_num_frames}x{args.height}x{args.width}",
         "mixed_precision": args.mixed_precision,
         "optimizer": args.optimizer,
         "seed": args.seed,
