@@ -466,3 +466,15 @@ def test_image_column_of_a_dataset(cog, tiny_models, mixed, tmp_path):
         items = cog.load_video_items(cog.parse_args(tiny_train_args(model, mixed, out, data=data)))
         assert [item.path for item in items] == [mixed / path for path in expected]
         assert [item.prompt for item in items] == [row["caption"] for row in rows]
+
+
+def test_cogvideox_1_5_buckets_of_every_length(tiny_models, mixed, tmp_path, monkeypatch):
+    """CogVideoX 1.5 (token-frame patch 2): 9 frames (3 latents, one padded in front), 5 frames (2 latents) and stills
+    (1 latent, padded) train in one run; its tiny model's position grid is 32x48, so every sample goes landscape."""
+    cog = import_script(COGVIDEOX_SCRIPT)
+    steps = record_steps(cog, monkeypatch)
+    flags = ["--train_batch_size", "2", "--video_resolution_buckets", "9x32x48", "5x32x48"]
+    run_main(cog, tiny_train_args(tiny_models["cogvideox-1.5"], mixed, tmp_path / "out", steps=5, extra=flags))
+    assert sorted(i for step in steps for i in step["indices"]) == list(range(8))
+    token_frames = {step["shape"][1]: step["features"][1] for step in steps}
+    assert token_frames == {9: 2, 5: 1, 1: 1}  # ceil(latent frames / 2)
