@@ -478,3 +478,16 @@ def test_cogvideox_1_5_buckets_of_every_length(tiny_models, mixed, tmp_path, mon
     assert sorted(i for step in steps for i in step["indices"]) == list(range(8))
     token_frames = {step["shape"][1]: step["features"][1] for step in steps}
     assert token_frames == {9: 2, 5: 1, 1: 1}  # ceil(latent frames / 2)
+
+
+def test_video_without_a_frame_count_in_its_header(tmp_path):
+    """Matroska keeps no frame count (PyAV reports 0): the frames are counted from the packets."""
+    import av
+
+    pattern = testing.orientation_pattern(9, 32, 48)
+    path = testing.write_video(tmp_path / "clip.mkv", pattern)
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].frames == 0
+    assert media.probe(path) == (9, 32, 48)
+    frames = media.read_video(path, lambda n: list(range(0, n, 2)))
+    assert np.abs(frames.numpy().astype(int) - pattern[::2]).max() <= 8

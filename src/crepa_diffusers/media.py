@@ -40,15 +40,13 @@ def read_video(path: str | Path, pick: Callable[[int], list[int]]) -> torch.Tens
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         wanted = pick(count_frames(container, stream))
-        positions, frames = {}, {}
-        for position, index in enumerate(wanted):
-            positions.setdefault(index, []).append(position)
+        needed, frames = set(wanted), {}
         for index, frame in enumerate(container.decode(stream)):
-            if index in positions:
+            if index in needed:
                 frames[index] = _upright(frame)
             if index >= max(wanted):
                 break
-    missing = sorted(set(wanted) - set(frames))
+    missing = sorted(needed - set(frames))
     if missing:
         raise RuntimeError(
             f"{path}: frame {missing[0]} could not be decoded (the file holds fewer frames than listed)"
