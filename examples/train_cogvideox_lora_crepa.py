@@ -36,12 +36,14 @@ from crepa_diffusers import (
     CrepaTerm,  # CREPA
     TransformerWithProjector,  # CREPA
     add_crepa_args,  # CREPA
+    buckets,
     build_crepa,  # CREPA
     checkpoints,
     token_frame_groups,  # CREPA
     training_utils,
     write_model_card,
 )
+from crepa_diffusers.media import read_sample
 
 
 logger = logging.getLogger("train_cogvideox_lora_crepa")
@@ -85,7 +87,31 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--video_column",
         type=str,
         default="video",
-        help="The video-path column, or (with --instance_data_root) the file listing one video per line.",
+        help="The video-path column, or (with --instance_data_root) the file listing one video per line; "
+        ".png/.jpg/.jpeg/.webp paths in it train as one-frame videos.",
+    )
+    data.add_argument(
+        "--image_column",
+        type=str,
+        default=None,
+        help="With --dataset_name: a column of image paths, for rows whose video column is empty (or absent).",
+    )
+    data.add_argument(
+        "--video_resolution_buckets",
+        nargs="+",
+        default=None,
+        metavar="FxHxW",
+        help="Frames x height x width buckets, e.g. 49x480x720 49x720x480 17x480x720: each video trains in the "
+        "bucket closest to its aspect ratio among those it has the frames for (the longest), resized to cover it "
+        "and cropped (--video_reshape_mode); each batch from one bucket. Default: --max_num_frames x --height x "
+        "--width.",
+    )
+    data.add_argument(
+        "--image_resolution_buckets",
+        nargs="+",
+        default=None,
+        metavar="HxW",
+        help="Height x width buckets of the still images, e.g. 480x720 720x480 (default: the video buckets' sizes).",
     )
     data.add_argument(
         "--caption_column",
@@ -292,6 +318,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 class VideoItem:
     path: Path
     prompt: str
+    bucket: tuple[int, int, int] | None = None  # (frames, height, width) it trains at; None: the flags' size
 
 
 DATA_FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -332,13 +359,17 @@ def load_video_items(args: argparse.Namespace) -> list[VideoItem]:
             default_root = local if local.is_dir() else Path(".")
         root = Path(args.instance_data_root) if args.instance_data_root else default_root
         train = dataset["train"]
+        media = [c for c in (args.video_column, args.image_column) if c in train.column_names]  # video, else image
         for flag, column in (("--caption_column", args.caption_column), ("--video_column", args.video_column)):
-            if column not in train.column_names:
+            if column not in train.column_names and not (flag == "--video_column" and media):
                 raise SystemExit(
                     f"{flag} {column!r} is not a column of {args.dataset_name}: its columns are {train.column_names}."
                 )
         prompts = [str(p).strip() for p in train[args.caption_column]]
-        videos = [v if isinstance(v, str) else v.get("path", "") for v in train[args.video_column]]
+        if args.image_column in media and isinstance(train.features[args.image_column], datasets.Image):
+            train = train.cast_column(args.image_column, datasets.Image(decode=False))  # its path, not a PIL image
+        paths = [[v if isinstance(v, str) else (v or {}).get("path") or "" for v in train[c]] for c in media]
+        videos = [next((path for path in row if path), "") for row in zip(*paths)]
         source = str(args.dataset_name)
     if len(prompts) != len(videos):
         raise SystemExit(
@@ -394,20 +425,15 @@ class VideoDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
-        import decord
-
         args, item = self.args, self.items[index]
         if self.cache is not None:
-            return {
-                "conditions": self.cache.load(self.cache.video_key(item.path, item.prompt)),
-                "prompt": item.prompt,
-                "index": index,
-            }
-        reader = decord.VideoReader(str(item.path))
-        indices = sample_frame_indices(len(reader), args.max_num_frames, args.skip_frames_start, args.skip_frames_end)
-        frames = torch.from_numpy(reader.get_batch(indices).asnumpy())  # [F, H, W, C] uint8
+            return {"conditions": self.cache.load(self.cache.item_key(item)), "prompt": item.prompt, "index": index}
+        num_frames, height, width = item.bucket or (args.max_num_frames, args.height, args.width)
+        frames = read_sample(  # [F, H, W, C] uint8, upright (phone clips' display rotation applied); a still: F = 1
+            item.path, lambda n: sample_frame_indices(n, num_frames, args.skip_frames_start, args.skip_frames_end)
+        )
         frames = frames.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        frames = resize_and_crop(frames, args.height, args.width, args.video_reshape_mode).clamp(-1, 1)
+        frames = resize_and_crop(frames, height, width, args.video_reshape_mode).clamp(-1, 1)
         return {"frames": frames.contiguous(), "prompt": item.prompt, "index": index}
 
 
@@ -531,11 +557,11 @@ def encode_conditions(
             ),
         }
     if crepa is not None:
-        # CREPA: one feature map per token frame, on the DiT's token grid
+        # CREPA: the batch's own size (its bucket): DINOv2's patch grid is the DiT's token grid at every size
         grid = (
-            parts.height // (VAE_SPATIAL * config.patch_size),
-            parts.width // (VAE_SPATIAL * config.patch_size),
-        )
+            frames.shape[-2] // (VAE_SPATIAL * config.patch_size),  # CREPA
+            frames.shape[-1] // (VAE_SPATIAL * config.patch_size),  # CREPA
+        )  # CREPA
         groups = token_frame_groups(frames.shape[1], VAE_TEMPORAL, config.patch_size_t or 1)  # CREPA
         conditions["features"] = crepa.encode(frames, grid, groups)  # CREPA
     return conditions
@@ -567,7 +593,7 @@ def precompute_conditions(
             if crepa is not None:  # CREPA: stored in the encoder's dtype (bf16 on GPUs)
                 conditions["features"] = conditions["features"].to(crepa.cache_dtype)  # CREPA
             item = items[todo[n]]
-            size = cache.save(cache.video_key(item.path, item.prompt), {k: v[0] for k, v in conditions.items()})
+            size = cache.save(cache.item_key(item), {k: v[0] for k, v in conditions.items()})
             logger.debug("rank %d encoded clip %d", accelerator.process_index, todo[n])
             if n == 0:  # the disk must hold every entry: checked after the first, not when it fills hours later
                 cache.check_space(size, (len(todo) - 1) * accelerator.num_processes)
@@ -619,7 +645,8 @@ def training_loss(
     )
     noise = torch.randn(latents.shape, device=device, dtype=latents.dtype, generator=generator)
     noisy = parts.scheduler.add_noise(latents, noise, timesteps)
-    rotary = rotary_embeddings(config, parts.height, parts.width, latents.shape[1], device)
+    height, width = latents.shape[-2] * VAE_SPATIAL, latents.shape[-1] * VAE_SPATIAL  # the batch's bucket
+    rotary = rotary_embeddings(config, height, width, latents.shape[1], device)
     if use_crepa:
         crepa.prepare(conditions["features"])  # CREPA: this step's DINOv2 features; arms the block hook
     output, projected = parts.model(  # CREPA: the projected block tokens come back beside the output
@@ -874,12 +901,24 @@ def main(args: argparse.Namespace) -> Path:
             ("transformer_blocks",),
             ("proj_out", "norm_out.linear"),
         )
+    # CogVideoX 1.5's rotary grid ends at its sample size; a token-frame patch of 2 is met by the front padding.
+    max_size = (config["sample_height"] // patch * multiple, config["sample_width"] // patch * multiple)
+    video_buckets, image_buckets = buckets.buckets_from_flags(
+        args.video_resolution_buckets,
+        args.image_resolution_buckets,
+        (args.max_num_frames, args.height, args.width),
+        VAE_TEMPORAL,
+        multiple,
+        max_size if patch_t else None,
+    )
     resume_path = checkpoints.resolve_resume_checkpoint(
         args.resume_from_checkpoint, args.output_dir, args.rank, crepa_config.enabled
     )  # CREPA: projector or not
-    items = training_utils.check_videos(
+    items = training_utils.check_videos(  # each sample read as training reads it, and given its bucket
         load_video_items(args),
-        args.max_num_frames + args.skip_frames_start + args.skip_frames_end,
+        args.skip_frames_start + args.skip_frames_end,
+        video_buckets,
+        image_buckets,
         args.skip_invalid_videos,
     )
     training_utils.check_output_dir(args.output_dir)
@@ -907,6 +946,9 @@ def main(args: argparse.Namespace) -> Path:
             "The DeepSpeed config has an optimizer/scheduler block: delete it. This script builds both from "
             "--optimizer / --lr_scheduler (its LoRA and CREPA projector are clipped apart, non-finite steps skipped)."
         )
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config if deepspeed else {}
+    if ds_config.get("train_micro_batch_size_per_gpu") == "auto":  # it reads the loader's batch_size, None: buckets
+        ds_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
     if accelerator.mixed_precision == "fp16" and is_large:
         logger.warning("fp16 gives NaN losses on CogVideoX-5B / 1.5 (trained in bf16): use --mixed_precision bf16.")
     args.mixed_precision = accelerator.mixed_precision  # what runs, for the trackers and the card
@@ -1116,11 +1158,13 @@ def main(args: argparse.Namespace) -> Path:
     # left it, so the two never share it (CogVideoX-5B: 10 GiB of bf16 transformer beside 9 GiB of T5-XXL).
     transformer.to(device)
     train_dataset = VideoDataset(items, args, cache)
-    sampler = training_utils.EpochShuffleSampler(len(train_dataset), seed)
+    # Every batch from one bucket; the same bucket on every rank at each step (accelerate deals rank r its share).
+    sampler = buckets.BucketBatchSampler(
+        [item.bucket for item in items], args.train_batch_size, seed, accelerator.num_processes
+    )
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
-        batch_size=args.train_batch_size,
-        sampler=sampler,
+        batch_sampler=sampler,
         collate_fn=collate_fn,
         num_workers=args.dataloader_num_workers,
     )
@@ -1320,6 +1364,8 @@ def main(args: argparse.Namespace) -> Path:
                 "train_batch_size": args.train_batch_size,
                 "gradient_accumulation_steps": args.gradient_accumulation_steps,
                 "resolution": f"{args.max_num_frames}x{args.height}x{args.width}",
+                "video_resolution_buckets": args.video_resolution_buckets,
+                "image_resolution_buckets": args.image_resolution_buckets,
                 "mixed_precision": args.mixed_precision,
                 "optimizer": args.optimizer,
                 "seed": args.seed,
