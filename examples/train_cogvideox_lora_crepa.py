@@ -262,12 +262,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     other.add_argument("--allow_tf32", action="store_true")
     other.add_argument("--report_to", type=str, default=None, help='"tensorboard", "wandb" or "all".')
 
-    add_crepa_args(
-        parser,
-        default_lambda=0.5,
+    add_crepa_args(  # CREPA
+        parser,  # CREPA
+        default_lambda=0.5,  # CREPA
         default_block_index=8,  # CREPA: the --crepa_* flags
-        block_index_help="CogVideoX-2B has 30 blocks (0..29), 5B and 1.5 have 42 (0..41).",
-    )
+        block_index_help="CogVideoX-2B has 30 blocks (0..29), 5B and 1.5 have 42 (0..41).",  # CREPA
+    )  # CREPA
     args = parser.parse_args(input_args)
 
     # Errors that need no model, argparse-style, naming the flag.
@@ -542,7 +542,7 @@ def encode_conditions(
     frames: torch.Tensor,
     prompts: list[str],
     parts: Parts,
-    crepa: CrepaTerm | None = None,
+    crepa: CrepaTerm | None = None,  # CREPA
 ) -> dict[str, torch.Tensor]:
     """What the frozen encoders give a batch: the VAE latent distribution's parameters, the T5 embeddings and (CREPA)
     the DINOv2 features on the DiT's token grid. Every step; or once per clip, before training, with the cache."""
@@ -556,7 +556,7 @@ def encode_conditions(
                 parts.tokenizer, parts.text_encoder, prompts, config.max_text_seq_length, parts.device
             ),
         }
-    if crepa is not None:
+    if crepa is not None:  # CREPA
         # CREPA: the batch's own size (its bucket): DINOv2's patch grid is the DiT's token grid at every size
         grid = (
             frames.shape[-2] // (VAE_SPATIAL * config.patch_size),  # CREPA
@@ -573,7 +573,7 @@ def precompute_conditions(
     args: argparse.Namespace,
     cache: ConditionCache,
     parts: Parts,
-    crepa: CrepaTerm | None,
+    crepa: CrepaTerm | None,  # CREPA
     accelerator,
 ) -> None:
     """--cache_conditions, before the first step: each rank encodes the clips `todo` of its share (rank r: clips r,
@@ -589,7 +589,7 @@ def precompute_conditions(
     progress = tqdm(loader, desc="Encoding clips", disable=not accelerator.is_local_main_process)
     with training_utils.StopRequest() as stop:  # preemption during the pass: what is written is whole and reused
         for n, batch in enumerate(progress):
-            conditions = encode_conditions(batch["frames"].to(parts.device), batch["prompts"], parts, crepa)
+            conditions = encode_conditions(batch["frames"].to(parts.device), batch["prompts"], parts, crepa)  # CREPA
             if crepa is not None:  # CREPA: stored in the encoder's dtype (bf16 on GPUs)
                 conditions["features"] = conditions["features"].to(crepa.cache_dtype)  # CREPA
             item = items[todo[n]]
@@ -618,7 +618,7 @@ def training_loss(
     batch: dict,
     generator: torch.Generator,
     parts: Parts,
-    crepa: CrepaTerm | None,
+    crepa: CrepaTerm | None,  # CREPA
     step: int,
     max_train_steps: int,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -634,7 +634,7 @@ def training_loss(
         frames = batch["frames"].to(device)  # [B, F, 3, H, W] in [-1, 1]: the VAE's input, and the encoder's  # CREPA
         if parts.random_flip:
             frames = random_flip(frames, generator)
-        conditions = encode_conditions(frames, batch["prompts"], parts, crepa if use_crepa else None)
+        conditions = encode_conditions(frames, batch["prompts"], parts, crepa if use_crepa else None)  # CREPA
     latents = DiagonalGaussianDistribution(conditions["latent_dist"]).sample(generator=generator)
     latents = pad_latent_frames(
         (latents * parts.vae.config.scaling_factor).permute(0, 2, 1, 3, 4).to(dtype), config.patch_size_t
@@ -647,7 +647,7 @@ def training_loss(
     noisy = parts.scheduler.add_noise(latents, noise, timesteps)
     height, width = latents.shape[-2] * VAE_SPATIAL, latents.shape[-1] * VAE_SPATIAL  # the batch's bucket
     rotary = rotary_embeddings(config, height, width, latents.shape[1], device)
-    if use_crepa:
+    if use_crepa:  # CREPA
         crepa.prepare(conditions["features"])  # CREPA: this step's DINOv2 features; arms the block hook
     output, projected = parts.model(  # CREPA: the projected block tokens come back beside the output
         hidden_states=noisy,
@@ -667,7 +667,7 @@ def training_loss(
         crepa_term, crepa_logs = crepa.loss(projected, step, max_train_steps)  # CREPA
         logs.update(crepa_logs)  # CREPA
         loss = loss + crepa_term  # CREPA: L = L_diffusion + lambda * L_align
-    elif crepa is not None:
+    elif crepa is not None:  # CREPA
         logs["crepa_lambda"] = 0.0  # CREPA
     return loss, logs
 
@@ -779,8 +779,8 @@ def write_loss_plot(history: list[dict], output_dir: str) -> Path | None:
     steps = [row["step"] for row in history]
     fig, (losses, sims) = plt.subplots(1, 2, figsize=(11, 4))
     for axes, keys in (
-        (losses, ("loss", "diffusion_loss", "crepa_loss")),
-        (sims, ("similarity_self", "similarity_neighbour")),
+        (losses, ("loss", "diffusion_loss", "crepa_loss")),  # CREPA
+        (sims, ("similarity_self", "similarity_neighbour")),  # CREPA
     ):
         for key in keys:  # a row lacks the CREPA values where lambda was 0 all through its window
             if any(key in row for row in history):
@@ -912,7 +912,10 @@ def main(args: argparse.Namespace) -> Path:
         max_size if patch_t else None,
     )
     resume_path = checkpoints.resolve_resume_checkpoint(
-        args.resume_from_checkpoint, args.output_dir, args.rank, crepa_config.enabled
+        args.resume_from_checkpoint,
+        args.output_dir,
+        args.rank,
+        crepa_config.enabled,  # CREPA
     )  # CREPA: projector or not
     items = training_utils.check_videos(  # each sample read as training reads it, and given its bucket
         load_video_items(args),
@@ -1003,7 +1006,7 @@ def main(args: argparse.Namespace) -> Path:
     required = {
         "latent_dist",
         "prompt_embeds",
-        *(["features"] if crepa_config.enabled else []),
+        *(["features"] if crepa_config.enabled else []),  # CREPA
     }  # CREPA
     todo = cache.missing(items, required, accelerator.process_index, accelerator.num_processes) if cache else []
     validation_key = cache.key("validation prompts", prompts) if cache else None
@@ -1062,7 +1065,7 @@ def main(args: argparse.Namespace) -> Path:
                     transformer_lora_layers=get_peft_model_state_dict(unwrapped.transformer),
                     **checkpoints.lora_adapter_metadata(unwrapped.transformer),
                 )
-                if crepa is not None:
+                if crepa is not None:  # CREPA
                     crepa.save_projector(output_dir)  # CREPA
         while weights:
             weights.pop()
@@ -1086,7 +1089,7 @@ def main(args: argparse.Namespace) -> Path:
                     f"{input_dir}: {len(missing)} LoRA tensors missing (e.g. {missing[:3]}): the checkpoint "
                     "is incomplete or from another --rank. Resume from another one."
                 )
-            if crepa is not None:
+            if crepa is not None:  # CREPA
                 crepa.load_projector(input_dir)  # CREPA
 
     accelerator.register_save_state_pre_hook(save_model_hook)
@@ -1128,7 +1131,7 @@ def main(args: argparse.Namespace) -> Path:
         "max_sequence_length": transformer.config.max_text_seq_length,
     }
     if cache is not None:  # every clip encoded once; then the frozen encoders leave the GPU for the whole run
-        precompute_conditions(items, todo, args, cache, parts, crepa, accelerator)
+        precompute_conditions(items, todo, args, cache, parts, crepa, accelerator)  # CREPA
         # Validation samples from stored prompt embeddings (the text encoder is freed; "" is the CFG negative).
         length = pipeline_args["max_sequence_length"]
         if encode_validation:
@@ -1149,7 +1152,7 @@ def main(args: argparse.Namespace) -> Path:
             else None
         )
         text_encoder = tokenizer = parts.text_encoder = parts.tokenizer = vae.encoder = None
-        if crepa is not None:
+        if crepa is not None:  # CREPA
             crepa.free_encoder()  # CREPA: DINOv2 served the pass
         free_memory()
     else:
@@ -1253,7 +1256,15 @@ def main(args: argparse.Namespace) -> Path:
                     "rank %d step %d samples %s", accelerator.process_index, global_step + 1, batch["indices"].tolist()
                 )
                 with accelerator.accumulate(model):
-                    loss, logs = training_loss(batch, generator, parts, crepa, global_step, args.max_train_steps)
+                    # CREPA: the CREPA term, and the optimizer step for its lambda schedule
+                    loss, logs = training_loss(
+                        batch,
+                        generator,
+                        parts,
+                        crepa,  # CREPA
+                        global_step,  # CREPA
+                        args.max_train_steps,  # CREPA
+                    )
                     # A NaN/inf loss on any rank in any micro-batch skips the optimizer step on every rank.
                     nonfinite.add(loss)
                     # DeepSpeed's engine steps inside backward(): there the skip is decided before it.
@@ -1276,7 +1287,9 @@ def main(args: argparse.Namespace) -> Path:
                     accelerator.log({"skipped_nonfinite_steps": nonfinite.in_a_row}, step=global_step)
                 if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
                     logs = {**metrics.pop_means(), "lr": lr_scheduler.get_last_lr()[0]}
-                    progress_bar.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "crepa_loss")})
+                    progress_bar.set_postfix(
+                        **{k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "crepa_loss")}  # CREPA
+                    )
                     accelerator.log(logs, step=global_step)
                     history.append({"step": global_step, **logs})
                 interrupted = stop.requested(accelerator)
@@ -1316,7 +1329,8 @@ def main(args: argparse.Namespace) -> Path:
         write_loss_plot(history, args.output_dir)
     # Free what training held before loading a second pipeline (as diffusers does): two copies of every model
     # would not fit next to each other on the GPU.
-    model = transformer = text_encoder = vae = crepa = parts = optimizer = lr_scheduler = train_dataloader = None
+    model = transformer = text_encoder = vae = parts = optimizer = lr_scheduler = train_dataloader = None
+    crepa = None  # CREPA
     lora_params = trained_params = clipped_parts = params_to_optimize = None
     accelerator.free_memory()
     free_memory()

@@ -296,12 +296,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "e.g. to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out,proj_mlp,ff.net.0.proj; "
         "proj_out and norm_out.linear also take the output layer.",
     )
-    add_crepa_args(
-        parser,
-        default_lambda=1.0,
+    add_crepa_args(  # CREPA
+        parser,  # CREPA
+        default_lambda=1.0,  # CREPA
         default_block_index=10,  # CREPA: the --crepa_* flags
-        block_index_help="Global over the 20 double-stream then the 40 single-stream blocks (0..59).",
-    )
+        block_index_help="Global over the 20 double-stream then the 40 single-stream blocks (0..59).",  # CREPA
+    )  # CREPA
     args = parser.parse_args(input_args)
 
     # Errors that need no model, argparse-style, naming the flag.
@@ -549,7 +549,7 @@ def encode_conditions(
     frames: torch.Tensor,
     prompts: list[str],
     parts: Parts,
-    crepa: CrepaTerm | None = None,
+    crepa: CrepaTerm | None = None,  # CREPA
 ) -> dict[str, torch.Tensor]:
     """What the frozen encoders give a batch: the VAE latent distribution's parameters, the Llama + CLIP embeddings
     and (CREPA) the DINOv2 features on the DiT's token grid. Every step; or once per clip, before training, with
@@ -565,7 +565,7 @@ def encode_conditions(
             "pooled_prompt_embeds": pooled,
             "prompt_attention_mask": mask,
         }
-    if crepa is not None:
+    if crepa is not None:  # CREPA
         # CREPA: the batch's own size (its bucket): DINOv2's patch grid is the DiT's token grid at every size
         grid = (
             frames.shape[-2] // (VAE_SPATIAL * parts.patch_size),  # CREPA
@@ -581,7 +581,7 @@ def precompute_conditions(
     args: argparse.Namespace,
     cache: ConditionCache,
     parts: Parts,
-    crepa: CrepaTerm | None,
+    crepa: CrepaTerm | None,  # CREPA
     accelerator,
 ) -> None:
     """--cache_conditions, before the first step: each rank encodes the clips `todo` of its share (rank r: clips r,
@@ -597,7 +597,7 @@ def precompute_conditions(
     progress = tqdm(loader, desc="Encoding clips", disable=not accelerator.is_local_main_process)
     with training_utils.StopRequest() as stop:  # preemption during the pass: what is written is whole and reused
         for n, batch in enumerate(progress):
-            conditions = encode_conditions(batch["frames"].to(parts.device), batch["prompts"], parts, crepa)
+            conditions = encode_conditions(batch["frames"].to(parts.device), batch["prompts"], parts, crepa)  # CREPA
             if crepa is not None:  # CREPA: stored in the encoder's dtype (bf16 on GPUs)
                 conditions["features"] = conditions["features"].to(crepa.cache_dtype)  # CREPA
             item = items[todo[n]]
@@ -626,7 +626,7 @@ def training_loss(
     batch: dict,
     generator: torch.Generator,
     parts: Parts,
-    crepa: CrepaTerm | None,
+    crepa: CrepaTerm | None,  # CREPA
     step: int,
     max_train_steps: int,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -642,7 +642,7 @@ def training_loss(
         frames = batch["frames"].to(device)  # [B, F, 3, H, W] in [-1, 1]: the VAE's input, and the encoder's  # CREPA
         if args.random_flip:
             frames = random_flip(frames, generator)
-        conditions = encode_conditions(frames, batch["prompts"], parts, crepa if use_crepa else None)
+        conditions = encode_conditions(frames, batch["prompts"], parts, crepa if use_crepa else None)  # CREPA
     latents = DiagonalGaussianDistribution(conditions["latent_dist"]).sample(generator=generator)
     latents = (latents * parts.pipe.vae.config.scaling_factor).float()  # [B, C, F, h, w]
     batch_size = latents.shape[0]
@@ -651,7 +651,7 @@ def training_loss(
     sigma = sigmas.view(-1, 1, 1, 1, 1)
     noisy = (1 - sigma) * latents + sigma * noise
     guidance = torch.full((batch_size,), args.guidance_scale * 1000.0, device=device, dtype=dtype)
-    if use_crepa:
+    if use_crepa:  # CREPA
         crepa.prepare(conditions["features"])  # CREPA: this step's DINOv2 features; arms the block hook
     output, projected = parts.model(  # CREPA: the projected block tokens come back beside the output
         hidden_states=noisy.to(dtype),
@@ -669,7 +669,7 @@ def training_loss(
         crepa_term, crepa_logs = crepa.loss(projected, step, max_train_steps)  # CREPA
         logs.update(crepa_logs)  # CREPA
         loss = loss + crepa_term  # CREPA: L = L_diffusion + lambda * L_align
-    elif crepa is not None:
+    elif crepa is not None:  # CREPA
         logs["crepa_lambda"] = 0.0  # CREPA
     return loss, logs
 
@@ -781,8 +781,8 @@ def write_loss_plot(history: list[dict], output_dir: str) -> Path | None:
     steps = [row["step"] for row in history]
     fig, (losses, sims) = plt.subplots(1, 2, figsize=(11, 4))
     for axes, keys in (
-        (losses, ("loss", "diffusion_loss", "crepa_loss")),
-        (sims, ("similarity_self", "similarity_neighbour")),
+        (losses, ("loss", "diffusion_loss", "crepa_loss")),  # CREPA
+        (sims, ("similarity_self", "similarity_neighbour")),  # CREPA
     ):
         for key in keys:  # a row lacks the CREPA values where lambda was 0 all through its window
             if any(key in row for row in history):
@@ -916,7 +916,10 @@ def main(args: argparse.Namespace) -> Path:
         multiple,
     )
     resume_path = checkpoints.resolve_resume_checkpoint(
-        args.resume_from_checkpoint, args.output_dir, args.rank, crepa_config.enabled
+        args.resume_from_checkpoint,
+        args.output_dir,
+        args.rank,
+        crepa_config.enabled,  # CREPA
     )  # CREPA: projector or not
     items = training_utils.check_videos(  # each sample read as training reads it, and given its bucket
         load_video_items(args),
@@ -1010,7 +1013,7 @@ def main(args: argparse.Namespace) -> Path:
     required = {
         "latent_dist",
         "prompt_embeds",
-        *(["features"] if crepa_config.enabled else []),
+        *(["features"] if crepa_config.enabled else []),  # CREPA
     }  # CREPA
     todo = cache.missing(items, required, accelerator.process_index, accelerator.num_processes) if cache else []
     validation_key = cache.key("validation prompts", prompts) if cache else None
@@ -1072,7 +1075,7 @@ def main(args: argparse.Namespace) -> Path:
                     transformer_lora_layers=get_peft_model_state_dict(unwrapped.transformer),
                     **checkpoints.lora_adapter_metadata(unwrapped.transformer),
                 )
-                if crepa is not None:
+                if crepa is not None:  # CREPA
                     crepa.save_projector(output_dir)  # CREPA
         while weights:
             weights.pop()
@@ -1096,7 +1099,7 @@ def main(args: argparse.Namespace) -> Path:
                     f"{input_dir}: {len(missing)} LoRA tensors missing (e.g. {missing[:3]}): the checkpoint "
                     "is incomplete or from another --rank. Resume from another one."
                 )
-            if crepa is not None:
+            if crepa is not None:  # CREPA
                 crepa.load_projector(input_dir)  # CREPA
 
     accelerator.register_save_state_pre_hook(save_model_hook)
@@ -1144,7 +1147,7 @@ def main(args: argparse.Namespace) -> Path:
     pipeline_args = {"guidance_scale": args.validation_guidance_scale, "max_sequence_length": args.max_sequence_length}
     validation_inputs = None
     if cache is not None:  # every clip encoded once; then the frozen encoders leave the GPU for the whole run
-        precompute_conditions(items, todo, args, cache, parts, crepa, accelerator)
+        precompute_conditions(items, todo, args, cache, parts, crepa, accelerator)  # CREPA
         # Validation samples from stored prompt embeddings (the text encoders are freed).
         names = ("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask")
         if encode_validation:
@@ -1167,7 +1170,7 @@ def main(args: argparse.Namespace) -> Path:
             [{name: embeds[f"{name}_{i}"] for name in names} for i in range(len(prompts))] if validates else None
         )
         pipe.text_encoder = pipe.text_encoder_2 = text_encoder = text_encoder_2 = vae.encoder = None
-        if crepa is not None:
+        if crepa is not None:  # CREPA
             crepa.free_encoder()  # CREPA: DINOv2 served the pass
         free_memory()
     # The transformer (fp8 already with --layerwise_upcasting) joins the GPU now: with the cache, after the encoders
@@ -1262,7 +1265,15 @@ def main(args: argparse.Namespace) -> Path:
                     "rank %d step %d samples %s", accelerator.process_index, global_step + 1, batch["indices"].tolist()
                 )
                 with accelerator.accumulate(model):
-                    loss, logs = training_loss(batch, generator, parts, crepa, global_step, args.max_train_steps)
+                    # CREPA: the CREPA term, and the optimizer step for its lambda schedule
+                    loss, logs = training_loss(
+                        batch,
+                        generator,
+                        parts,
+                        crepa,  # CREPA
+                        global_step,  # CREPA
+                        args.max_train_steps,  # CREPA
+                    )
                     # A NaN/inf loss on any rank in any micro-batch skips the optimizer step on every rank.
                     nonfinite.add(loss)
                     # DeepSpeed's engine steps inside backward(): there the skip is decided before it.
@@ -1285,7 +1296,9 @@ def main(args: argparse.Namespace) -> Path:
                     accelerator.log({"skipped_nonfinite_steps": nonfinite.in_a_row}, step=global_step)
                 if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
                     logs = {**metrics.pop_means(), "lr": lr_scheduler.get_last_lr()[0]}
-                    progress_bar.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "crepa_loss")})
+                    progress_bar.set_postfix(
+                        **{k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "crepa_loss")}  # CREPA
+                    )
                     accelerator.log(logs, step=global_step)
                     history.append({"step": global_step, **logs})
                 interrupted = stop.requested(accelerator)
@@ -1328,7 +1341,8 @@ def main(args: argparse.Namespace) -> Path:
         write_loss_plot(history, args.output_dir)
     # Free what training held before loading a second pipeline (as diffusers does): two copies of every model
     # would not fit next to each other on the GPU.
-    model = transformer = text_encoder = text_encoder_2 = vae = pipe = crepa = parts = optimizer = lr_scheduler = None
+    model = transformer = text_encoder = text_encoder_2 = vae = pipe = parts = optimizer = lr_scheduler = None
+    crepa = None  # CREPA
     train_dataloader = lora_params = trained_params = clipped_parts = params_to_optimize = None
     accelerator.free_memory()
     free_memory()
