@@ -39,11 +39,11 @@ from crepa_diffusers import (
     buckets,
     build_crepa,  # CREPA
     checkpoints,
+    read_sample,
     token_frame_groups,  # CREPA
     training_utils,
     write_model_card,
 )
-from crepa_diffusers.media import read_sample
 
 
 logger = logging.getLogger("train_cogvideox_lora_crepa")

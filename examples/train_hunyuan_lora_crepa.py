@@ -42,11 +42,11 @@ from crepa_diffusers import (
     build_crepa,  # CREPA
     checkpoints,
     comfyui,
+    read_sample,
     token_frame_groups,  # CREPA
     training_utils,
     write_model_card,
 )
-from crepa_diffusers.media import read_sample
 
 
 logger = logging.getLogger("train_hunyuan_lora_crepa")
