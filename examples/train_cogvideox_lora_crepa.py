@@ -37,9 +37,11 @@ from crepa_diffusers import (
     CrepaTerm,  # CREPA
     TransformerWithProjector,  # CREPA
     add_crepa_args,  # CREPA
+    buckets,
     build_crepa,  # CREPA
     checkpoints,
     memory,
+    read_sample,
     token_frame_groups,  # CREPA
     training_utils,
     transformer_blocks,
@@ -88,7 +90,31 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--video_column",
         type=str,
         default="video",
-        help="The video-path column, or (with --instance_data_root) the file listing one video per line.",
+        help="The video-path column, or (with --instance_data_root) the file listing one video per line; "
+        ".png/.jpg/.jpeg/.webp paths in it train as one-frame videos.",
+    )
+    data.add_argument(
+        "--image_column",
+        type=str,
+        default=None,
+        help="With --dataset_name: a column of image paths, for rows whose video column is empty (or absent).",
+    )
+    data.add_argument(
+        "--video_resolution_buckets",
+        nargs="+",
+        default=None,
+        metavar="FxHxW",
+        help="Frames x height x width buckets, e.g. 49x480x720 49x720x480 17x480x720: each video trains in the "
+        "bucket closest to its aspect ratio among those it has the frames for (the longest), resized to cover it "
+        "and cropped (--video_reshape_mode); each batch from one bucket. Default: --max_num_frames x --height x "
+        "--width.",
+    )
+    data.add_argument(
+        "--image_resolution_buckets",
+        nargs="+",
+        default=None,
+        metavar="HxW",
+        help="Height x width buckets of the still images, e.g. 480x720 720x480 (default: the video buckets' sizes).",
     )
     data.add_argument(
         "--caption_column",
@@ -266,12 +292,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     other.add_argument("--allow_tf32", action="store_true")
     other.add_argument("--report_to", type=str, default=None, help='"tensorboard", "wandb" or "all".')
 
-    add_crepa_args(
-        parser,
-        default_lambda=0.5,
+    add_crepa_args(  # CREPA
+        parser,  # CREPA
+        default_lambda=0.5,  # CREPA
         default_block_index=8,  # CREPA: the --crepa_* flags
-        block_index_help="CogVideoX-2B has 30 blocks (0..29), 5B and 1.5 have 42 (0..41).",
-    )
+        block_index_help="CogVideoX-2B has 30 blocks (0..29), 5B and 1.5 have 42 (0..41).",  # CREPA
+    )  # CREPA
     args = parser.parse_args(input_args)
 
     # Errors that need no model, argparse-style, naming the flag.
@@ -322,6 +348,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 class VideoItem:
     path: Path
     prompt: str
+    bucket: tuple[int, int, int] | None = None  # (frames, height, width) it trains at; None: the flags' size
 
 
 DATA_FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -362,13 +389,17 @@ def load_video_items(args: argparse.Namespace) -> list[VideoItem]:
             default_root = local if local.is_dir() else Path(".")
         root = Path(args.instance_data_root) if args.instance_data_root else default_root
         train = dataset["train"]
+        media = [c for c in (args.video_column, args.image_column) if c in train.column_names]  # video, else image
         for flag, column in (("--caption_column", args.caption_column), ("--video_column", args.video_column)):
-            if column not in train.column_names:
+            if column not in train.column_names and not (flag == "--video_column" and media):
                 raise SystemExit(
                     f"{flag} {column!r} is not a column of {args.dataset_name}: its columns are {train.column_names}."
                 )
         prompts = [str(p).strip() for p in train[args.caption_column]]
-        videos = [v if isinstance(v, str) else v.get("path", "") for v in train[args.video_column]]
+        if args.image_column in media and isinstance(train.features[args.image_column], datasets.Image):
+            train = train.cast_column(args.image_column, datasets.Image(decode=False))  # its path, not a PIL image
+        paths = [[v if isinstance(v, str) else (v or {}).get("path") or "" for v in train[c]] for c in media]
+        videos = [next((path for path in row if path), "") for row in zip(*paths)]
         source = str(args.dataset_name)
     if len(prompts) != len(videos):
         raise SystemExit(
@@ -424,20 +455,15 @@ class VideoDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
-        import decord
-
         args, item = self.args, self.items[index]
         if self.cache is not None:
-            return {
-                "conditions": self.cache.load(self.cache.video_key(item.path, item.prompt)),
-                "prompt": item.prompt,
-                "index": index,
-            }
-        reader = decord.VideoReader(str(item.path))
-        indices = sample_frame_indices(len(reader), args.max_num_frames, args.skip_frames_start, args.skip_frames_end)
-        frames = torch.from_numpy(reader.get_batch(indices).asnumpy())  # [F, H, W, C] uint8
+            return {"conditions": self.cache.load(self.cache.item_key(item)), "prompt": item.prompt, "index": index}
+        num_frames, height, width = item.bucket or (args.max_num_frames, args.height, args.width)
+        frames = read_sample(  # [F, H, W, C] uint8, upright (phone clips' display rotation applied); a still: F = 1
+            item.path, lambda n: sample_frame_indices(n, num_frames, args.skip_frames_start, args.skip_frames_end)
+        )
         frames = frames.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        frames = resize_and_crop(frames, args.height, args.width, args.video_reshape_mode).clamp(-1, 1)
+        frames = resize_and_crop(frames, height, width, args.video_reshape_mode).clamp(-1, 1)
         return {"frames": frames.contiguous(), "prompt": item.prompt, "index": index}
 
 
@@ -547,7 +573,7 @@ def encode_conditions(
     frames: torch.Tensor,
     prompts: list[str],
     parts: Parts,
-    crepa: CrepaTerm | None = None,
+    crepa: CrepaTerm | None = None,  # CREPA
 ) -> dict[str, torch.Tensor]:
     """What the frozen encoders give a batch: the VAE latent distribution's parameters, the T5 embeddings and (CREPA)
     the DINOv2 features on the DiT's token grid. Every step; or once per clip, before training, with the cache."""
@@ -561,12 +587,12 @@ def encode_conditions(
                 parts.tokenizer, parts.text_encoder, prompts, config.max_text_seq_length, parts.device
             ),
         }
-    if crepa is not None:
-        # CREPA: one feature map per token frame, on the DiT's token grid
+    if crepa is not None:  # CREPA
+        # CREPA: the batch's own size (its bucket): DINOv2's patch grid is the DiT's token grid at every size
         grid = (
-            parts.height // (VAE_SPATIAL * config.patch_size),
-            parts.width // (VAE_SPATIAL * config.patch_size),
-        )
+            frames.shape[-2] // (VAE_SPATIAL * config.patch_size),  # CREPA
+            frames.shape[-1] // (VAE_SPATIAL * config.patch_size),  # CREPA
+        )  # CREPA
         groups = token_frame_groups(frames.shape[1], VAE_TEMPORAL, config.patch_size_t or 1)  # CREPA
         conditions["features"] = crepa.encode(frames, grid, groups)  # CREPA
     return conditions
@@ -578,7 +604,7 @@ def precompute_conditions(
     args: argparse.Namespace,
     cache: ConditionCache,
     parts: Parts,
-    crepa: CrepaTerm | None,
+    crepa: CrepaTerm | None,  # CREPA
     accelerator,
 ) -> None:
     """--cache_conditions, before the first step: each rank encodes the clips `todo` of its share (rank r: clips r,
@@ -594,11 +620,11 @@ def precompute_conditions(
     progress = tqdm(loader, desc="Encoding clips", disable=not accelerator.is_local_main_process)
     with training_utils.StopRequest() as stop:  # preemption during the pass: what is written is whole and reused
         for n, batch in enumerate(progress):
-            conditions = encode_conditions(batch["frames"].to(parts.device), batch["prompts"], parts, crepa)
+            conditions = encode_conditions(batch["frames"].to(parts.device), batch["prompts"], parts, crepa)  # CREPA
             if crepa is not None:  # CREPA: stored in the encoder's dtype (bf16 on GPUs)
                 conditions["features"] = conditions["features"].to(crepa.cache_dtype)  # CREPA
             item = items[todo[n]]
-            size = cache.save(cache.video_key(item.path, item.prompt), {k: v[0] for k, v in conditions.items()})
+            size = cache.save(cache.item_key(item), {k: v[0] for k, v in conditions.items()})
             logger.debug("rank %d encoded clip %d", accelerator.process_index, todo[n])
             if n == 0:  # the disk must hold every entry: checked after the first, not when it fills hours later
                 cache.check_space(size, (len(todo) - 1) * accelerator.num_processes)
@@ -623,7 +649,7 @@ def training_loss(
     batch: dict,
     generator: torch.Generator,
     parts: Parts,
-    crepa: CrepaTerm | None,
+    crepa: CrepaTerm | None,  # CREPA
     step: int,
     max_train_steps: int,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -639,7 +665,7 @@ def training_loss(
         frames = batch["frames"].to(device)  # [B, F, 3, H, W] in [-1, 1]: the VAE's input, and the encoder's  # CREPA
         if parts.random_flip:
             frames = random_flip(frames, generator)
-        conditions = encode_conditions(frames, batch["prompts"], parts, crepa if use_crepa else None)
+        conditions = encode_conditions(frames, batch["prompts"], parts, crepa if use_crepa else None)  # CREPA
     latents = DiagonalGaussianDistribution(conditions["latent_dist"]).sample(generator=generator)
     latents = pad_latent_frames(
         (latents * parts.vae.config.scaling_factor).permute(0, 2, 1, 3, 4).to(dtype), config.patch_size_t
@@ -650,8 +676,9 @@ def training_loss(
     )
     noise = torch.randn(latents.shape, device=device, dtype=latents.dtype, generator=generator)
     noisy = parts.scheduler.add_noise(latents, noise, timesteps)
-    rotary = rotary_embeddings(config, parts.height, parts.width, latents.shape[1], device)
-    if use_crepa:
+    height, width = latents.shape[-2] * VAE_SPATIAL, latents.shape[-1] * VAE_SPATIAL  # the batch's bucket
+    rotary = rotary_embeddings(config, height, width, latents.shape[1], device)
+    if use_crepa:  # CREPA
         crepa.prepare(conditions["features"])  # CREPA: this step's DINOv2 features; arms the block hook
     with parts.forward_context:  # --offload_activations: saved tensors to the host
         output, projected = parts.model(  # CREPA: the projected block tokens come back beside the output
@@ -672,7 +699,7 @@ def training_loss(
         crepa_term, crepa_logs = crepa.loss(projected, step, max_train_steps)  # CREPA
         logs.update(crepa_logs)  # CREPA
         loss = loss + crepa_term  # CREPA: L = L_diffusion + lambda * L_align
-    elif crepa is not None:
+    elif crepa is not None:  # CREPA
         logs["crepa_lambda"] = 0.0  # CREPA
     return loss, logs
 
@@ -784,8 +811,8 @@ def write_loss_plot(history: list[dict], output_dir: str) -> Path | None:
     steps = [row["step"] for row in history]
     fig, (losses, sims) = plt.subplots(1, 2, figsize=(11, 4))
     for axes, keys in (
-        (losses, ("loss", "diffusion_loss", "crepa_loss")),
-        (sims, ("similarity_self", "similarity_neighbour")),
+        (losses, ("loss", "diffusion_loss", "crepa_loss")),  # CREPA
+        (sims, ("similarity_self", "similarity_neighbour")),  # CREPA
     ):
         for key in keys:  # a row lacks the CREPA values where lambda was 0 all through its window
             if any(key in row for row in history):
@@ -906,14 +933,29 @@ def main(args: argparse.Namespace) -> Path:
             ("transformer_blocks",),
             ("proj_out", "norm_out.linear"),
         )
+    # CogVideoX 1.5's rotary grid ends at its sample size; a token-frame patch of 2 is met by the front padding.
+    max_size = (config["sample_height"] // patch * multiple, config["sample_width"] // patch * multiple)
+    video_buckets, image_buckets = buckets.buckets_from_flags(
+        args.video_resolution_buckets,
+        args.image_resolution_buckets,
+        (args.max_num_frames, args.height, args.width),
+        VAE_TEMPORAL,
+        multiple,
+        max_size if patch_t else None,
+    )
     checkpointing = args.gradient_checkpointing or args.selective_checkpointing
     memory.check_memory_flags(args.blocks_to_swap, config["num_layers"], checkpointing)
     resume_path = checkpoints.resolve_resume_checkpoint(
-        args.resume_from_checkpoint, args.output_dir, args.rank, crepa_config.enabled
+        args.resume_from_checkpoint,
+        args.output_dir,
+        args.rank,
+        crepa_config.enabled,  # CREPA
     )  # CREPA: projector or not
-    items = training_utils.check_videos(
+    items = training_utils.check_videos(  # each sample read as training reads it, and given its bucket
         load_video_items(args),
-        args.max_num_frames + args.skip_frames_start + args.skip_frames_end,
+        args.skip_frames_start + args.skip_frames_end,
+        video_buckets,
+        image_buckets,
         args.skip_invalid_videos,
     )
     training_utils.check_output_dir(args.output_dir)
@@ -945,6 +987,9 @@ def main(args: argparse.Namespace) -> Path:
             "The DeepSpeed config has an optimizer/scheduler block: delete it. This script builds both from "
             "--optimizer / --lr_scheduler (its LoRA and CREPA projector are clipped apart, non-finite steps skipped)."
         )
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config if deepspeed else {}
+    if ds_config.get("train_micro_batch_size_per_gpu") == "auto":  # it reads the loader's batch_size, None: buckets
+        ds_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
     if accelerator.mixed_precision == "fp16" and is_large:
         logger.warning("fp16 gives NaN losses on CogVideoX-5B / 1.5 (trained in bf16): use --mixed_precision bf16.")
     args.mixed_precision = accelerator.mixed_precision  # what runs, for the trackers and the card
@@ -999,7 +1044,7 @@ def main(args: argparse.Namespace) -> Path:
     required = {
         "latent_dist",
         "prompt_embeds",
-        *(["features"] if crepa_config.enabled else []),
+        *(["features"] if crepa_config.enabled else []),  # CREPA
     }  # CREPA
     todo = cache.missing(items, required, accelerator.process_index, accelerator.num_processes) if cache else []
     validation_key = cache.key("validation prompts", prompts) if cache else None
@@ -1065,7 +1110,7 @@ def main(args: argparse.Namespace) -> Path:
                     transformer_lora_layers=get_peft_model_state_dict(unwrapped.transformer),
                     **checkpoints.lora_adapter_metadata(unwrapped.transformer),
                 )
-                if crepa is not None:
+                if crepa is not None:  # CREPA
                     crepa.save_projector(output_dir)  # CREPA
         while weights:
             weights.pop()
@@ -1089,7 +1134,7 @@ def main(args: argparse.Namespace) -> Path:
                     f"{input_dir}: {len(missing)} LoRA tensors missing (e.g. {missing[:3]}): the checkpoint "
                     "is incomplete or from another --rank. Resume from another one."
                 )
-            if crepa is not None:
+            if crepa is not None:  # CREPA
                 crepa.load_projector(input_dir)  # CREPA
 
     accelerator.register_save_state_pre_hook(save_model_hook)
@@ -1132,7 +1177,7 @@ def main(args: argparse.Namespace) -> Path:
         "max_sequence_length": transformer.config.max_text_seq_length,
     }
     if cache is not None:  # every clip encoded once; then the frozen encoders leave the GPU for the whole run
-        precompute_conditions(items, todo, args, cache, parts, crepa, accelerator)
+        precompute_conditions(items, todo, args, cache, parts, crepa, accelerator)  # CREPA
         # Validation samples from stored prompt embeddings (the text encoder is freed; "" is the CFG negative).
         length = pipeline_args["max_sequence_length"]
         if encode_validation:
@@ -1153,7 +1198,7 @@ def main(args: argparse.Namespace) -> Path:
             else None
         )
         text_encoder = tokenizer = parts.text_encoder = parts.tokenizer = vae.encoder = None
-        if crepa is not None:
+        if crepa is not None:  # CREPA
             crepa.free_encoder()  # CREPA: DINOv2 served the pass
         free_memory()
     else:
@@ -1162,11 +1207,13 @@ def main(args: argparse.Namespace) -> Path:
     # left it, so the two never share it (CogVideoX-5B: 10 GiB of bf16 transformer beside 9 GiB of T5-XXL).
     transformer.to(device)
     train_dataset = VideoDataset(items, args, cache)
-    sampler = training_utils.EpochShuffleSampler(len(train_dataset), seed)
+    # Every batch from one bucket; the same bucket on every rank at each step (accelerate deals rank r its share).
+    sampler = buckets.BucketBatchSampler(
+        [item.bucket for item in items], args.train_batch_size, seed, accelerator.num_processes
+    )
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
-        batch_size=args.train_batch_size,
-        sampler=sampler,
+        batch_sampler=sampler,
         collate_fn=collate_fn,
         num_workers=args.dataloader_num_workers,
     )
@@ -1255,7 +1302,15 @@ def main(args: argparse.Namespace) -> Path:
                     "rank %d step %d samples %s", accelerator.process_index, global_step + 1, batch["indices"].tolist()
                 )
                 with accelerator.accumulate(model):
-                    loss, logs = training_loss(batch, generator, parts, crepa, global_step, args.max_train_steps)
+                    # CREPA: the CREPA term, and the optimizer step for its lambda schedule
+                    loss, logs = training_loss(
+                        batch,
+                        generator,
+                        parts,
+                        crepa,  # CREPA
+                        global_step,  # CREPA
+                        args.max_train_steps,  # CREPA
+                    )
                     # A NaN/inf loss on any rank in any micro-batch skips the optimizer step on every rank.
                     nonfinite.add(loss)
                     # DeepSpeed's engine steps inside backward(): there the skip is decided before it.
@@ -1278,7 +1333,9 @@ def main(args: argparse.Namespace) -> Path:
                     accelerator.log({"skipped_nonfinite_steps": nonfinite.in_a_row}, step=global_step)
                 if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
                     logs = {**metrics.pop_means(), "lr": lr_scheduler.get_last_lr()[0]}
-                    progress_bar.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "crepa_loss")})
+                    progress_bar.set_postfix(
+                        **{k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "crepa_loss")}  # CREPA
+                    )
                     accelerator.log(logs, step=global_step)
                     history.append({"step": global_step, **logs})
                 interrupted = stop.requested(accelerator)
@@ -1318,7 +1375,8 @@ def main(args: argparse.Namespace) -> Path:
         write_loss_plot(history, args.output_dir)
     # Free what training held before loading a second pipeline (as diffusers does): two copies of every model
     # would not fit next to each other on the GPU.
-    model = transformer = text_encoder = vae = crepa = parts = optimizer = lr_scheduler = train_dataloader = None
+    model = transformer = text_encoder = vae = parts = optimizer = lr_scheduler = train_dataloader = None
+    crepa = None  # CREPA
     lora_params = trained_params = clipped_parts = params_to_optimize = None
     accelerator.free_memory()
     free_memory()
@@ -1366,6 +1424,8 @@ def main(args: argparse.Namespace) -> Path:
                 "train_batch_size": args.train_batch_size,
                 "gradient_accumulation_steps": args.gradient_accumulation_steps,
                 "resolution": f"{args.max_num_frames}x{args.height}x{args.width}",
+                "video_resolution_buckets": args.video_resolution_buckets,
+                "image_resolution_buckets": args.image_resolution_buckets,
                 "mixed_precision": args.mixed_precision,
                 "optimizer": args.optimizer,
                 "seed": args.seed,

@@ -153,3 +153,22 @@ def test_script_copied_alone_trains_and_its_lora_loads(tiny_models, dataset, tmp
     assert lora_state(out)
     pipeline = "CogVideoXPipeline" if script_path == COGVIDEOX_SCRIPT else "HunyuanVideoPipeline"
     assert_lora_changes_output(pipeline, tiny_models[model], out)
+
+
+@pytest.mark.parametrize("script_path", [COGVIDEOX_SCRIPT, HUNYUAN_SCRIPT])
+def test_the_package_lists_everything_the_scripts_import(script_path):
+    """A user's own loop finds in `crepa_diffusers.__all__` every name the scripts use: they import nothing else of
+    the package, and nothing from its submodules."""
+    import ast
+
+    import crepa_diffusers
+
+    imported = {
+        (node.module, alias.name)
+        for node in ast.walk(ast.parse(script_path.read_text()))
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("crepa_diffusers")
+        for alias in node.names
+    }
+    assert imported and {module for module, _ in imported} == {"crepa_diffusers"}
+    assert {name for _, name in imported} <= set(crepa_diffusers.__all__)
+    assert all(hasattr(crepa_diffusers, name) for name in crepa_diffusers.__all__)

@@ -2,14 +2,16 @@
 
 The CREPA term (`CrepaConfig`, `build_crepa` -> `CrepaTerm`, `TransformerWithProjector`, `crepa_loss`), and the
 small mechanisms the example scripts' loops call explicitly (`checkpoints`, `training_utils`, `ConditionCache`,
-`write_model_card`, `comfyui`, `memory`): everything the scripts import is listed in `__all__`.
+`write_model_card`, `comfyui`, `buckets`, `read_sample`, `memory`): everything the scripts import is listed in
+`__all__`.
 """
 
-from . import checkpoints, comfyui, memory, training_utils
+from . import buckets, checkpoints, comfyui, memory, training_utils
 from .cache import ConditionCache
 from .capture import HiddenStateCapture, transformer_blocks
 from .crepa import CrepaConfig, CrepaProjector, add_crepa_args, crepa_loss
 from .features import DinoPatchFeatures, token_frame_groups
+from .media import read_sample
 from .model_card import write_model_card
 from .term import CrepaTerm, TransformerWithProjector, build_crepa
 
@@ -24,11 +26,13 @@ __all__ = [
     "HiddenStateCapture",
     "TransformerWithProjector",
     "add_crepa_args",
+    "buckets",
     "build_crepa",
     "checkpoints",
     "comfyui",
     "crepa_loss",
     "memory",
+    "read_sample",
     "token_frame_groups",
     "training_utils",
     "transformer_blocks",

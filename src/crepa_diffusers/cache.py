@@ -33,6 +33,11 @@ class ConditionCache:
         stat = Path(path).stat()
         return self.key(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, *parts)
 
+    def item_key(self, item) -> str:
+        """A sample's entry (`.path`, `.prompt`, and `.bucket`, the size it trains at, where it has one)."""
+        bucket = getattr(item, "bucket", None)
+        return self.video_key(item.path, item.prompt, *([list(bucket)] if bucket else []))
+
     def path(self, key: str) -> Path:
         return self.directory / f"{key}.safetensors"
 
@@ -53,11 +58,7 @@ class ConditionCache:
     def missing(self, items: list, required: set[str], rank: int = 0, world_size: int = 1) -> list[int]:
         """This rank's share of `items` (ones with `.path` and `.prompt`; rank r: r, r + W, ...) whose entries are
         absent, damaged or lack a `required` tensor: what the pass must encode."""
-        return [
-            i
-            for i in range(rank, len(items), world_size)
-            if not self.is_valid(self.video_key(items[i].path, items[i].prompt), required)
-        ]
+        return [i for i in range(rank, len(items), world_size) if not self.is_valid(self.item_key(items[i]), required)]
 
     def save(self, key: str, tensors: dict[str, torch.Tensor]) -> int:
         """Write one entry atomically; returns its size in bytes."""

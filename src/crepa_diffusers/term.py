@@ -78,7 +78,9 @@ class CrepaTerm:
         align_loss, stats = crepa_loss(
             projected, features, config.effective_distance, config.tau, config.cumulative, config.normalize_by_frames
         )
-        if config.effective_distance == 0:  # REPA*: no neighbour pairs, so nothing to log for them
+        # No neighbour pairs, so nothing to log for them: REPA*, or too few token frames (a still has one).
+        distance = config.effective_distance
+        if distance == 0 or features.shape[1] <= (1 if config.cumulative else distance):
             del stats["similarity_neighbour"]
         return lambda_ * align_loss, {"crepa_loss": align_loss.detach(), "crepa_lambda": lambda_, **stats}
 

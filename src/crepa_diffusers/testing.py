@@ -276,3 +276,63 @@ def make_video_folder(root: str | os.PathLike, num_videos: int = 3, prompts: lis
     (root / "prompts.txt").write_text("\n".join(prompts[i % len(prompts)] for i in range(num_videos)) + "\n")
     (root / "videos.txt").write_text("\n".join(names) + "\n")
     return root
+
+
+def write_rotated_video(path: str | os.PathLike, frames: np.ndarray, rotation: int, fps: int = 8) -> Path:
+    """A phone-style clip: `frames` [F, H, W, 3] stored as they are, plus a display rotation (degrees
+    counter-clockwise, ffmpeg's -display_rotation) that players apply, as phones record portrait video."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    path = Path(path)
+    stored = write_video(path.with_name(f"{path.stem}.stored.mp4"), frames, fps)
+    subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-display_rotation", str(rotation), "-i", str(stored)]
+        + ["-c", "copy", str(path)],
+        check=True,
+    )
+    stored.unlink()
+    return path
+
+
+def orientation_pattern(num_frames: int, height: int, width: int) -> np.ndarray:
+    """uint8 [F, H, W, 3] frames whose orientation shows: a red top-left block, a blue bottom half, and a green right
+    edge whose brightness counts the frame."""
+    frames = np.zeros((num_frames, height, width, 3), np.uint8)
+    frames[:, : height // 2, : width // 3, 0] = 255
+    frames[:, height // 2 :, :, 2] = 200
+    for index in range(num_frames):
+        frames[index, :, width - 4 :, 1] = (15 * index + 40) % 256
+    return frames
+
+
+def make_mixed_folder(root: str | os.PathLike) -> Path:
+    """A dataset folder as users have them: landscape clips (real sample clips), a portrait clip, a short clip, a phone
+    clip stored landscape with a 90 degree display rotation (portrait when played), and stills (portrait .png,
+    landscape .jpg, .webp); prompts.txt / videos.txt list them."""
+    from PIL import Image
+
+    from .media import read_video
+
+    root = Path(root)
+    (root / "videos").mkdir(parents=True, exist_ok=True)
+    clips = sample_video_paths()
+    carphone = read_video(clips["carphone"], lambda n: list(range(13))).numpy()  # 144x176
+    names = {
+        "videos/bikes.mp4": shutil.copyfile(clips["bikes"], root / "videos/bikes.mp4"),
+        "videos/carphone.mp4": shutil.copyfile(clips["carphone"], root / "videos/carphone.mp4"),
+        "videos/portrait.mp4": write_video(root / "videos/portrait.mp4", np.rot90(carphone, k=1, axes=(1, 2))),
+        "videos/short.mp4": write_video(root / "videos/short.mp4", carphone[:6]),
+        "videos/phone.mp4": write_rotated_video(root / "videos/phone.mp4", orientation_pattern(13, 32, 48), 90),
+        "videos/still_portrait.png": root / "videos/still_portrait.png",
+        "videos/still_landscape.jpg": root / "videos/still_landscape.jpg",
+        "videos/still.webp": root / "videos/still.webp",
+    }
+    Image.fromarray(np.ascontiguousarray(np.rot90(carphone[0]))).save(root / "videos/still_portrait.png")
+    Image.fromarray(carphone[5]).save(root / "videos/still_landscape.jpg", quality=95)
+    Image.fromarray(carphone[9][:, :144]).save(root / "videos/still.webp")
+    prompts = [TINY_PROMPTS[i % len(TINY_PROMPTS)] for i in range(len(names))]
+    (root / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    (root / "videos.txt").write_text("\n".join(names) + "\n")
+    return root

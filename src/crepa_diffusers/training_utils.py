@@ -10,6 +10,7 @@ import re
 import signal
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -55,42 +56,59 @@ def lora_target_regex(
     return rf"^(?:{block}(?:.*\.)?(?:{alternatives}){''.join('|' + re.escape(n) for n in top)})$"
 
 
-def check_videos(items: list, min_frames: int, skip_invalid: bool = False) -> list:
-    """Every listed video (items with a `.path`) is opened before training: all missing, undecodable or too-short
-    files are reported at once (SystemExit), or dropped with a warning when `skip_invalid`."""
-    import decord
+def check_videos(
+    items: list,
+    skip_frames: int,
+    video_buckets: list[tuple[int, int, int]],
+    image_buckets: list[tuple[int, int, int]],
+    skip_invalid: bool = False,
+) -> list:
+    """Every listed sample (dataclasses with `.path` and `.bucket`; a .png/.jpg/.jpeg/.webp path is a still) is read
+    before training as training reads it (upright; a video's first frame decoded) and given its bucket
+    (`buckets.choose_bucket`; `skip_frames`: the frames --skip_frames_start/end leave out). All missing, undecodable
+    or too-short files are reported at once (SystemExit), or dropped with a warning when `skip_invalid`."""
+    from dataclasses import replace
 
-    problems = []
-    for index, path in enumerate(Path(item.path) for item in items):
+    from .buckets import choose_bucket
+    from .media import is_image, probe
+
+    problems, kept, fit_none = [], [], 0
+    for index, item in enumerate(items):
+        path = Path(item.path)
+        if not path.is_file():
+            problems.append((index, f"{path}: file not found"))
+            continue
         try:
-            num_frames = len(decord.VideoReader(str(path))) if path.is_file() else None
-        except Exception as error:  # decord raises its own DECORDError, and RuntimeError on corrupt headers
+            num_frames, height, width = probe(path)
+        except Exception as error:  # PyAV's and PIL's own errors, or too few decodable frames
             reason = (str(error).splitlines() or [type(error).__name__])[0][:120]
             problems.append((index, f"{path}: cannot be decoded ({reason})"))
             continue
-        if num_frames is None or num_frames < min_frames:
-            problems.append(
-                (
-                    index,
-                    f"{path}: file not found"
-                    if num_frames is None
-                    else f"{path}: {num_frames} frames, fewer than the {min_frames} needed",
-                )
-            )
+        image = is_image(path)
+        buckets = image_buckets if image else video_buckets
+        bucket = choose_bucket(num_frames - (0 if image else skip_frames), height, width, buckets)
+        if bucket is None:
+            need = min(frames for frames, _, _ in buckets) + skip_frames
+            problems.append((index, f"{path}: {num_frames} frames, fewer than the {need} needed"))
+            fit_none += 1
+            continue
+        kept.append(replace(item, bucket=bucket))
+    counts = Counter(item.bucket for item in kept)
+    listing = ", ".join(f"{f}x{h}x{w}: {counts[(f, h, w)]}" for f, h, w in sorted(counts))
+    logger.info("Buckets (frames x height x width: samples): %s; %d fit none", listing, fit_none)
     if not problems:
-        return items
+        return kept
     listing = "\n  ".join(message for _, message in problems)
     if not skip_invalid:
         raise SystemExit(
             f"{len(problems)} of {len(items)} videos cannot be used:\n  {listing}\n"
-            "Fix or remove them, lower --max_num_frames / --skip_frames_*, or pass --skip_invalid_videos."
+            "Fix or remove them, lower --max_num_frames / --skip_frames_* (or add shorter "
+            "--video_resolution_buckets), or pass --skip_invalid_videos."
         )
     logger.warning("Skipping %d invalid videos (--skip_invalid_videos):\n  %s", len(problems), listing)
-    bad = {index for index, _ in problems}
-    items = [item for index, item in enumerate(items) if index not in bad]
-    if not items:
+    if not kept:
         raise SystemExit("No usable videos left after --skip_invalid_videos.")
-    return items
+    return kept
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler[int]):
