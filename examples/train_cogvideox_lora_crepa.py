@@ -606,9 +606,14 @@ def precompute_conditions(
     parts: Parts,
     crepa: CrepaTerm | None,  # CREPA
     accelerator,
-) -> None:
-    """--cache_conditions, before the first step: each rank encodes the clips `todo` of its share (rank r: clips r,
-    r + W, ...) whose entries are not already whole on disk (a second or resumed run encodes nothing)."""
+    prompts: list[str],
+    validation_key: str,
+    encode_validation: bool,
+) -> list[dict] | None:
+    """--cache_conditions, the phase before the first step: each rank encodes the clips `todo` of its share (rank r:
+    clips r, r + W, ...) whose entries are not already whole on disk (a second or resumed run encodes nothing), and
+    the validation prompts' T5 embeddings. Returns the main process's validation inputs (embeddings: the text
+    encoder leaves after this), None elsewhere."""
     from tqdm.auto import tqdm
 
     loader = torch.utils.data.DataLoader(
@@ -643,6 +648,24 @@ def precompute_conditions(
         len(range(accelerator.process_index, len(items), accelerator.num_processes)) - len(todo),
     )
     accelerator.wait_for_everyone()
+    # Validation samples from stored prompt embeddings ("" is the classifier-free guidance negative).
+    if encode_validation:
+        length = parts.config.max_text_seq_length
+        negative_and_prompts = [("negative", ""), *((f"prompt_{i}", p) for i, p in enumerate(prompts))]
+        cache.save(
+            validation_key,
+            {
+                name: encode_prompts(parts.tokenizer, parts.text_encoder, [p], length, parts.device)[0]
+                for name, p in negative_and_prompts
+            },
+        )
+    if not (prompts and accelerator.is_main_process):
+        return None
+    embeds = {name: e[None].to(parts.device) for name, e in cache.load(validation_key).items()}
+    return [
+        {"prompt_embeds": embeds[f"prompt_{i}"], "negative_prompt_embeds": embeds["negative"]}
+        for i in range(len(prompts))
+    ]
 
 
 def training_loss(
@@ -1176,33 +1199,25 @@ def main(args: argparse.Namespace) -> Path:
         "use_dynamic_cfg": args.use_dynamic_cfg,
         "max_sequence_length": transformer.config.max_text_seq_length,
     }
-    if cache is not None:  # every clip encoded once; then the frozen encoders leave the GPU for the whole run
-        precompute_conditions(items, todo, args, cache, parts, crepa, accelerator)  # CREPA
-        # Validation samples from stored prompt embeddings (the text encoder is freed; "" is the CFG negative).
-        length = pipeline_args["max_sequence_length"]
-        if encode_validation:
-            cache.save(
-                validation_key,
-                {
-                    name: encode_prompts(tokenizer, text_encoder, [p], length, device)[0]
-                    for name, p in [("negative", ""), *((f"prompt_{i}", p) for i, p in enumerate(prompts))]
-                },
-            )
-        embeds = {name: e[None].to(device) for name, e in cache.load(validation_key).items()} if validates else {}
-        validation_inputs = (
-            [
-                {"prompt_embeds": embeds[f"prompt_{i}"], "negative_prompt_embeds": embeds["negative"]}
-                for i in range(len(prompts))
-            ]
-            if validates
-            else None
+    validation_inputs = None
+    if cache is not None:  # --cache_conditions: one pass before training; the loop then reads the stored entries
+        validation_inputs = precompute_conditions(
+            items,
+            todo,
+            args,
+            cache,
+            parts,
+            crepa,
+            accelerator,
+            prompts,
+            validation_key,
+            encode_validation,  # CREPA
         )
+        # The frozen encoders leave the GPU for the whole run.
         text_encoder = tokenizer = parts.text_encoder = parts.tokenizer = vae.encoder = None
         if crepa is not None:  # CREPA
             crepa.free_encoder()  # CREPA: DINOv2 served the pass
         free_memory()
-    else:
-        validation_inputs = None
     # The transformer (fp8 already with --layerwise_upcasting) joins the GPU now: with the cache, after the encoders
     # left it, so the two never share it (CogVideoX-5B: 10 GiB of bf16 transformer beside 9 GiB of T5-XXL).
     transformer.to(device)

@@ -614,9 +614,14 @@ def precompute_conditions(
     parts: Parts,
     crepa: CrepaTerm | None,  # CREPA
     accelerator,
-) -> None:
-    """--cache_conditions, before the first step: each rank encodes the clips `todo` of its share (rank r: clips r,
-    r + W, ...) whose entries are not already whole on disk (a second or resumed run encodes nothing)."""
+    prompts: list[str],
+    validation_key: str,
+    encode_validation: bool,
+) -> list[dict] | None:
+    """--cache_conditions, the phase before the first step: each rank encodes the clips `todo` of its share (rank r:
+    clips r, r + W, ...) whose entries are not already whole on disk (a second or resumed run encodes nothing), and
+    the validation prompts' Llama + CLIP embeddings. Returns the main process's validation inputs (embeddings: the
+    text encoders leave after this), None elsewhere."""
     from tqdm.auto import tqdm
 
     loader = torch.utils.data.DataLoader(
@@ -651,6 +656,24 @@ def precompute_conditions(
         len(range(accelerator.process_index, len(items), accelerator.num_processes)) - len(todo),
     )
     accelerator.wait_for_everyone()
+    # Validation samples from stored prompt embeddings.
+    names = ("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask")
+    if encode_validation:
+        with torch.no_grad():
+            embeds_of = {
+                i: parts.pipe.encode_prompt(
+                    [p], device=parts.device, dtype=parts.weight_dtype, max_sequence_length=args.max_sequence_length
+                )
+                for i, p in enumerate(prompts)
+            }
+        cache.save(
+            validation_key,
+            {f"{name}_{i}": tensor[0] for i, tensors in embeds_of.items() for name, tensor in zip(names, tensors)},
+        )
+    if not (prompts and accelerator.is_main_process):
+        return None
+    embeds = {name: e[None].to(parts.device) for name, e in cache.load(validation_key).items()}
+    return [{name: embeds[f"{name}_{i}"] for name in names} for i in range(len(prompts))]
 
 
 def training_loss(
@@ -1192,29 +1215,20 @@ def main(args: argparse.Namespace) -> Path:
     )
     pipeline_args = {"guidance_scale": args.validation_guidance_scale, "max_sequence_length": args.max_sequence_length}
     validation_inputs = None
-    if cache is not None:  # every clip encoded once; then the frozen encoders leave the GPU for the whole run
-        precompute_conditions(items, todo, args, cache, parts, crepa, accelerator)  # CREPA
-        # Validation samples from stored prompt embeddings (the text encoders are freed).
-        names = ("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask")
-        if encode_validation:
-            with torch.no_grad():
-                cache.save(
-                    validation_key,
-                    {
-                        f"{name}_{i}": tensor[0]
-                        for i, p in enumerate(prompts)
-                        for name, tensor in zip(
-                            names,
-                            pipe.encode_prompt(
-                                [p], device=device, dtype=weight_dtype, max_sequence_length=args.max_sequence_length
-                            ),
-                        )
-                    },
-                )
-        embeds = {name: e[None].to(device) for name, e in cache.load(validation_key).items()} if validates else {}
-        validation_inputs = (
-            [{name: embeds[f"{name}_{i}"] for name in names} for i in range(len(prompts))] if validates else None
+    if cache is not None:  # --cache_conditions: one pass before training; the loop then reads the stored entries
+        validation_inputs = precompute_conditions(
+            items,
+            todo,
+            args,
+            cache,
+            parts,
+            crepa,
+            accelerator,
+            prompts,
+            validation_key,
+            encode_validation,  # CREPA
         )
+        # The frozen encoders leave the GPU for the whole run.
         pipe.text_encoder = pipe.text_encoder_2 = text_encoder = text_encoder_2 = vae.encoder = None
         if crepa is not None:  # CREPA
             crepa.free_encoder()  # CREPA: DINOv2 served the pass
