@@ -91,7 +91,9 @@ PRESETS = {
 # Memory options on top of precomputed conditions (README, "Fitting a 12-24 GB card"): --selective_checkpointing,
 # --offload_activations, --blocks_to_swap (the preset's number). The bf16 one runs before fp8 casts the transformer.
 MEMORY_MODES = (
+    "none-precomputed-selective",  # the like-for-like baseline of the selective modes
     "crepa-precomputed-selective",
+    "none-precomputed-fp8-selective",
     "crepa-precomputed-fp8-selective",
     "crepa-precomputed-fp8-offload",
     "crepa-precomputed-fp8-offload-swap",
@@ -470,13 +472,11 @@ def build_step_setup(
     for mode in (
         "none-precomputed",
         "crepa-precomputed",
-        MEMORY_MODES[0],
         "none-precomputed-fp8",
         "crepa-precomputed-fp8",
+        *MEMORY_MODES,
     ):
         terms[mode] = None if mode.startswith("none") else terms["crepa"]
-    for mode in MEMORY_MODES[1:]:
-        terms[mode] = terms["crepa"]
     return StepSetup(
         script, parts, terms, transformer, projector, encoder, batch, pipe, device=device, crepa=terms["crepa"]
     )
@@ -501,9 +501,9 @@ def mode_groups(modes: list[str]) -> list[list[str]]:
     groups = [
         [m for m in modes if "precomputed" not in m],
         [m for m in modes if m.endswith("-precomputed")],
-        *[[m] for m in modes if m == MEMORY_MODES[0]],
+        *[[m] for m in modes if m in MEMORY_MODES and "fp8" not in m],
         [m for m in modes if m.endswith("-fp8")],
-        *[[m] for m in modes if m in MEMORY_MODES[1:]],
+        *[[m] for m in modes if m in MEMORY_MODES and "fp8" in m],
     ]
     return [group for group in groups if group]
 

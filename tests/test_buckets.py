@@ -480,6 +480,26 @@ def test_cogvideox_1_5_buckets_of_every_length(tiny_models, mixed, tmp_path, mon
     assert token_frames == {9: 2, 5: 1, 1: 1}  # ceil(latent frames / 2)
 
 
+def test_a_video_cut_short_fails_the_probe(tmp_path):
+    """A clip whose header lists more frames than the file stores (a partial download, with the index at the front)
+    is refused by the start-up probe, not by the first batch that reaches its missing frames."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    whole = testing.write_video(tmp_path / "whole.mp4", testing.orientation_pattern(33, 32, 48))
+    front_index = tmp_path / "front_index.mp4"
+    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-i", str(whole), "-c", "copy"]
+    subprocess.run([*command, "-movflags", "+faststart", str(front_index)], check=True)
+    assert media.probe(front_index) == (33, 32, 48)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(front_index.read_bytes()[: front_index.stat().st_size // 2])
+    with pytest.raises(RuntimeError, match="of the 33 frames its header lists"):
+        media.probe(cut)
+    with pytest.raises(RuntimeError):  # what training would have met mid-run
+        media.read_video(cut, lambda n: list(range(n)))
+
+
 def test_video_without_a_frame_count_in_its_header(tmp_path):
     """Matroska keeps no frame count (PyAV reports 0): the frames are counted from the packets."""
     import av

@@ -243,3 +243,18 @@ def test_rslora_scale_is_kept(tiny_transformer, tmp_path):
         tiny_transformer, tmp_path, targets=r"^transformer_blocks\.1\.ff\.net\.2$", use_rslora=True
     )
     assert assert_comfyui_file_exact(comfyui.convert_file(lora_dir), lora_dir, tiny_transformer) == 1
+
+
+def test_per_module_alpha_and_rank_patterns_on_a_fused_target(tiny_transformer, tmp_path):
+    """peft's alpha_pattern / rank_pattern (kept in the adapter metadata) give the parts of one fused qkv different
+    scales and ranks: each part's weight change stays exact in the stacked file."""
+    from crepa_diffusers import comfyui
+
+    lora_dir = random_lora_dir(
+        tiny_transformer,
+        tmp_path,
+        targets=r"^transformer_blocks\.0\.attn\.(to_q|to_k|to_v)$",
+        alpha_pattern={"to_k": 2.0},
+        rank_pattern={"to_v": 2},
+    )
+    assert assert_comfyui_file_exact(comfyui.convert_file(lora_dir), lora_dir, tiny_transformer) == 1

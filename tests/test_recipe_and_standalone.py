@@ -40,6 +40,7 @@ def test_readme_recipe_runs_in_a_plain_diffusers_loop_and_matches_the_script(
     from peft import LoraConfig
     from transformers import AutoTokenizer, T5EncoderModel
 
+    from crepa_diffusers import CrepaTerm
     from crepa_diffusers.training_utils import EpochShuffleSampler, step_generator
 
     recipe = readme_recipe()
@@ -56,7 +57,8 @@ def test_readme_recipe_runs_in_a_plain_diffusers_loop_and_matches_the_script(
     script_args = script.parse_args(argv)
     items = script.load_video_items(script_args)
     example = script.VideoDataset(items, script_args)[next(iter(EpochShuffleSampler(len(items), seed=0)))]
-    train_dataloader = torch.utils.data.DataLoader([{"frames": example["frames"], "prompts": example["prompt"]}])
+    # Three steps of the same batch: step 1 is compared with the script; the lambda of every step with the schedule.
+    train_dataloader = torch.utils.data.DataLoader([{"frames": example["frames"], "prompts": example["prompt"]}] * 3)
 
     # ---- A plain diffusers loop's own parts: models, LoRA, VAE/T5 encoding, noise, v-prediction loss.
     set_seed(0)
@@ -95,10 +97,18 @@ def test_readme_recipe_runs_in_a_plain_diffusers_loop_and_matches_the_script(
         prediction = scheduler.get_velocity(model_output, noisy, timesteps)
         weights = 1 / (1 - scheduler.alphas_cumprod[timesteps])
         loss = (weights * (prediction - latents) ** 2).mean()
-        seen["diffusion_loss"] = loss.item()
+        seen.setdefault("diffusion_loss", []).append(loss.item())
         return loss
 
     seen = {}
+    term_loss = CrepaTerm.loss
+
+    def recorded_term_loss(self, projected, step, max_train_steps):
+        term, logs = term_loss(self, projected, step, max_train_steps)
+        seen.setdefault("crepa", []).append((term.item(), logs))
+        return term, logs
+
+    monkeypatch.setattr(CrepaTerm, "loss", recorded_term_loss)
     parser = argparse.ArgumentParser()
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--max_train_steps", type=int, default=4)
@@ -121,13 +131,15 @@ def test_readme_recipe_runs_in_a_plain_diffusers_loop_and_matches_the_script(
     finally:
         AcceleratorState._reset_state(True)
 
-    crepa, crepa_logs = namespace["crepa"], namespace["crepa_logs"]
-    assert namespace["args"].crepa_scheduler == "linear" and crepa.lambda_at(2, 4) == pytest.approx(0.25)
-    assert logged["diffusion_loss"] == pytest.approx(seen["diffusion_loss"], rel=1e-5)
+    crepa = namespace["crepa"]
+    (first_term, crepa_logs), *_ = seen["crepa"]
+    # lambda follows --crepa_scheduler linear over --max_train_steps 4: 0.5, 0.375, 0.25 at steps 1, 2, 3.
+    assert [logs["crepa_lambda"] for _, logs in seen["crepa"]] == pytest.approx([0.5, 0.375, 0.25])
+    assert logged["diffusion_loss"] == pytest.approx(seen["diffusion_loss"][0], rel=1e-5)
     assert logged["crepa_loss"] == pytest.approx(crepa_logs["crepa_loss"].item(), rel=1e-5, abs=1e-7)
     assert logged["crepa_lambda"] == crepa_logs["crepa_lambda"] == 0.5
     assert logged["similarity_self"] == pytest.approx(crepa_logs["similarity_self"].item(), rel=1e-5, abs=1e-7)
-    assert logged["loss"] == pytest.approx(namespace["loss"].item(), rel=1e-5)
+    assert logged["loss"] == pytest.approx(seen["diffusion_loss"][0] + first_term, rel=1e-5)
     assert crepa_logs["crepa_loss"].item() != 0
     assert all(p.grad is None for p in crepa.projector.parameters())  # zero_grad ran after the step
     assert any(p.abs().sum() > 0 for name, p in transformer.named_parameters() if "lora_B" in name)  # it stepped

@@ -159,7 +159,8 @@ def load_diffusers_checkpoint(path: Path, transformer: nn.Module, lr_scheduler, 
     logger.warning(
         "Resuming from %s, written by diffusers' example: its LoRA, step %d and learning-rate schedule (lr %.3g) are "
         "restored; the optimizer moments, RNG states and data position are not (another program's), the optimizer "
-        "and the CREPA projector start fresh and the data order is this script's from step %d.",
+        "and the CREPA projector start fresh and the data order is this script's from step %d. Its file keeps no "
+        "lora_alpha: the LoRA trains on at --lora_alpha, so pass the one that run used (diffusers' default: --rank).",
         path,
         _step(path),
         lrs[0],

@@ -117,7 +117,7 @@ def convert_to_comfyui(
     for target, parts in sorted(targets.items()):
         names = _FUSED.get(target.rsplit(".", 1)[-1], (None,)) if None not in parts else (None,)
         hidden = next(modules[m]["lora_A"].shape[1] for m in parts.values())  # every part reads the hidden states
-        base = scale(parts[None] if None in parts else min(parts))
+        base = scale(parts[None] if None in parts else parts[min(parts)])  # the first part's module
         downs, ups = [], []
         for index, name in enumerate(names):
             part = None if name is None else index

@@ -64,14 +64,20 @@ def read_image(path: str | Path) -> torch.Tensor:
 
 def probe(path: str | Path) -> tuple[int, int, int]:
     """(frames, height, width) as training reads the file (upright; a still has one frame): decodes its first frame
-    through the same path, so a file training cannot read fails here, before any model loads."""
+    through the same path and counts the frames the file stores, so a file training cannot read (or one cut short)
+    fails here, before any model loads."""
     if is_image(path):
         return (1, *read_image(path).shape[1:3])
     import av
 
-    with av.open(str(path)) as container:
-        num_frames = count_frames(container, container.streams.video[0])
-    return (num_frames, *read_video(path, lambda n: [0]).shape[1:3])
+    with av.open(str(path)) as container:  # the packets stored (read, not decoded): a cut file lacks the last ones
+        stream = container.streams.video[0]
+        listed, stored = stream.frames, sum(1 for packet in container.demux(stream) if packet.size)
+    if listed and stored < listed:
+        raise RuntimeError(
+            f"it holds {stored} of the {listed} frames its header lists (cut short, e.g. a partial copy)"
+        )
+    return (stored, *read_video(path, lambda n: [0]).shape[1:3])
 
 
 def read_sample(path: str | Path, pick: Callable[[int], list[int]]) -> torch.Tensor:
