@@ -40,6 +40,7 @@ from crepa_diffusers import (
     buckets,
     build_crepa,  # CREPA
     checkpoints,
+    dataset_files,
     memory,
     read_sample,
     token_frame_groups,  # CREPA
@@ -397,8 +398,9 @@ def load_video_items(args: argparse.Namespace) -> list[VideoItem]:
                 )
         prompts = [str(p).strip() for p in train[args.caption_column]]
         if args.image_column in media and isinstance(train.features[args.image_column], datasets.Image):
-            train = train.cast_column(args.image_column, datasets.Image(decode=False))  # its path, not a PIL image
-        paths = [[v if isinstance(v, str) else (v or {}).get("path") or "" for v in train[c]] for c in media]
+            train = train.cast_column(args.image_column, datasets.Image(decode=False))  # path/bytes, not PIL
+        # Images a Hub dataset holds as bytes are written once under --output_dir, then read like any file.
+        paths = [dataset_files(train[c], Path(args.output_dir, "dataset_images")) for c in media]
         videos = [next((path for path in row if path), "") for row in zip(*paths)]
         source = str(args.dataset_name)
     if len(prompts) != len(videos):

@@ -468,6 +468,33 @@ def test_image_column_of_a_dataset(cog, tiny_models, mixed, tmp_path):
         assert [item.prompt for item in items] == [row["caption"] for row in rows]
 
 
+def test_images_a_hub_dataset_holds_as_bytes(cog, tiny_models, mixed, tmp_path):
+    """Hub image datasets keep each image's bytes in the parquet file (its "path" is only the original name): the
+    script writes them once under --output_dir and trains on them, upright, like any still."""
+    import datasets
+
+    stills = [mixed / "videos" / "still_landscape.jpg", mixed / "videos" / "still_portrait.png"]
+    rows = {
+        "caption": ["a photo", "another photo"],
+        "image": [{"path": p.name, "bytes": p.read_bytes()} for p in stills],
+    }
+    features = datasets.Features({"caption": datasets.Value("string"), "image": datasets.Image()})
+    hub_like = tmp_path / "hub_dataset"
+    hub_like.mkdir()
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(hub_like / "train.parquet"))
+    out = tmp_path / "out"
+    data = ["--dataset_name", str(hub_like), "--caption_column", "caption", "--image_column", "image"]
+    items = cog.load_video_items(cog.parse_args(tiny_train_args(tiny_models["cogvideox-2b"], mixed, out, data=data)))
+    assert [item.prompt for item in items] == rows["caption"]
+    for item, still in zip(items, stills):
+        assert item.path.parent == (out / "dataset_images").resolve() and item.path.suffix == still.suffix
+        assert item.path.read_bytes() == still.read_bytes()
+        torch.testing.assert_close(media.read_sample(item.path, None), media.read_sample(still, None))
+    # And it trains: the stills' run ends with a LoRA.
+    run_main(cog, tiny_train_args(tiny_models["cogvideox-2b"], mixed, out, steps=1, data=data))
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
 def test_cogvideox_1_5_buckets_of_every_length(tiny_models, mixed, tmp_path, monkeypatch):
     """CogVideoX 1.5 (token-frame patch 2): 9 frames (3 latents, one padded in front), 5 frames (2 latents) and stills
     (1 latent, padded) train in one run; its tiny model's position grid is 32x48, so every sample goes landscape."""

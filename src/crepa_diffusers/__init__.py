@@ -11,7 +11,7 @@ from .cache import ConditionCache
 from .capture import HiddenStateCapture, transformer_blocks
 from .crepa import CrepaConfig, CrepaProjector, add_crepa_args, crepa_loss
 from .features import DinoPatchFeatures, token_frame_groups
-from .media import read_sample
+from .media import dataset_files, read_sample
 from .model_card import write_model_card
 from .term import CrepaTerm, TransformerWithProjector, build_crepa
 
@@ -31,6 +31,7 @@ __all__ = [
     "checkpoints",
     "comfyui",
     "crepa_loss",
+    "dataset_files",
     "memory",
     "read_sample",
     "token_frame_groups",

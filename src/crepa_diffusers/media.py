@@ -4,6 +4,7 @@ start-up probe and the DataLoader read through the same functions, so what the p
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -83,3 +84,25 @@ def probe(path: str | Path) -> tuple[int, int, int]:
 def read_sample(path: str | Path, pick: Callable[[int], list[int]]) -> torch.Tensor:
     """A training sample upright, uint8 [F, H, W, 3]: a still (one frame), or the frames `pick(num_frames)` of a video."""
     return read_image(path) if is_image(path) else read_video(path, pick)
+
+
+def dataset_files(values: list, folder: str | Path) -> list[str]:
+    """A dataset column's media as file paths: strings as they are; a `datasets.Image(decode=False)` value
+    ({"path", "bytes"}) by its bytes where the dataset holds them (Hub parquet datasets do: their "path" is just the
+    original name), written once to `folder` under a name from its content, else by its path."""
+    import hashlib
+
+    paths = []
+    for value in values:
+        value = {"path": value} if isinstance(value, str) else value or {}
+        data, path = value.get("bytes"), value.get("path") or ""
+        if data:
+            target = Path(folder).resolve() / f"{hashlib.sha1(data).hexdigest()[:20]}{Path(path).suffix or '.png'}"
+            if not target.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                staging = target.with_suffix(f".tmp{os.getpid()}")  # every rank may write it: whole or absent
+                staging.write_bytes(data)
+                os.replace(staging, target)
+            path = str(target)
+        paths.append(path)
+    return paths
