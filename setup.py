@@ -21,5 +21,7 @@ setup(
     packages=find_packages("src"),
     python_requires=">=3.10",
     install_requires=requirements,
-    extras_require={"test": ["pytest>=7.4", "pytest-timeout>=2.2", "deepspeed>=0.16", "ruff==0.17.6"]},
+    extras_require={
+        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "deepspeed>=0.16", "ruff==0.17.6", "decord2>=3.0.0"]
+    },
 )

@@ -104,10 +104,10 @@ def consistency(features: torch.Tensor) -> dict:
 
 
 def read_video(path: str | os.PathLike) -> np.ndarray:
-    import decord
+    """Every frame, upright (a phone clip's display rotation applied), as training reads videos: uint8 [F, H, W, 3]."""
+    from crepa_diffusers import read_sample
 
-    reader = decord.VideoReader(str(path))
-    return reader.get_batch(list(range(len(reader)))).asnumpy()
+    return read_sample(path, lambda num_frames: list(range(num_frames))).numpy()
 
 
 # ----------------------------------------------------------------------------------------------------------------
