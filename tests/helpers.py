@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -88,6 +89,40 @@ def launch(
             f"{script.name} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
         )
     return result
+
+
+def run_two_ranks(script: Path, argv: list[str], cwd: Path, timeout: int = 300) -> str:
+    """`ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 SCRIPT ...` through the CPU shim: two real gloo ranks,
+    both of which must report 2 processes. Its own process group, so that a hang is killed with every rank (not only
+    torchrun, leaving ranks behind). Returns the combined log."""
+    env = offline_env(ACCELERATE_USE_CPU="true", CREPA_LOG_LEVEL="DEBUG", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    process = subprocess.Popen(
+        [*command, str(CPU_RANKS), str(script), *argv],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        log, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        log, _ = process.communicate()
+        raise AssertionError(f"2-process run hung:\n{log[-6000:]}") from None
+    assert process.returncode == 0, log[-6000:]
+    assert "2 processes (rank 0)" in log and "2 processes (rank 1)" in log
+    return log
+
+
+def samples_per_rank(log: str) -> dict[int, list[list[int]]]:
+    """The sample indices each rank trained on at each step (its CREPA_LOG_LEVEL=DEBUG lines)."""
+    return {
+        rank: [json.loads(s) for s in re.findall(rf"rank {rank} step \d+ samples (\[[\d, ]*\])", log)]
+        for rank in (0, 1)
+    }
 
 
 def run_main(script, argv: list[str]):

@@ -2,12 +2,9 @@
 training on a mixed dataset (landscape, portrait, short and rotated phone clips, stills)."""
 
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +16,9 @@ from helpers import (
     assert_same_trained_weights,
     import_script,
     lora_state,
-    offline_env,
     run_main,
+    run_two_ranks,
+    samples_per_rank,
     tiny_train_args,
 )
 
@@ -360,29 +358,8 @@ def test_resume_mid_epoch_equals_uninterrupted_run(tiny_models, mixed, tmp_path,
 def test_two_ranks_draw_the_same_bucket_at_each_step(tiny_models, mixed, tmp_path):
     out = tmp_path / "out"
     argv = tiny_train_args(tiny_models["cogvideox-2b"], mixed, out, steps=5, extra=BUCKET_FLAGS)
-    env = offline_env(ACCELERATE_USE_CPU="true", CREPA_LOG_LEVEL="DEBUG", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    process = subprocess.Popen(
-        [*command, str(COGVIDEOX_SCRIPT), *argv],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        log, _ = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        log, _ = process.communicate()
-        raise AssertionError(f"2-process run hung:\n{log[-6000:]}") from None
-    assert process.returncode == 0, log[-6000:]
-    assert "2 processes (rank 0)" in log and "2 processes (rank 1)" in log
-    samples = {
-        rank: [json.loads(s) for s in re.findall(rf"rank {rank} step \d+ samples (\[[\d, ]*\])", log)]
-        for rank in (0, 1)
-    }
+    log = run_two_ranks(COGVIDEOX_SCRIPT, argv, tmp_path)
+    samples = samples_per_rank(log)
     assert len(samples[0]) == len(samples[1]) == 5
     expected = expected_buckets(mixed)
     for batch_0, batch_1 in zip(samples[0], samples[1]):

@@ -5,19 +5,17 @@ import collections
 import os
 import re
 import shutil
-import sys
 
 import pytest
 import torch
 from helpers import (
     COGVIDEOX_SCRIPT,
-    CPU_RANKS,
     HUNYUAN_SCRIPT,
     import_script,
     launch,
     lora_state,
-    offline_env,
     run_main,
+    run_two_ranks,
 )
 from test_train_cogvideox import base_args, dataset  # noqa: F401  (module fixture)
 
@@ -208,11 +206,8 @@ def test_resumed_run_reuses_entries_and_a_damaged_one_is_recomputed(
 def test_two_ranks_encode_each_clip_once(tiny_models, dataset, tmp_path):
     """A 2-rank gloo pass: each rank encodes its own share (rank r: clips r, r + 2, ...), every clip exactly once,
     and the main process the validation prompt. A second 2-rank run finds every entry: no rank loads T5."""
-    import subprocess
-
-    _out, cache = tmp_path / "out", tmp_path / "cache"
+    cache = tmp_path / "cache"
     validation = ["--validation_prompt", "a cat", "--validation_steps", "1", "--validation_num_inference_steps", "1"]
-    env = {**offline_env(), "ACCELERATE_USE_CPU": "true", "CREPA_LOG_LEVEL": "DEBUG", "OMP_NUM_THREADS": "1"}
     logs = []
     for run in ("first", "second"):
         argv = base_args(
@@ -222,25 +217,7 @@ def test_two_ranks_encode_each_clip_once(tiny_models, dataset, tmp_path):
             steps=1,
             extra=["--cache_conditions", "--condition_cache_dir", str(cache), *validation],
         )
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nproc_per_node",
-                "2",
-                str(CPU_RANKS),
-                str(COGVIDEOX_SCRIPT),
-                *argv,
-            ],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert result.returncode == 0, result.stderr[-4000:]
-        logs.append(result.stderr)
+        logs.append(run_two_ranks(COGVIDEOX_SCRIPT, argv, tmp_path, timeout=600))
     encoded = re.findall(r"rank (\d) encoded clip (\d)", logs[0])
     assert sorted(encoded) == [("0", "0"), ("0", "2"), ("1", "1")], encoded
     assert len(list(cache.glob("*.safetensors"))) == 4  # 3 clips + the validation prompt's embeddings

@@ -15,7 +15,6 @@ import pytest
 import torch
 from helpers import (
     COGVIDEOX_SCRIPT,
-    CPU_RANKS,
     HUNYUAN_SCRIPT,
     accelerate_config,
     import_script,
@@ -23,6 +22,8 @@ from helpers import (
     lora_state,
     offline_env,
     run_main,
+    run_two_ranks,
+    samples_per_rank,
     tiny_train_args,
 )
 
@@ -445,39 +446,8 @@ def test_two_process_run(tiny_models, dataset, tmp_path, script_path, model, blo
     )
     if script_path == HUNYUAN_SCRIPT:
         argv += ["--max_sequence_length", "16"]
-    env = offline_env(ACCELERATE_USE_CPU="true", CREPA_LOG_LEVEL="DEBUG", OMP_NUM_THREADS="1")
-    # Its own process group, so that a hang is killed with every rank (not only torchrun, leaving ranks behind).
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(CPU_RANKS),
-            str(script_path),
-            *argv,
-        ],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        log, _ = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        log, _ = process.communicate()
-        raise AssertionError(f"2-process run hung:\n{log[-6000:]}") from None
-    assert process.returncode == 0, log[-6000:]
-    assert "2 processes (rank 0)" in log and "2 processes (rank 1)" in log
-    samples = {
-        rank: [json.loads(s) for s in re.findall(rf"rank {rank} step \d+ samples (\[[\d, ]*\])", log)]
-        for rank in (0, 1)
-    }
+    log = run_two_ranks(script_path, argv, tmp_path)
+    samples = samples_per_rank(log)
     assert len(samples[0]) == len(samples[1]) == micro_batches
     assert any(a != b for a, b in zip(samples[0], samples[1])), samples
     assert log.count("Trained weights identical on all 2 ranks") == 2
