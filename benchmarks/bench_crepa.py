@@ -440,8 +440,6 @@ def build_step_setup(
             scheduler=scheduler,
             weight_dtype=dtype,
             device=device,
-            height=preset.height,
-            width=preset.width,
         )
     else:
         args = argparse.Namespace(
@@ -459,8 +457,6 @@ def build_step_setup(
             scheduler=pipe.scheduler,
             weight_dtype=dtype,
             device=device,
-            height=preset.height,
-            width=preset.width,
             patch_size=transformer.config.patch_size,
             args=args,
         )

@@ -565,8 +565,6 @@ class Parts:
     scheduler: object
     weight_dtype: torch.dtype
     device: torch.device
-    height: int
-    width: int
     random_flip: bool = False
     forward_context: object = contextlib.nullcontext()  # around the transformer's forward: memory.ActivationOffload
 
@@ -1191,8 +1189,6 @@ def main(args: argparse.Namespace) -> Path:
         scheduler=scheduler,
         weight_dtype=weight_dtype,
         device=device,
-        height=args.height,
-        width=args.width,
         random_flip=args.random_flip,
         forward_context=memory.ActivationOffload(device) if args.offload_activations else contextlib.nullcontext(),
     )

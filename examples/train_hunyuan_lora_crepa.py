@@ -571,8 +571,6 @@ class Parts:
     scheduler: object  # the training scheduler (its shifted sigmas)
     weight_dtype: torch.dtype
     device: torch.device
-    height: int
-    width: int
     patch_size: int
     args: argparse.Namespace  # flow_*, guidance_scale, max_sequence_length, random_flip
     forward_context: object = contextlib.nullcontext()  # around the transformer's forward: memory.ActivationOffload
@@ -1209,8 +1207,6 @@ def main(args: argparse.Namespace) -> Path:
         scheduler=scheduler,
         weight_dtype=weight_dtype,
         device=device,
-        height=args.height,
-        width=args.width,
         patch_size=patch,
         args=args,
         forward_context=memory.ActivationOffload(device) if args.offload_activations else contextlib.nullcontext(),
