@@ -8,10 +8,9 @@ from torch import nn
 
 def transformer_blocks(transformer: nn.Module) -> list[nn.Module]:
     """The blocks in forward order: CogVideoX `transformer_blocks`; HunyuanVideo its 20 double-stream
-    `transformer_blocks` then its 40 single-stream `single_transformer_blocks` (one global index)."""
-    blocks = list(getattr(transformer, "transformer_blocks", [])) + list(
-        getattr(transformer, "single_transformer_blocks", [])
-    )
+    `transformer_blocks` then its 40 single-stream `single_transformer_blocks` (one global index); Wan `blocks`."""
+    names = ("transformer_blocks", "single_transformer_blocks", "blocks")
+    blocks = [block for name in names for block in getattr(transformer, name, [])]
     if not blocks:
         raise ValueError(f"{type(transformer).__name__} has no transformer_blocks to hook (is it wrapped?)")
     return blocks
@@ -20,9 +19,10 @@ def transformer_blocks(transformer: nn.Module) -> list[nn.Module]:
 class HiddenStateCapture:
     """Forward hook on block `block_index` of the (unwrapped) transformer.
 
-    Every CogVideoX and HunyuanVideo block returns (video_tokens, text_tokens); the hook keeps `output[0]`,
-    reshaped [B, T*N, D] -> [B, T, N, D], and returns None so the block's output is untouched. Only the first
-    call after `arm()` is kept: under gradient checkpointing the block runs again during backward.
+    Every CogVideoX and HunyuanVideo block returns (video_tokens, text_tokens), a Wan block the video tokens
+    alone; the hook keeps the video tokens, reshaped [B, T*N, D] -> [B, T, N, D], and returns None so the block's
+    output is untouched. Only the first call after `arm()` is kept: under gradient checkpointing the block runs
+    again during backward.
     """
 
     def __init__(self, transformer: nn.Module, block_index: int) -> None:
@@ -49,7 +49,7 @@ class HiddenStateCapture:
     def _hook(self, module: nn.Module, args, output) -> None:
         if self._token_frames is None or self._captured is not None:
             return None
-        video = output[0]
+        video = output[0] if isinstance(output, tuple) else output
         batch, num_tokens, width = video.shape
         if num_tokens % self._token_frames:
             raise RuntimeError(

@@ -193,6 +193,71 @@ def build_tiny_hunyuan_pipeline(seed: int = 0):
     )
 
 
+WAN_VARIANTS = ("2.1", "2.2-5b")
+
+
+def build_tiny_wan_pipeline(variant: str = "2.1", seed: int = 0):
+    """A complete WanPipeline: 2.1 (VAE 8x spatial, 16 latent channels) or 2.2-5b (TI2V-5B's VAE: 16x spatial via a
+    2x2 patchify, 48 latent channels, residual blocks; `expand_timesteps` as its Hub pipeline has it)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
+
+    if variant not in WAN_VARIANTS:
+        raise ValueError(f"variant must be one of {WAN_VARIANTS}, got {variant!r}")
+    torch.manual_seed(seed)
+    tokenizer = _train_tokenizer(T5Tokenizer(extra_ids=0), _corpus())
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            d_ff=37,
+            d_kv=8,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    wan22 = variant == "2.2-5b"
+    latent_channels = 48 if wan22 else 16
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=32,
+        num_layers=3,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    vae = AutoencoderKLWan(
+        base_dim=3 if not wan22 else 12,
+        z_dim=latent_channels,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=torch.linspace(-0.5, 0.5, latent_channels).tolist(),
+        latents_std=torch.linspace(0.8, 2.0, latent_channels).tolist(),
+        **(
+            {"in_channels": 12, "out_channels": 12, "is_residual": True, "patch_size": 2, "scale_factor_spatial": 16}
+            if wan22
+            else {}
+        ),
+    )
+    return WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        expand_timesteps=wan22,
+    )
+
+
 def build_tiny_dinov2(registers: bool = False, seed: int = 0):
     from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
@@ -217,6 +282,11 @@ def save_tiny_cogvideox(path: str | os.PathLike, variant: str = "2b") -> Path:
 
 def save_tiny_hunyuan(path: str | os.PathLike) -> Path:
     build_tiny_hunyuan_pipeline().save_pretrained(path)
+    return Path(path)
+
+
+def save_tiny_wan(path: str | os.PathLike, variant: str = "2.1") -> Path:
+    build_tiny_wan_pipeline(variant).save_pretrained(path)
     return Path(path)
 
 
