@@ -235,6 +235,9 @@ def add_crepa_args(
     default_block_index: int = 8,
     default_encoder: str = "facebook/dinov2-giant",
     block_index_help: str = "",
+    defaults_source: str = "the paper's, 0.5 at block 8 for CogVideoX and 1.0 at block 10 for HunyuanVideo, as "
+    "SimpleTuner's OPTIONS.md reports them (second-hand), 0-based as SimpleTuner reads it; REPA's own code counts "
+    "depth from 1, so the paper's block may be one shallower",
 ) -> argparse._ArgumentGroup:
     """Adds the --crepa_* flags. Invalid values fail at parse time with a message naming the flag."""
     group = parser.add_argument_group("CREPA (cross-frame representation alignment, arXiv 2506.09229)")
@@ -251,17 +254,14 @@ def add_crepa_args(
         "--crepa_lambda",
         type=float_ge0,
         default=default_lambda,
-        help=f"Weight lambda of the alignment loss (default {default_lambda}: the paper's 0.5 for CogVideoX and 1.0 for "
-        "HunyuanVideo, as SimpleTuner's OPTIONS.md reports them; second-hand).",
+        help=f"Weight lambda of the alignment loss (default {default_lambda}: {defaults_source}).",
     )
     add(
         "--crepa_block_index",
         type=int_ge0,
         default=default_block_index,
         help=f"0-based index of the block whose output video tokens are aligned (default {default_block_index}: "
-        '"block 8 for CogVideoX and block 10 for Hunyuan Video", SimpleTuner\'s OPTIONS.md citing the paper, 0-based '
-        "as SimpleTuner reads it; REPA's own code counts depth from 1, so the paper's block may be one shallower). "
-        + block_index_help,
+        f"{defaults_source}). {block_index_help}",
     )
     add(
         "--crepa_adjacent_distance",

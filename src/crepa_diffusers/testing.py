@@ -199,7 +199,7 @@ WAN_VARIANTS = ("2.1", "2.2-5b")
 def build_tiny_wan_pipeline(variant: str = "2.1", seed: int = 0):
     """A complete WanPipeline: 2.1 (VAE 8x spatial, 16 latent channels) or 2.2-5b (TI2V-5B's VAE: 16x spatial via a
     2x2 patchify, 48 latent channels, residual blocks; `expand_timesteps` as its Hub pipeline has it)."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
 
     if variant not in WAN_VARIANTS:
@@ -253,7 +253,10 @@ def build_tiny_wan_pipeline(variant: str = "2.1", seed: int = 0):
         text_encoder=text_encoder,
         vae=vae,
         transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        # The Wan-AI folders' sampling scheduler (flow_shift 3.0 for 2.1, 5.0 for TI2V-5B).
+        scheduler=UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0 if wan22 else 3.0
+        ),
         expand_timesteps=wan22,
     )
 
