@@ -541,8 +541,8 @@ def lora_target_regex(lora_layers: str, transformer: torch.nn.Module) -> str:
 
 def sample_flow_sigmas(args, scheduler, batch_size: int, generator: torch.Generator, device):
     """u from the weighting density, then the scheduler's sigma and timestep at that position: the scheduler holds
-    1000 sigmas shifted by --flow_shift, s = shift * u / (1 + (shift - 1) * u), the timestep-shift sampling of Wan's
-    trainers (musubi-tuner's --timestep_sampling shift, DiffSynth-Studio's FlowMatchScheduler(shift=...))."""
+    1000 sigmas shifted by --flow_shift, s = shift * u / (1 + (shift - 1) * u): the shift WanPipeline samples with
+    (its UniPC scheduler's flow_shift) and musubi-tuner's Wan recipe trains with (--timestep_sampling shift)."""
     if args.flow_weighting_scheme == "logit_normal":
         u = torch.sigmoid(
             torch.randn(batch_size, generator=generator, device=device) * args.flow_logit_std + args.flow_logit_mean

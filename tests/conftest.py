@@ -21,6 +21,7 @@ def tiny_models(tmp_path_factory):
         f"cogvideox-{v}": testing.save_tiny_cogvideox(root / f"cogvideox-{v}", v) for v in testing.COGVIDEOX_VARIANTS
     }
     folders["hunyuan"] = testing.save_tiny_hunyuan(root / "hunyuan")
+    folders.update({f"wan-{v}": testing.save_tiny_wan(root / f"wan-{v}", v) for v in testing.WAN_VARIANTS})
     folders["dinov2"] = testing.save_tiny_dinov2(root / "dinov2")
     folders["dinov2-registers"] = testing.save_tiny_dinov2(root / "dinov2-registers", registers=True)
     return folders

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 COGVIDEOX_SCRIPT = ROOT / "examples" / "train_cogvideox_lora_crepa.py"
 HUNYUAN_SCRIPT = ROOT / "examples" / "train_hunyuan_lora_crepa.py"
+WAN_SCRIPT = ROOT / "examples" / "train_wan_lora_crepa.py"
 # Launched scripts start through this shim: what several CPU ranks need (gloo), kept out of the scripts.
 CPU_RANKS = ROOT / "tests" / "cpu_ranks.py"
 

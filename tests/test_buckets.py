@@ -13,6 +13,7 @@ import torch
 from helpers import (
     COGVIDEOX_SCRIPT,
     HUNYUAN_SCRIPT,
+    WAN_SCRIPT,
     assert_same_trained_weights,
     import_script,
     lora_state,
@@ -265,7 +266,11 @@ def record_steps(script, monkeypatch) -> list[dict]:
 
 @pytest.mark.parametrize(
     "script_path, model, encoder",
-    [(COGVIDEOX_SCRIPT, "cogvideox-5b", "dinov2"), (HUNYUAN_SCRIPT, "hunyuan", "dinov2-registers")],
+    [
+        (COGVIDEOX_SCRIPT, "cogvideox-5b", "dinov2"),
+        (HUNYUAN_SCRIPT, "hunyuan", "dinov2-registers"),
+        (WAN_SCRIPT, "wan-2.1", "dinov2"),
+    ],
 )
 def test_mixed_dataset_trains_in_buckets(
     tiny_models, mixed, tmp_path, monkeypatch, caplog, script_path, model, encoder
@@ -277,7 +282,7 @@ def test_mixed_dataset_trains_in_buckets(
     steps = record_steps(script, monkeypatch)
     out = tmp_path / "out"
     extra = ["--train_batch_size", "2", *BUCKET_FLAGS]
-    if script_path == HUNYUAN_SCRIPT:
+    if script_path != COGVIDEOX_SCRIPT:
         extra += ["--max_sequence_length", "16"]
     with caplog.at_level("INFO"):
         run_main(script, tiny_train_args(tiny_models[model], mixed, out, steps=5, encoder=encoder, extra=extra))

@@ -11,6 +11,7 @@ import torch
 from helpers import (
     COGVIDEOX_SCRIPT,
     HUNYUAN_SCRIPT,
+    WAN_SCRIPT,
     import_script,
     launch,
     lora_state,
@@ -87,6 +88,13 @@ class EncoderCalls:
             "hunyuan",
             "HunyuanVideoTransformer3DModel",
             ("AutoencoderKLHunyuanVideo", "LlamaModel", "CLIPTextModel"),
+            ["--max_sequence_length", "16"],
+        ),
+        (
+            WAN_SCRIPT,
+            "wan-2.1",
+            "WanTransformer3DModel",
+            ("AutoencoderKLWan", "UMT5EncoderModel"),
             ["--max_sequence_length", "16"],
         ),
     ],

@@ -8,11 +8,12 @@ import weakref
 
 import pytest
 import torch
-from helpers import COGVIDEOX_SCRIPT, HUNYUAN_SCRIPT, import_script, lora_state, run_main
+from helpers import COGVIDEOX_SCRIPT, HUNYUAN_SCRIPT, WAN_SCRIPT, import_script, lora_state, run_main
 from peft import LoraConfig
 from safetensors.torch import load_file
 from test_train_cogvideox import base_args as cogvideox_args
 from test_train_hunyuan import base_args as hunyuan_args
+from test_train_wan import base_args as wan_args
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from crepa_diffusers import memory, testing
@@ -205,6 +206,7 @@ def test_memory_flags_are_checked_with_the_flag_named():
     [
         (HUNYUAN_SCRIPT, "hunyuan", hunyuan_args, ["--offload_activations", "--blocks_to_swap", "2"]),
         (COGVIDEOX_SCRIPT, "cogvideox-5b", cogvideox_args, ["--selective_checkpointing", "--offload_encoders"]),
+        (WAN_SCRIPT, "wan-2.1", wan_args, ["--offload_activations", "--blocks_to_swap", "2", "--offload_encoders"]),
     ],
 )
 def test_memory_options_train_the_same_lora(

@@ -11,6 +11,7 @@ from helpers import (
     COGVIDEOX_SCRIPT,
     HUNYUAN_SCRIPT,
     ROOT,
+    WAN_SCRIPT,
     assert_lora_changes_output,
     import_script,
     launch,
@@ -150,6 +151,7 @@ def test_readme_recipe_runs_in_a_plain_diffusers_loop_and_matches_the_script(
     [
         (COGVIDEOX_SCRIPT, "cogvideox-5b", []),
         (HUNYUAN_SCRIPT, "hunyuan", ["--max_sequence_length", "16"]),
+        (WAN_SCRIPT, "wan-2.1", ["--max_sequence_length", "16"]),
     ],
 )
 def test_script_copied_alone_trains_and_its_lora_loads(tiny_models, dataset, tmp_path, script_path, model, extra):
@@ -163,11 +165,13 @@ def test_script_copied_alone_trains_and_its_lora_loads(tiny_models, dataset, tmp
     launch(copied, tiny_train_args(tiny_models[model], dataset, out, steps=2, extra=extra), workdir)
     assert sorted(p.name for p in workdir.iterdir()) == ["accelerate_config.json", "lora", "train.py"]
     assert lora_state(out)
-    pipeline = "CogVideoXPipeline" if script_path == COGVIDEOX_SCRIPT else "HunyuanVideoPipeline"
+    pipeline = {COGVIDEOX_SCRIPT: "CogVideoXPipeline", HUNYUAN_SCRIPT: "HunyuanVideoPipeline"}.get(
+        script_path, "WanPipeline"
+    )
     assert_lora_changes_output(pipeline, tiny_models[model], out)
 
 
-@pytest.mark.parametrize("script_path", [COGVIDEOX_SCRIPT, HUNYUAN_SCRIPT])
+@pytest.mark.parametrize("script_path", [COGVIDEOX_SCRIPT, HUNYUAN_SCRIPT, WAN_SCRIPT])
 def test_the_package_lists_everything_the_scripts_import(script_path):
     """A user's own loop finds in `crepa_diffusers.__all__` every name the scripts use: they import nothing else of
     the package, and nothing from its submodules."""

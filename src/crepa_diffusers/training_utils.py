@@ -275,9 +275,9 @@ def clip_grad_norms(accelerator, parts: list[list[torch.nn.Parameter]], max_norm
 
 
 def enable_fp8_weights(transformer: torch.nn.Module, compute_dtype: torch.dtype) -> None:
-    """HunyuanVideo's --layerwise_upcasting: frozen weights stored in float8_e4m3fn, each layer upcast to
-    `compute_dtype` for its forward. diffusers' layerwise casting (Linear, Conv and Embedding layers, minus its skip
-    list) first; its "norm" pattern spares no norm layer (never cast), only the Linears inside AdaLayerNorm modules:
+    """--layerwise_upcasting: frozen weights stored in float8_e4m3fn, each layer upcast to `compute_dtype` for its
+    forward. diffusers' layerwise casting (Linear, Conv and Embedding layers, minus the model's skip list: Wan's
+    spares its embedders and norms) first; for HunyuanVideo its "norm" pattern spares the Linears inside AdaLayerNorm:
     the blocks' modulation projections, 3.4 B of HunyuanVideo's 12.8 B parameters. They are stored in fp8 too, as
     HunyuanVideo's fp8 trainers do (musubi-tuner --fp8_base; diffusion-pipe's float8 transformer keeps `norm`, `bias`
     and the input embedders high, names that miss the original checkpoint's img_mod/txt_mod/modulation)."""
