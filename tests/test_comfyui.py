@@ -1,5 +1,5 @@
-"""The ComfyUI file of a HunyuanVideo LoRA: read with ComfyUI's own loader rules (written here from its source, not
-from crepa_diffusers.comfyui), every tensor is used and each layer's weight change equals the diffusers LoRA fused
+"""The ComfyUI file of a HunyuanVideo or Wan LoRA: read with ComfyUI's own loader rules (written here from its source,
+not from crepa_diffusers.comfyui), every tensor is used and each layer's weight change equals the diffusers LoRA fused
 into the transformer."""
 
 import copy
@@ -33,12 +33,18 @@ def comfyui_model_weights(num_double: int, num_single: int) -> list[str]:
     return [f"diffusion_model.{name}.weight" for name in names]
 
 
-def comfyui_key_map(model_weights: list[str]) -> dict[str, str]:
-    """comfy/lora.py model_lora_keys_unet: the generic keys, then the HunyuanVideo branch (diffusion-pipe names)."""
+def generic_key_map(model_weights: list[str]) -> dict[str, str]:
+    """comfy/lora.py model_lora_keys_unet, the generic keys of every model (the only ones Wan gets: no Wan branch)."""
     key_map = {}
     for k in model_weights:
         key_map["lora_unet_" + k[len("diffusion_model.") : -len(".weight")].replace(".", "_")] = k
         key_map[k[: -len(".weight")]] = k
+    return key_map
+
+
+def comfyui_key_map(model_weights: list[str]) -> dict[str, str]:
+    """comfy/lora.py model_lora_keys_unet: the generic keys, then the HunyuanVideo branch (diffusion-pipe names)."""
+    key_map = generic_key_map(model_weights)
     for k in model_weights:
         key = (
             k.replace("_mod.lin.", "_mod.linear.")
@@ -106,21 +112,15 @@ def expected_original_changes(deltas: dict[str, torch.Tensor], num_double: int, 
     return {f"diffusion_model.{name}.weight": change for name, change in out.items()}
 
 
-def fused_weight_changes(base: torch.nn.Module, lora_dir) -> dict[str, torch.Tensor]:
-    """The diffusers file loaded the way users load it (`load_lora_weights`, scale from its metadata) and fused into
-    the transformer: the weight change of every Linear."""
+def fused_weight_changes(base: torch.nn.Module, lora_dir, pipeline_class=None) -> dict[str, torch.Tensor]:
+    """The diffusers file loaded the way users load it (`load_lora_weights` of `pipeline_class`, HunyuanVideo's by
+    default; scale from its metadata) and fused into the transformer: the weight change of every Linear."""
     from diffusers import HunyuanVideoPipeline
 
+    pipeline_class = pipeline_class or HunyuanVideoPipeline
     transformer = copy.deepcopy(base)
-    pipe = HunyuanVideoPipeline(
-        transformer=transformer,
-        vae=None,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        scheduler=None,
-    )
+    components, _ = pipeline_class._get_signature_keys(pipeline_class)  # all None but the transformer
+    pipe = pipeline_class(**{**dict.fromkeys(components), "transformer": transformer})
     pipe.load_lora_weights(str(lora_dir), adapter_name="trained")
     pipe.fuse_lora(components=["transformer"], lora_scale=1.0)
     pipe.unload_lora_weights()  # keeps the fused weights, drops the LoRA layers
@@ -136,13 +136,18 @@ def assert_comfyui_file_exact(comfy_file, lora_dir, base: torch.nn.Module) -> in
     """Every tensor of the ComfyUI file is used by ComfyUI's key map, and every ComfyUI weight changes exactly as the
     diffusers LoRA fused into `base` changes it (float32, relative error <= 1e-5). Returns the layers changed."""
     config = base.config
-    lora = load_file(str(comfy_file))
     weights = comfyui_model_weights(config.num_layers, config.num_single_layers)
-    computed, used = comfyui_weight_changes(lora, comfyui_key_map(weights))
-    assert set(lora) == used, f"ComfyUI would ignore: {sorted(set(lora) - used)[:5]}"
     expected = expected_original_changes(
         fused_weight_changes(base, lora_dir), config.num_layers, config.num_single_layers
     )
+    return assert_weight_changes_exact(load_file(str(comfy_file)), weights, comfyui_key_map(weights), expected)
+
+
+def assert_weight_changes_exact(lora, weights: list[str], key_map: dict[str, str], expected) -> int:
+    """ComfyUI's use of `lora` through `key_map` touches every tensor, and changes each of `weights` exactly as
+    `expected` (unchanged ones not at all). Returns the weights changed."""
+    computed, used = comfyui_weight_changes(lora, key_map)
+    assert set(lora) == used, f"ComfyUI would ignore: {sorted(set(lora) - used)[:5]}"
     changed = 0
     for weight in weights:
         want = expected[weight]
@@ -164,8 +169,9 @@ def tiny_transformer():
     return testing.build_tiny_hunyuan_pipeline().transformer.float().eval()
 
 
-def random_lora_dir(base, tmp_path, targets=TARGETS, **config):
-    """A diffusers LoRA file (with adapter metadata) of random weights on `targets`, saved as the script saves."""
+def random_lora_dir(base, tmp_path, targets=TARGETS, pipeline_class=None, **config):
+    """A diffusers LoRA file (with adapter metadata) of random weights on `targets`, saved as the script saves (with
+    `pipeline_class`, HunyuanVideo's by default)."""
     from diffusers import HunyuanVideoPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -180,7 +186,7 @@ def random_lora_dir(base, tmp_path, targets=TARGETS, **config):
     for name, param in transformer.named_parameters():
         if "lora_" in name:
             param.data = torch.randn(param.shape, generator=generator)
-    HunyuanVideoPipeline.save_lora_weights(
+    (pipeline_class or HunyuanVideoPipeline).save_lora_weights(
         tmp_path,
         transformer_lora_layers=get_peft_model_state_dict(transformer),
         **checkpoints.lora_adapter_metadata(transformer),
@@ -258,3 +264,110 @@ def test_per_module_alpha_and_rank_patterns_on_a_fused_target(tiny_transformer, 
         rank_pattern={"to_v": 2},
     )
     assert assert_comfyui_file_exact(comfyui.convert_file(lora_dir), lora_dir, tiny_transformer) == 1
+
+
+# Wan: diffusers module -> original Wan module (block modules without their `blocks.N.`), written out from diffusers'
+# scripts/convert_wan_to_diffusers.py TRANSFORMER_KEYS_RENAME_DICT read backwards; every Linear of the 2.1 T2V model.
+WAN_ORIGINAL_NAMES = {
+    "attn1.to_q": "self_attn.q",
+    "attn1.to_k": "self_attn.k",
+    "attn1.to_v": "self_attn.v",
+    "attn1.to_out.0": "self_attn.o",
+    "attn2.to_q": "cross_attn.q",
+    "attn2.to_k": "cross_attn.k",
+    "attn2.to_v": "cross_attn.v",
+    "attn2.to_out.0": "cross_attn.o",
+    "ffn.net.0.proj": "ffn.0",
+    "ffn.net.2": "ffn.2",
+    "proj_out": "head.head",
+    "condition_embedder.time_embedder.linear_1": "time_embedding.0",
+    "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+    "condition_embedder.time_proj": "time_projection.1",
+    "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+    "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+}
+WAN_TARGETS = r"^(blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|blocks\.\d+\.ffn\.net\.(0\.proj|2)|proj_out)$"
+
+
+def wan_original_name(module: str) -> str:
+    block = re.fullmatch(r"(blocks\.\d+\.)(.+)", module)
+    return block[1] + WAN_ORIGINAL_NAMES[block[2]] if block else WAN_ORIGINAL_NAMES[module]
+
+
+@pytest.fixture(scope="module")
+def tiny_wan_transformer():
+    from crepa_diffusers import testing
+
+    return testing.build_tiny_wan_pipeline("2.1").transformer.float().eval()
+
+
+def wan_lora_dir(base, tmp_path, targets=WAN_TARGETS, **config):
+    from diffusers import WanPipeline
+
+    return random_lora_dir(base, tmp_path, targets=targets, pipeline_class=WanPipeline, **config)
+
+
+def assert_wan_comfyui_file_exact(comfy_file, lora_dir, base: torch.nn.Module) -> int:
+    """The Wan counterpart of assert_comfyui_file_exact: ComfyUI's Wan weights are the original names of every Linear
+    of `base`, reached only through the generic keys; each changes as the fused diffusers LoRA, renamed."""
+    from diffusers import WanPipeline
+
+    deltas = fused_weight_changes(base, lora_dir, WanPipeline)
+    expected = {f"diffusion_model.{wan_original_name(name)}.weight": delta for name, delta in deltas.items()}
+    weights = sorted(expected)
+    assert len(weights) == len(deltas)  # the renaming is one to one
+    return assert_weight_changes_exact(load_file(str(comfy_file)), weights, generic_key_map(weights), expected)
+
+
+def test_wan_comfyui_file_has_the_fused_weight_changes(tiny_wan_transformer, tmp_path):
+    from crepa_diffusers import comfyui
+
+    lora_dir = wan_lora_dir(tiny_wan_transformer, tmp_path)
+    comfy_file = comfyui.convert_file(lora_dir)
+    assert comfy_file == tmp_path / comfyui.COMFYUI_FILE
+    # 3 blocks x 10 Linears (self and cross attention q, k, v, o; ffn.0, ffn.2) + head.head: all trained.
+    assert assert_wan_comfyui_file_exact(comfy_file, lora_dir, tiny_wan_transformer) == 31
+    lora = load_file(str(comfy_file))
+    assert len(lora) == 3 * 31
+    hidden = tiny_wan_transformer.config.num_attention_heads * tiny_wan_transformer.config.attention_head_dim
+    assert lora["diffusion_model.blocks.2.cross_attn.o.alpha"].item() == LORA_ALPHA  # alpha / rank = 1.5
+    assert lora["diffusion_model.head.head.lora_A.weight"].shape == (RANK, hidden)
+    assert all(t.dtype == torch.float32 for t in lora.values())
+
+
+def test_wan_rslora_and_per_module_patterns(tiny_wan_transformer, tmp_path):
+    from crepa_diffusers import comfyui
+
+    lora_dir = wan_lora_dir(
+        tiny_wan_transformer,
+        tmp_path,
+        use_rslora=True,
+        alpha_pattern={"attn2.to_k": 2.0, "blocks.1.ffn.net.2": 10.0},
+        rank_pattern={"attn1.to_v": 2, "proj_out": 3},
+    )
+    assert assert_wan_comfyui_file_exact(comfyui.convert_file(lora_dir), lora_dir, tiny_wan_transformer) == 31
+
+
+def test_wan_converter_command_and_its_errors(tiny_wan_transformer, tmp_path, capsys):
+    from crepa_diffusers import comfyui
+
+    lora_dir = wan_lora_dir(tiny_wan_transformer, tmp_path / "run", targets=r"^blocks\.1\.attn2\.to_out\.0$")
+    comfyui.main([str(lora_dir)])
+    out = lora_dir / comfyui.COMFYUI_FILE
+    assert capsys.readouterr().out.strip() == str(out)
+    assert set(load_file(str(out))) == {
+        f"diffusion_model.blocks.1.cross_attn.o.{name}" for name in ("lora_A.weight", "lora_B.weight", "alpha")
+    }
+    assert assert_wan_comfyui_file_exact(out, lora_dir, tiny_wan_transformer) == 1
+    # A module the converter takes no LoRA of (the condition embedder, outside the Wan script's targets, although
+    # ComfyUI's Wan has it as time_projection.1) stops the conversion, named.
+    bad = wan_lora_dir(
+        tiny_wan_transformer, tmp_path / "bad", targets=r"^(blocks\.0\.attn1\.to_q|condition_embedder\.time_proj)$"
+    )
+    with pytest.raises(SystemExit, match=r"not a Wan LoRA .*name for: condition_embedder\.time_proj\)"):
+        comfyui.main([str(bad)])
+    assert not (bad / comfyui.COMFYUI_FILE).exists()
+    # DoRA is refused as for HunyuanVideo.
+    dora = wan_lora_dir(tiny_wan_transformer, tmp_path / "dora", targets=r"^blocks\.0\.attn1\.to_q$", use_dora=True)
+    with pytest.raises(SystemExit, match="a DoRA adapter"):
+        comfyui.convert_file(dora)

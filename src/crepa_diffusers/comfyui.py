@@ -1,4 +1,6 @@
-"""HunyuanVideo LoRA in diffusers names -> a file ComfyUI's native loader reads whole, with the exact weight changes.
+"""HunyuanVideo or Wan LoRA in diffusers names -> a file ComfyUI's native loader reads whole, with the exact weight
+changes. The family comes from the keys: Wan's are `transformer.blocks.N.*`, HunyuanVideo's
+`transformer.transformer_blocks.N.*` / `transformer.single_transformer_blocks.N.*`.
 
 ComfyUI (comfy/lora.py, `model_lora_keys_unet`, HunyuanVideo branch) keeps the original HunyuanVideo module names:
 q, k and v fused (`double_blocks.N.img_attn.qkv`, `txt_attn.qkv`), the single blocks' q, k, v and MLP input fused
@@ -11,6 +13,11 @@ A fused target stacks its parts' `lora_A` (the rank grows to the sum) and puts t
 so up @ down is exactly the parts' weight changes stacked; a part without a LoRA gets zero rows. The name map is the
 inverse of diffusers' own (loaders/lora_conversion_utils.py `_convert_hunyuan_video_lora_to_diffusers`, and
 scripts/convert_hunyuan_video_to_diffusers.py), including its shift/scale swap of the final modulation.
+
+ComfyUI has no Wan branch there: Wan LoRAs load only through the generic keys `diffusion_model.<original Wan name>`
+(comfy/ldm/wan/model.py keeps Wan's own names). diffusers' scripts/convert_wan_to_diffusers.py renames one module to
+one (`attn1.to_q` <-> `self_attn.q`, `ffn.net.0.proj` <-> `ffn.0`, `proj_out` <-> `head.head`), nothing fused, so
+each Wan layer keeps its lora_A / lora_B and gets its `.alpha`.
 
     python -m crepa_diffusers.comfyui OUTPUT_DIR_OR_LORA_FILE [--output FILE]
 """
@@ -34,6 +41,14 @@ CARD_SECTION = f"""
   `.alpha` per layer): put it in `ComfyUI/models/loras` and load it with **LoraLoaderModelOnly** at strength
   **1.0** (the trained alpha / rank is inside the file).
 """
+WAN_CARD_SECTION = f"""
+## Files
+
+- `pytorch_lora_weights.safetensors`: diffusers names, for `pipe.load_lora_weights` (above).
+- `{COMFYUI_FILE}`: the same LoRA for ComfyUI's native Wan (Wan's original module names, an `.alpha` per
+  layer): put it in `ComfyUI/models/loras` and load it with **LoraLoaderModelOnly** at strength **1.0** (the
+  trained alpha / rank is inside the file).
+"""
 
 # Fused original targets: diffusers parts in the order of the fused weight's rows.
 _FUSED = {
@@ -54,11 +69,32 @@ _DOUBLE_RENAMES = {
 _SINGLE_RENAMES = {"proj_out": "linear2", "norm.linear": "modulation.linear"}
 _TOP_RENAMES = {"proj_out": "final_layer.linear", "norm_out.linear": "final_layer.adaLN_modulation.1"}
 _SWAP_HALVES = {"final_layer.adaLN_modulation.1"}  # diffusers keeps [scale, shift], the original [shift, scale]
+# Wan's block modules (diffusers -> original); the top-level proj_out is head.head.
+_WAN_RENAMES = {
+    f"attn{i}.{diffusers}": f"{attention}.{original}"
+    for i, attention in ((1, "self_attn"), (2, "cross_attn"))
+    for diffusers, original in zip(("to_q", "to_k", "to_v", "to_out.0"), "qkvo")
+} | {
+    "attn2.add_k_proj": "cross_attn.k_img",
+    "attn2.add_v_proj": "cross_attn.v_img",
+    "ffn.net.0.proj": "ffn.0",
+    "ffn.net.2": "ffn.2",
+}
 
 
-def comfyui_target(module: str) -> tuple[str, int | None] | None:
+def model_family(modules) -> str:
+    """The family of a LoRA's diffusers module names: Wan for `blocks.N.*`, else HunyuanVideo."""
+    return "Wan" if any(re.match(r"blocks\.\d+\.", module) for module in modules) else "HunyuanVideo"
+
+
+def comfyui_target(module: str, family: str = "HunyuanVideo") -> tuple[str, int | None] | None:
     """A diffusers transformer module name -> (original name, index of the part in a fused target or None); None
-    when ComfyUI's HunyuanVideo has no counterpart."""
+    for one without a ComfyUI counterpart here (Wan: the blocks' Linears and proj_out, no condition embedder)."""
+    if family == "Wan":
+        found = re.fullmatch(r"blocks\.(\d+)\.(.+)", module)
+        if found is None:
+            return ("head.head", None) if module == "proj_out" else None
+        return (f"blocks.{found[1]}.{_WAN_RENAMES[found[2]]}", None) if found[2] in _WAN_RENAMES else None
     found = re.fullmatch(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)", module)
     if found is None:
         return (_TOP_RENAMES[module], None) if module in _TOP_RENAMES else None
@@ -72,9 +108,9 @@ def comfyui_target(module: str) -> tuple[str, int | None] | None:
     return (prefix + renames[rest], None) if rest in renames else None
 
 
-def unsupported_modules(modules) -> list[str]:
-    """The LoRA-targeted diffusers module names that ComfyUI's HunyuanVideo cannot take."""
-    return [module for module in modules if comfyui_target(module) is None]
+def unsupported_modules(modules, family: str = "HunyuanVideo") -> list[str]:
+    """The LoRA-targeted diffusers module names that have no ComfyUI `family` name here."""
+    return [module for module in modules if comfyui_target(module, family) is None]
 
 
 def convert_to_comfyui(
@@ -88,7 +124,8 @@ def convert_to_comfyui(
 ) -> dict[str, torch.Tensor]:
     """diffusers/peft LoRA tensors (`[transformer.]<module>.lora_A.weight` / `lora_B.weight`) -> ComfyUI's
     `diffusion_model.<original>.lora_A.weight` / `.lora_B.weight` / `.alpha` (float32). `lora_alpha` / `rank` (and
-    peft's per-module patterns) give each module's scale; `mlp_ratio` sizes the zero rows of a missing `proj_mlp`."""
+    peft's per-module patterns) give each module's scale; `mlp_ratio` sizes the zero rows of a missing `proj_mlp`
+    (HunyuanVideo). The family (HunyuanVideo or Wan) comes from the module names."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
         found = re.fullmatch(r"(?:transformer\.)?(.+)\.(lora_A|lora_B)\.weight", key)
@@ -98,9 +135,10 @@ def convert_to_comfyui(
     missing = [module for module, pair in modules.items() if len(pair) != 2]
     if missing:
         raise ValueError(f"lora_A or lora_B missing for {missing[:3]}")
-    unsupported = unsupported_modules(modules)
+    family = model_family(modules)
+    unsupported = unsupported_modules(modules, family)
     if unsupported:
-        raise ValueError(f"modules without a ComfyUI HunyuanVideo counterpart: {unsupported[:5]}")
+        raise ValueError(f"modules this converter has no ComfyUI {family} name for: {unsupported[:5]}")
 
     def scale(module: str) -> float:  # peft: a pattern key matches a module name by its suffix
         def lookup(pattern, default):
@@ -111,7 +149,7 @@ def convert_to_comfyui(
 
     targets: dict[str, dict[int | None, str]] = {}
     for module in modules:
-        target, part = comfyui_target(module)
+        target, part = comfyui_target(module, family)
         targets.setdefault(target, {})[part] = module
     out = {}
     for target, parts in sorted(targets.items()):
@@ -156,20 +194,21 @@ def read_diffusers_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict
 def convert_file(
     path: str | Path, output: str | Path | None = None, lora_alpha: float | None = None, mlp_ratio: float = 4.0
 ) -> Path:
-    """Write the ComfyUI file of a diffusers HunyuanVideo LoRA (alpha and rank from its adapter metadata, or
+    """Write the ComfyUI file of a diffusers HunyuanVideo or Wan LoRA (alpha and rank from its adapter metadata, or
     `lora_alpha`); by default beside it as pytorch_lora_weights_comfyui.safetensors."""
     from safetensors.torch import save_file
 
     tensors, adapter, file = read_diffusers_lora(path)
-    problem = None
+    modules = {re.sub(r"\.lora_[AB]\.weight$", "", key[len("transformer.") :]) for key in tensors}
+    if adapter.get("use_dora"):  # before the names: its lora_magnitude_vector tensors are no module of ComfyUI's
+        raise SystemExit(f"{file}: a DoRA adapter; ComfyUI's lora_A/lora_B + alpha format cannot hold it.")
+    family, problem = model_family(modules), None
     if not tensors or not all(key.startswith("transformer.") for key in tensors):
         problem = "its tensors are not all `transformer.*` LoRA weights"
-    elif unsupported_modules({re.sub(r"\.lora_[AB]\.weight$", "", key[len("transformer.") :]) for key in tensors}):
-        problem = "its modules are not HunyuanVideo's (transformer_blocks.N / single_transformer_blocks.N)"
+    elif unsupported := sorted(unsupported_modules(modules, family)):
+        problem = f"modules this converter has no ComfyUI {family} name for: {', '.join(unsupported[:5])}"
     if problem:
-        raise SystemExit(f"{file}: not a HunyuanVideo LoRA in diffusers names ({problem}).")
-    if adapter.get("use_dora"):
-        raise SystemExit(f"{file}: a DoRA adapter; ComfyUI's lora_A/lora_B + alpha format cannot hold it.")
+        raise SystemExit(f"{file}: not a {family} LoRA in diffusers names ({problem}).")
     rank = adapter.get("r") or next(t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight"))
     alpha = lora_alpha if lora_alpha is not None else adapter.get("lora_alpha")
     if alpha is None:
@@ -193,8 +232,8 @@ def convert_file(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m crepa_diffusers.comfyui",
-        description="Write the ComfyUI file (native LoraLoaderModelOnly, strength 1.0) of a HunyuanVideo LoRA "
-        "saved in diffusers names.",
+        description="Write the ComfyUI file (native LoraLoaderModelOnly, strength 1.0) of a HunyuanVideo or Wan "
+        "LoRA saved in diffusers names (the family is read from its keys).",
     )
     parser.add_argument("path", help="pytorch_lora_weights.safetensors, or the output folder holding it")
     parser.add_argument("--output", default=None, help=f"default: {COMFYUI_FILE} beside the input")
