@@ -143,7 +143,8 @@ def test_precomputed_run_equals_uncached_run_and_encodes_nothing_in_training(
 
     # A second run reuses every clip entry and stores the validation prompt's embeddings (then the text encoders
     # are freed; validation samples from them); a third run encodes nothing at all before its first step.
-    text_calls = {"T5EncoderModel": 2, "LlamaModel": 1, "CLIPTextModel": 1}  # CogVideoX also encodes the "" negative
+    # CogVideoX and Wan also encode the "" negative prompt (classifier-free guidance); HunyuanVideo is guidance-distilled
+    text_calls = {"T5EncoderModel": 2, "UMT5EncoderModel": 2, "LlamaModel": 1, "CLIPTextModel": 1}
     for run in ("again", "third"):
         calls.counts.clear()
         calls.at_steps.clear()

@@ -17,6 +17,7 @@ from helpers import (
     run_main,
     tiny_train_args,
 )
+from safetensors.torch import load_file
 
 from crepa_diffusers.training_utils import EpochShuffleSampler, step_generator
 
@@ -79,6 +80,12 @@ def test_end_to_end(wan, tiny_models, dataset, tmp_path, model_name, mode, block
     )
     assert {k.split(".")[3] for k in state} == {"attn1", "attn2"}  # self- and cross-attention, as finetrainers
     assert lora_metadata(out)["lora_alpha"] == 8
+    comfy = load_file(str(out / "pytorch_lora_weights_comfyui.safetensors"))  # Wan's original names, for ComfyUI
+    assert len(comfy) == len(state) * 3 // 2  # lora_A, lora_B and an .alpha per layer
+    assert all(
+        re.match(r"diffusion_model\.blocks\.\d+\.(self|cross)_attn\.[qkvo]\.(lora_[AB]\.weight|alpha)$", k)
+        for k in comfy
+    )
 
     card = ModelCard.load(out / "README.md")
     assert {"crepa", "wan", "lora", "text-to-video"} <= set(card.data.tags)
@@ -104,7 +111,8 @@ def test_flow_matching_loss_matches_independent_computation(wan, tiny_models, da
 
     model = tiny_models["wan-2.1"]
     out = tmp_path / "out"
-    run_main(wan, base_args(model, dataset, out, steps=1, extra=["--crepa_mode", "none"]))
+    longer = ["--max_sequence_length", "32"]  # longer than the prompt: its embeddings end in padding
+    run_main(wan, base_args(model, dataset, out, steps=1, extra=["--crepa_mode", "none", *longer]))
     logged = json.loads((out / "training_log.json").read_text())[0]["diffusion_loss"]
 
     pipe = WanPipeline.from_pretrained(model)
@@ -119,7 +127,10 @@ def test_flow_matching_loss_matches_independent_computation(wan, tiny_models, da
         mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1)
         std = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1)
         x0 = (x0 - mean) / std
-        ids = pipe.tokenizer([example["prompt"]], padding="max_length", max_length=16, return_tensors="pt")
+        ids = pipe.tokenizer(
+            [example["prompt"]], padding="max_length", max_length=32, truncation=True, return_tensors="pt"
+        )
+        assert 0 < ids.attention_mask.sum() < 32
         embeds = pipe.text_encoder(ids.input_ids, ids.attention_mask).last_hidden_state
         embeds = embeds * ids.attention_mask[..., None]  # Wan's padding: zeros after the prompt's tokens
         u = torch.rand(1, generator=generator)
