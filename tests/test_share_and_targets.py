@@ -6,7 +6,8 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import COGVIDEOX_SCRIPT, HUNYUAN_SCRIPT, import_script, lora_state, run_main, tiny_train_args
+from helpers import COGVIDEOX_SCRIPT, HUNYUAN_SCRIPT, WAN_SCRIPT, import_script, lora_state, run_main, tiny_train_args
+from safetensors.torch import load_file
 from test_comfyui import assert_comfyui_file_exact
 
 
@@ -90,6 +91,35 @@ def test_cogvideox_named_layers_train_and_token_stays_out(cog, tiny_models, data
     assert all(state[key].abs().max() > 0 for key in state if "lora_B" in key)
     assert_token_in_no_file(out, "tracked-run-name")
     assert not list(out.glob("*.mp4"))
+
+
+def test_wan_ffn_and_output_layers_train_upload_the_comfyui_file_and_token_stays_out(
+    tiny_models, dataset, tmp_path, monkeypatch
+):
+    import huggingface_hub
+
+    uploads = {}
+
+    class Repo:
+        repo_id = "someone/tiny-wan"
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda *args, **kwargs: Repo())
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kwargs: uploads.update(kwargs))
+    out = tmp_path / "out"
+    extra = ["--max_sequence_length", "16", "--lora_layers", "attn1.to_q,ffn.net.0.proj,ffn.net.2,proj_out"]
+    extra += ["--report_to", "tensorboard", "--checkpointing_steps", "1", "--tracker_name", "tracked-run-name"]
+    extra += ["--push_to_hub", "--hub_model_id", "someone/tiny-wan", "--hub_token", TOKEN]
+    run_main(import_script(WAN_SCRIPT), tiny_train_args(tiny_models["wan-2.1"], dataset, out, steps=1, extra=extra))
+    state = lora_state(out)
+    modules = {re.sub(r"^transformer\.|\.lora_[AB]\.weight$", "", key) for key in state}
+    names = ("attn1.to_q", "ffn.net.0.proj", "ffn.net.2")
+    assert modules == {"proj_out"} | {f"blocks.{i}.{name}" for i in range(3) for name in names}
+    assert all(state[key].abs().max() > 0 for key in state if "lora_B" in key)
+    comfy = load_file(str(out / "pytorch_lora_weights_comfyui.safetensors"))
+    assert {"diffusion_model.head.head.alpha", "diffusion_model.blocks.2.ffn.0.lora_A.weight"} <= set(comfy)
+    assert "pytorch_lora_weights_comfyui.safetensors" in uploads["allow_patterns"] and uploads["token"] == TOKEN
+    assert "LoraLoaderModelOnly" in (out / "README.md").read_text()
+    assert_token_in_no_file(out, "tracked-run-name")
 
 
 @pytest.mark.parametrize("script_name", ["hunyuan", "cog"])
