@@ -614,8 +614,8 @@ def precompute_conditions(
 ) -> list[dict] | None:
     """--cache_conditions, the phase before the first step: each rank encodes the clips `todo` of its share (rank r:
     clips r, r + W, ...) whose entries are not already whole on disk (a second or resumed run encodes nothing), and
-    the validation prompts' UMT5 embeddings (and the empty negative prompt's). Returns the main process's validation inputs (embeddings: the
-    text encoders leave after this), None elsewhere."""
+    the validation prompts' UMT5 embeddings (and the empty negative prompt's). Returns the main process's validation
+    inputs (embeddings: the text encoders leave after this), None elsewhere."""
     from tqdm.auto import tqdm
 
     loader = torch.utils.data.DataLoader(
@@ -1234,7 +1234,7 @@ def main(args: argparse.Namespace) -> Path:
             crepa.free_encoder()  # CREPA: DINOv2 served the pass
         free_memory()
     # The transformer (fp8 already with --layerwise_upcasting) joins the GPU now: with the cache, after the encoders
-    # left it, so the two never share it (Wan 14B: 28 GiB of bf16 transformer beside 11 GiB of UMT5).
+    # left it, so the two never share it (Wan 14B: 28 GB of bf16 transformer beside 11 GB of UMT5).
     transformer.to(device)
     train_dataset = VideoDataset(items, args, cache)
     # Every batch from one bucket; the same bucket on every rank at each step (accelerate deals rank r its share).
