@@ -5,6 +5,7 @@
     python benchmarks/bench_crepa.py --preset cpu-mid                # a few minutes, CPU
     python benchmarks/bench_crepa.py --preset cogvideox-5b --encoder dinov2-g   # GPU, full size, random weights
     python benchmarks/bench_crepa.py --preset cogvideox-5b --count   # any machine: FLOPs and peak memory, counted
+    python benchmarks/bench_crepa.py --preset wan --count            # Wan 2.1 T2V 1.3B, 81x480x832, counted
 
 Each mode runs `training_loss` from examples/train_*_lora_crepa.py (VAE + text encoding, encoder features, the
 transformer with the block hook and the projector (one module, as trained), the loss), then backward, gradient clipping and the optimizer step, with
@@ -68,7 +69,7 @@ from crepa_diffusers.training_utils import step_generator  # noqa: E402
 
 @dataclass
 class Preset:
-    model: str  # cogvideox | hunyuan
+    model: str  # cogvideox | hunyuan | wan: the training script (examples/train_{model}_lora_crepa.py)
     frames: int
     height: int
     width: int
@@ -76,17 +77,25 @@ class Preset:
     dtype: torch.dtype
     gradient_checkpointing: bool
     encoders: tuple[str, ...]
-    rank: int = 16  # LoRA rank: the README recipes' at full size (CogVideoX 64, HunyuanVideo 32)
+    rank: int = 16  # LoRA rank: the README recipes' at full size (CogVideoX 64, HunyuanVideo 32, Wan 32)
     blocks_to_swap: int = 1  # the *-swap modes' --blocks_to_swap
+    full_size: bool = True  # released configs (a GPU to time them); False: small models that run on the CPU
 
 
 PRESETS = {
-    "tiny": Preset("cogvideox", 9, 32, 48, 1, torch.float32, False, ("tiny",)),
-    "cpu-mid": Preset("cogvideox", 17, 96, 144, 2, torch.float32, True, ("dinov2-s",), blocks_to_swap=2),
+    "tiny": Preset("cogvideox", 9, 32, 48, 1, torch.float32, False, ("tiny",), full_size=False),
+    "cpu-mid": Preset(
+        "cogvideox", 17, 96, 144, 2, torch.float32, True, ("dinov2-s",), blocks_to_swap=2, full_size=False
+    ),
+    "wan-tiny": Preset("wan", 9, 32, 48, 1, torch.float32, False, ("tiny",), full_size=False),  # the tiny WanPipeline
     "cogvideox-2b": Preset("cogvideox", 49, 480, 720, 8, torch.bfloat16, True, ("dinov2-g", "dinov2-b"), 64, 10),
     "cogvideox-5b": Preset("cogvideox", 49, 480, 720, 8, torch.bfloat16, True, ("dinov2-g", "dinov2-b"), 64, 20),
     "hunyuan": Preset("hunyuan", 49, 512, 768, 8, torch.bfloat16, True, ("dinov2-g", "dinov2-b"), 32, 30),
     "hunyuan-544p": Preset("hunyuan", 129, 544, 960, 8, torch.bfloat16, True, ("dinov2-g",), 32, 40),
+    # Wan 2.1 T2V 1.3B at its 480p size (81x480x832: 21 x 30 x 52 = 32,760 tokens); CREPA on block 8, the script's
+    # default; LoRA rank 32, the rank of the README's Wan recipe (to be written with 32); 10 of its 30 blocks swapped
+    # in the -swap modes.
+    "wan": Preset("wan", 81, 480, 832, 8, torch.bfloat16, True, ("dinov2-g", "dinov2-b"), 32, 10),
 }
 # Memory options on top of precomputed conditions (README, "Fitting a 12-24 GB card"): --selective_checkpointing,
 # --offload_activations, --blocks_to_swap (the preset's number). The bf16 one runs before fp8 casts the transformer.
@@ -236,6 +245,57 @@ def build_hunyuan():
     )
 
 
+def build_wan(preset_name: str):
+    """A WanPipeline: the tiny one of the tests for `wan-tiny`; else Wan 2.1 T2V 1.3B's released configs (the 1.3B
+    transformer, Wan 2.1's VAE, umt5-xxl's encoder), with the tiny pipeline's tokenizer (nothing is downloaded). Its
+    scheduler is the training one, as the script builds it: FlowMatchEulerDiscreteScheduler(shift=flow_shift 3.0)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from crepa_diffusers.testing import build_tiny_wan_pipeline
+
+    with torch.device("cpu"):  # its VAE config reads tensor values (latents_mean): not on the meta device
+        tiny = build_tiny_wan_pipeline("2.1")
+    if preset_name == "wan-tiny":  # moved to the device with the other frozen models
+        transformer, vae, text_encoder = tiny.transformer, tiny.vae, tiny.text_encoder
+    else:
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=12,
+            attention_head_dim=128,
+            in_channels=16,
+            out_channels=16,
+            text_dim=4096,
+            freq_dim=256,
+            ffn_dim=8960,
+            num_layers=30,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            eps=1e-6,
+            rope_max_seq_len=1024,
+        )
+        vae = AutoencoderKLWan()  # the default config is Wan 2.1's (base_dim 96, z_dim 16)
+        text_encoder = UMT5EncoderModel(  # umt5-xxl
+            UMT5Config(
+                vocab_size=256384,
+                d_model=4096,
+                d_ff=10240,
+                d_kv=64,
+                num_heads=64,
+                num_layers=24,
+                feed_forward_proj="gated-gelu",
+                relative_attention_num_buckets=32,
+            )
+        )
+    return WanPipeline(
+        tokenizer=tiny.tokenizer,
+        text_encoder=text_encoder,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+    )
+
+
 class PhaseTimer:
     """Accumulates wall time per named phase, synchronising the device at each boundary (timed runs only: the
     scripts' training step knows nothing of it; `script_step_phases` names its phases from outside)."""
@@ -262,7 +322,7 @@ def script_step_phases(setup: "StepSetup", model: torch.nn.Module, term, phases)
     open, the calls into the frozen text encoders and VAE are "text_vae_encoding", DINOv2 (`term.encode`) is
     "encoder_features", the trained module's forward is "transformer_forward", and what follows it is "loss".
     `phases(name)` is a context manager (PhaseTimer, CountedPhases, LiveTensorBytes.phases)."""
-    parts, pipe, wrapped = setup.parts, setup.pipe, []
+    pipe, wrapped = setup.pipe, []
     loss_phase = []
 
     def wrap(owner, attr: str, name: str, then: str | None = None) -> None:
@@ -280,12 +340,11 @@ def script_step_phases(setup: "StepSetup", model: torch.nn.Module, term, phases)
         setattr(owner, attr, in_phase)
         wrapped.append((owner, attr, original))
 
-    if pipe is None:  # CogVideoX: the script's T5 helper and the VAE
+    if pipe is None:  # CogVideoX: the script's T5 helper
         wrap(setup.script, "encode_prompts", "text_vae_encoding")
-        wrap(parts.vae, "encode", "text_vae_encoding")
-    else:  # HunyuanVideo: the pipeline's Llama + CLIP encoding and its VAE
+    else:  # HunyuanVideo (Llama + CLIP), Wan (UMT5): the pipeline's encode_prompt
         wrap(pipe, "encode_prompt", "text_vae_encoding")
-        wrap(pipe.vae, "encode", "text_vae_encoding")
+    wrap(setup.vae, "encode", "text_vae_encoding")
     if term is not None:
         wrap(term, "encode", "encoder_features")
     wrap(model, "forward", "transformer_forward", then="loss")
@@ -352,6 +411,9 @@ class StepSetup:
     precomputed: dict = None  # the batch of the *-precomputed modes: its conditions encoded once, on the CPU
     device: torch.device = None
     crepa: CrepaTerm = None  # the default CREPA term (precompute encodes its features whichever modes run)
+    model: str = None  # the preset's model: cogvideox | hunyuan | wan
+    texts: dict = None  # the text encoders, by the names the count reports (t5; llama, clip; umt5)
+    vae: torch.nn.Module = None
 
 
 def build_step_setup(
@@ -360,8 +422,7 @@ def build_step_setup(
     """Models from configs (random weights), built directly in `dtype` on `device` (a GPU, the CPU, or the meta
     device for FLOP counting), with LoRA, the encoder, the projector and one CREPA term per mode."""
     preset = PRESETS[preset_name]
-    full_size = preset_name not in ("tiny", "cpu-mid")
-    script = load_script("cogvideox" if preset.model == "cogvideox" else "hunyuan")
+    script = load_script(preset.model)
     torch.manual_seed(0)
     pipe = None
     default_dtype = torch.get_default_dtype()
@@ -370,16 +431,20 @@ def build_step_setup(
         with torch.device(device):
             if preset.model == "cogvideox":
                 tokenizer, text_encoder, vae, transformer, scheduler = build_cogvideox(preset_name)
-                frozen = [vae, transformer, text_encoder]
-            else:
+                texts = {"t5": text_encoder}
+            elif preset.model == "hunyuan":
                 pipe = build_hunyuan()
+                texts = {"llama": pipe.text_encoder, "clip": pipe.text_encoder_2}
+            else:
+                pipe = build_wan(preset_name)
+                texts = {"umt5": pipe.text_encoder}
+            if pipe is not None:
                 vae, transformer = pipe.vae, pipe.transformer
-                frozen = [vae, transformer, pipe.text_encoder, pipe.text_encoder_2]
             encoder_model = build_encoder(encoder_name)
     finally:
         torch.set_default_dtype(default_dtype)
-    for module in frozen:
-        module.requires_grad_(False).to(device, dtype=dtype)
+    for module in (vae, transformer, *texts.values()):
+        to_loaded_dtype(module.requires_grad_(False), device, dtype)
     if preset.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     with torch.device(device):
@@ -403,7 +468,7 @@ def build_step_setup(
             autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
         )
         hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-        projector = CrepaProjector(hidden, encoder.hidden_size, 2048 if full_size else 256)
+        projector = CrepaProjector(hidden, encoder.hidden_size, 2048 if preset.full_size else 256)
     stash: dict = {}
     original_encode = vae.encode
 
@@ -442,23 +507,27 @@ def build_step_setup(
             device=device,
         )
     else:
-        args = argparse.Namespace(
+        args = argparse.Namespace(  # the scripts' defaults
             random_flip=False,
-            max_sequence_length=256,
+            max_sequence_length=256 if preset.model == "hunyuan" else 512,
             guidance_scale=1.0,
             flow_weighting_scheme="none",
             flow_logit_mean=0.0,
             flow_logit_std=1.0,
             flow_mode_scale=1.29,
         )
+        if preset.model == "hunyuan":
+            size = {"patch_size": transformer.config.patch_size}
+        else:  # pixels per token side: the VAE's spatial factor (8 for Wan 2.1) x the patch size
+            size = {"token_pixels": pipe.vae_scale_factor_spatial * transformer.config.patch_size[1]}
         parts = script.Parts(
             pipe=pipe,
             model=transformer,
             scheduler=pipe.scheduler,
             weight_dtype=dtype,
             device=device,
-            patch_size=transformer.config.patch_size,
             args=args,
+            **size,
         )
     batch = {
         "frames": torch.rand(batch_size, preset.frames, 3, preset.height, preset.width, device=device) * 2 - 1,
@@ -478,8 +547,43 @@ def build_step_setup(
     ):
         terms[mode] = None if mode.startswith("none") else terms["crepa"]
     return StepSetup(
-        script, parts, terms, transformer, projector, encoder, batch, pipe, device=device, crepa=terms["crepa"]
+        script,
+        parts,
+        terms,
+        transformer,
+        projector,
+        encoder,
+        batch,
+        pipe,
+        device=device,
+        crepa=terms["crepa"],
+        model=preset.model,
+        texts=texts,
+        vae=vae,
     )
+
+
+def to_loaded_dtype(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """`module.to(device, dtype)` as the scripts' `from_pretrained(..., dtype=dtype)` loads it: a diffusers model's
+    `_keep_in_fp32_modules` stay in float32 (Wan's transformer: rope, time_embedder, scale_shift_table, norm1-3; the
+    CogVideoX and HunyuanVideo models name none). transformers keeps its list (T5's `wo`) only for float16."""
+    from diffusers import ModelMixin
+
+    keep = set(getattr(module, "_keep_in_fp32_modules", None) or []) if isinstance(module, ModelMixin) else set()
+    done = {}  # a tensor shared by two modules (tied weights) stays shared
+    for owner_name, owner in module.named_modules(remove_duplicate=False):
+        for tensors in (owner._parameters, owner._buffers):
+            for name, tensor in tensors.items():
+                if tensor is None:
+                    continue
+                if id(tensor) not in done:
+                    full_name = f"{owner_name}.{name}".split(".")
+                    target = torch.float32 if keep.intersection(full_name) else dtype
+                    moved = tensor.detach().to(device, dtype=target if tensor.is_floating_point() else None)
+                    if isinstance(tensor, torch.nn.Parameter):
+                        moved = torch.nn.Parameter(moved, requires_grad=tensor.requires_grad)
+                    done[id(tensor)] = (tensor, moved)  # the old tensor kept alive: ids stay unique
+                tensors[name] = done[id(tensor)][1]
 
 
 def precompute(setup: StepSetup) -> None:
@@ -551,10 +655,7 @@ def memory_options(mode: str, setup: StepSetup, preset: Preset):
 
 def frozen_encoders(setup: StepSetup) -> list[torch.nn.Module]:
     """What --cache_conditions frees after its pass: the text encoders, the VAE encoder and DINOv2."""
-    parts = setup.parts
-    texts = [parts.text_encoder] if setup.pipe is None else [setup.pipe.text_encoder, setup.pipe.text_encoder_2]
-    vae = parts.vae if setup.pipe is None else setup.pipe.vae
-    return [*texts, vae.encoder, setup.encoder.encoder]
+    return [*setup.texts.values(), setup.vae.encoder, setup.encoder.encoder]
 
 
 def host_bytes(forward_context, swap) -> int:
@@ -569,9 +670,10 @@ def batch_of(setup: StepSetup, mode: str) -> dict:
 
 def layerwise_casting_from(mode: str, setup: StepSetup, dtype: torch.dtype) -> None:
     """Before the first -fp8 mode (they run last): the frozen transformer weights stored in fp8, as
-    --layerwise_upcasting does (CogVideoX: diffusers' enable_layerwise_casting; HunyuanVideo: enable_fp8_weights)."""
+    --layerwise_upcasting does (CogVideoX: diffusers' enable_layerwise_casting; HunyuanVideo and Wan:
+    enable_fp8_weights, which for Wan casts what diffusers' does: its blocks' modulation is a parameter, no Linear)."""
     if "-fp8" in mode and not getattr(setup.transformer, "_crepa_bench_fp8", False):
-        if setup.pipe is None:
+        if setup.model == "cogvideox":
             setup.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
         else:
             training_utils.enable_fp8_weights(setup.transformer, compute_dtype=dtype)
@@ -892,9 +994,7 @@ def count_cache_pass(setup: StepSetup, offload_and_tiling: bool) -> dict:
     scripts move it after the pass). With `offload_and_tiling` (--offload_encoders --enable_tiling): one model on
     the device at a time and VAE tiling; without, every encoder on the device and no tiling (the scripts' default).
     Returns the peak in GiB and, with offloading, the peak while each model ran."""
-    parts, pipe, crepa = setup.parts, setup.pipe, setup.crepa
-    vae = parts.vae if pipe is None else pipe.vae
-    texts = {"t5": parts.text_encoder} if pipe is None else {"llama": pipe.text_encoder, "clip": pipe.text_encoder_2}
+    crepa, vae, texts = setup.crepa, setup.vae, setup.texts
     models = {**texts, "vae": vae, "dinov2": crepa.encoder.encoder}
     existing = [setup.batch["frames"]] + ([] if offload_and_tiling else _tensors(*models.values()))
     if offload_and_tiling:
@@ -922,6 +1022,19 @@ def count_cache_pass(setup: StepSetup, offload_and_tiling: bool) -> dict:
     }
 
 
+def umt5_without_padding_mask(text_encoder: torch.nn.Module):
+    """For the meta device: WanPipeline's encode_prompt runs as the script calls it, but transformers' mask builder
+    asks whether the padding mask is all ones (.all()), which the meta device cannot answer. UMT5 then runs on the
+    same max_sequence_length tokens without the mask: the same matmuls; all it leaves out is the [B, 1, 512, 512]
+    additive mask (1 MiB in bf16). The pipeline still zeroes the embeddings after the prompt's tokens. Returns the
+    hook's handle."""
+
+    def no_padding_mask(module, args, kwargs):
+        return args[:1], {**kwargs, "attention_mask": None}
+
+    return text_encoder.register_forward_pre_hook(no_padding_mask, with_kwargs=True)
+
+
 def count_on_meta(preset_name: str, encoder_name: str, batch_size: int = 1, modes: list[str] | None = None) -> dict:
     """FLOPs and peak tensor memory of one training step per mode at full size, on the meta device (shapes only:
     nothing is allocated, no GPU needed). Each mode has its own optimizer (LoRA, plus the projector for CREPA) and
@@ -930,8 +1043,8 @@ def count_on_meta(preset_name: str, encoder_name: str, batch_size: int = 1, mode
     preset = PRESETS[preset_name]
     setup = build_step_setup(preset_name, encoder_name, torch.device("meta"), preset.dtype, batch_size)
     select_modes(setup, modes)
-    parts, terms, transformer, pipe = setup.parts, setup.terms, setup.transformer, setup.pipe
-    if pipe is not None:
+    terms, transformer, pipe = setup.terms, setup.transformer, setup.pipe
+    if setup.model == "hunyuan":
 
         def encode_prompt_on_meta(prompts, device=None, dtype=None, max_sequence_length=256):
             # diffusers' encode_prompt reads token values (.item()), which the meta device cannot: run the same two
@@ -943,12 +1056,15 @@ def count_on_meta(preset_name: str, encoder_name: str, batch_size: int = 1, mode
             return states, pooled, torch.ones(size, max_sequence_length, dtype=torch.long, device="meta")
 
         pipe.encode_prompt = encode_prompt_on_meta
+    elif setup.model == "wan":
+        umt5_without_padding_mask(pipe.text_encoder)
     precompute(setup)
     cache_pass = {"default": count_cache_pass(setup, False), "offload_encoders": count_cache_pass(setup, True)}
-    frozen = [parts.text_encoder, parts.vae] if pipe is None else [pipe.text_encoder, pipe.text_encoder_2, pipe.vae]
+    frozen = [*setup.texts.values(), setup.vae]
     lora = [p for p in transformer.parameters() if p.requires_grad]
     flops, peaks, peak_phases, phase_peaks, host_peaks = {}, {}, {}, {}, {}
     for mode, term in terms.items():
+        layerwise_casting_from(mode, setup, preset.dtype)  # before memory_options: block swap holds the fp8 weights
         with memory_options(mode, setup, preset) as (forward_context, swap):
             count_mode(
                 mode, term, setup, preset, frozen, lora, forward_context, flops, peaks, peak_phases, phase_peaks
@@ -983,12 +1099,11 @@ def count_mode(mode, term, setup, preset, frozen, lora, forward_context, flops, 
     """One mode's FLOPs (its second step, when the AdamW state exists) and peak tensor memory (a pass of its own)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    parts, transformer, pipe = setup.parts, setup.transformer, setup.pipe
-    layerwise_casting_from(mode, setup, preset.dtype)
+    parts, transformer = setup.parts, setup.transformer
     crepa_modules = [setup.encoder.encoder, setup.projector] if term is not None else []
     if "precomputed" in mode:  # after the pass: no text encoder, VAE encoder or DINOv2 (the VAE decoder stays)
         crepa_modules = crepa_modules[1:]
-        frozen = [(parts.vae if pipe is None else pipe.vae).decoder]
+        frozen = [setup.vae.decoder]
     optimizer = torch.optim.AdamW(lora + (list(setup.projector.parameters()) if term is not None else []), lr=1e-5)
     model = TransformerWithProjector(transformer, term)
     mode_parts = dataclasses.replace(parts, model=model, forward_context=forward_context)
@@ -1118,7 +1233,7 @@ def main(argv=None) -> list[dict]:
             Path(args.output).write_text(json.dumps(results, indent=2))
         return results
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.preset not in ("tiny", "cpu-mid") and device.type != "cuda":
+    if PRESETS[args.preset].full_size and device.type != "cuda":
         parser.error(f"--preset {args.preset} is full size: it needs a GPU.")
     results = []
     for encoder_name in args.encoder or PRESETS[args.preset].encoders:

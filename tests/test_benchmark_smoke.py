@@ -1,16 +1,22 @@
-"""The tiny benchmark preset runs (a smoke test: it asserts what ran, never a time)."""
+"""The tiny benchmark presets run (a smoke test: it asserts what ran, never a time): `tiny` (CogVideoX's training
+script) and `wan-tiny` (Wan's, the tiny WanPipeline)."""
 
 import contextlib
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 from helpers import ROOT, import_script
 
 
-def test_tiny_benchmark_runs_every_mode(tmp_path):
+TINY_PRESETS = ["tiny", "wan-tiny"]
+
+
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_tiny_benchmark_runs_every_mode(tmp_path, preset):
     bench = import_script(ROOT / "benchmarks" / "bench_crepa.py")
-    results = bench.main(["--preset", "tiny", "--steps", "1", "--warmup", "1", "--output", str(tmp_path / "r.json")])
+    results = bench.main(["--preset", preset, "--steps", "1", "--warmup", "1", "--output", str(tmp_path / "r.json")])
     assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(results))
     (result,) = results
     precomputed = {"none-precomputed", "crepa-precomputed", "none-precomputed-fp8", "crepa-precomputed-fp8"}
@@ -28,12 +34,13 @@ def test_tiny_benchmark_runs_every_mode(tmp_path):
     assert "| crepa-decode |" in bench.markdown(result)
 
 
-def test_flop_and_memory_count_of_the_training_step_on_the_meta_device():
-    """The whole CogVideoX training step runs on the meta device: no data-dependent op (.item(), .cpu(), boolean
-    indexing) in the step, i.e. no per-step host sync; the encoder phase is counted and center pooling shrinks it;
-    the CREPA modes hold at least the encoder's weights more than plain LoRA."""
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_flop_and_memory_count_of_the_training_step_on_the_meta_device(preset):
+    """The whole CogVideoX (Wan) training step runs on the meta device: no data-dependent op (.item(), .cpu(),
+    boolean indexing) in the step, i.e. no per-step host sync; the encoder phase is counted and center pooling
+    shrinks it; the CREPA modes hold at least the encoder's weights more than plain LoRA."""
     bench = import_script(ROOT / "benchmarks" / "bench_crepa.py")
-    (result,) = bench.main(["--preset", "tiny", "--count"])
+    (result,) = bench.main(["--preset", preset, "--count"])
     tflops = result["tflops"]
     precomputed = {"none-precomputed", "crepa-precomputed", "none-precomputed-fp8", "crepa-precomputed-fp8"}
     precomputed |= set(bench.MEMORY_MODES)
@@ -74,6 +81,17 @@ def test_flop_and_memory_count_of_the_training_step_on_the_meta_device():
         "optimizer",
     }
     assert "| crepa-decode |" in bench.counted_markdown(result)
+
+
+def test_a_swap_mode_counts_the_same_alone_as_after_another_fp8_mode():
+    """--modes picks modes: the swapped blocks hold fp8 weights on the host whether or not an fp8 mode ran before
+    (the fp8 cast comes before the block swap, as in the scripts)."""
+    bench = import_script(ROOT / "benchmarks" / "bench_crepa.py")
+    swap = "crepa-precomputed-fp8-offload-swap"
+    alone = bench.count_on_meta("tiny", "tiny", 1, [swap])
+    after = bench.count_on_meta("tiny", "tiny", 1, ["crepa-precomputed-fp8", swap])
+    for figure in ("host_peak_gib", "peak_tensor_memory_gib", "phase_peak_gib"):
+        assert alone[figure][swap] == after[figure][swap]
 
 
 def test_live_tensor_bytes_counts_each_storage_once_until_it_is_freed():
@@ -131,10 +149,12 @@ def test_attention_on_meta_runs_as_on_a_gpu():
     torch.testing.assert_close(routed, F.scaled_dot_product_attention(q, q, q, attn_mask=mask), rtol=0, atol=0)
 
 
-def test_memory_counted_on_the_meta_device_equals_the_same_step_on_real_tensors():
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_memory_counted_on_the_meta_device_equals_the_same_step_on_real_tensors(preset):
     """The meta-device count stands in for a real run: the tiny training step (with gradient checkpointing, so the
     backward recomputes blocks) holds exactly as many bytes in every phase on real CPU tensors as on the meta device.
-    Attention takes the math path on both (the CPU's fused kernel and a GPU's differ in what they save)."""
+    Attention takes the math path on both (the CPU's fused kernel and a GPU's differ in what they save). Wan's UMT5
+    runs without its padding mask on both, as the count runs it on the meta device."""
     import dataclasses
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -145,12 +165,17 @@ def test_memory_counted_on_the_meta_device_equals_the_same_step_on_real_tensors(
     bench = import_script(ROOT / "benchmarks" / "bench_crepa.py")
     counts = {}
     for device in ("cpu", "meta"):
-        setup = bench.build_step_setup("tiny", "tiny", torch.device(device), torch.float32, 1)
+        setup = bench.build_step_setup(preset, "tiny", torch.device(device), torch.float32, 1)
         setup.transformer.enable_gradient_checkpointing()
+        if setup.model == "wan":
+            bench.umt5_without_padding_mask(setup.texts["umt5"])
+            # The script moves the scheduler's tables to the device at its first step (on the CPU: no copy).
+            scheduler = setup.parts.scheduler
+            scheduler.sigmas, scheduler.timesteps = scheduler.sigmas.to(device), scheduler.timesteps.to(device)
         for mode in ("none", "crepa"):
             term = setup.terms[mode]
             parts = dataclasses.replace(setup.parts, model=TransformerWithProjector(setup.transformer, term))
-            held = [setup.transformer, setup.parts.text_encoder, setup.parts.vae, setup.batch]
+            held = [setup.transformer, *setup.texts.values(), setup.vae, setup.batch]
             held += [setup.encoder.encoder, setup.projector] if term is not None else []
             generator = step_generator(0, 0, 0, torch.device(device)) if device == "cpu" else None
             with sdpa_kernel(SDPBackend.MATH), bench.LiveTensorBytes(bench._tensors(*held)) as memory:
@@ -160,7 +185,11 @@ def test_memory_counted_on_the_meta_device_equals_the_same_step_on_real_tensors(
                     loss.backward()
             counts[device, mode] = memory.phase_peaks
     for mode in ("none", "crepa"):
-        assert counts["cpu", mode] == counts["meta", mode]
+        cpu, meta = dict(counts["cpu", mode]), dict(counts["meta", mode])
+        if preset == "wan-tiny":  # WanPipeline moves the token ids and mask (int64, 512 each) to the text encoder's
+            # device: new storage on a device, none on the CPU, where they already are
+            assert meta.pop("text_vae_encoding") - cpu.pop("text_vae_encoding") == 2 * 8 * 512
+        assert cpu == meta
         assert {"text_vae_encoding", "transformer_forward", "backward"} <= set(counts["cpu", mode])
     assert "encoder_features" in counts["cpu", "crepa"] and "encoder_features" not in counts["cpu", "none"]
     assert counts["cpu", "crepa"]["backward"] > counts["cpu", "none"]["backward"]
