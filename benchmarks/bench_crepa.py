@@ -518,8 +518,14 @@ def build_step_setup(
         )
         if preset.model == "hunyuan":
             size = {"patch_size": transformer.config.patch_size}
-        else:  # pixels per token side: the VAE's spatial factor (8 for Wan 2.1) x the patch size
-            size = {"token_pixels": pipe.vae_scale_factor_spatial * transformer.config.patch_size[1]}
+        else:  # pixels per token side: the VAE's spatial factor (8 for Wan 2.1) x the patch size; the latent statistics
+            size = {
+                "token_pixels": pipe.vae_scale_factor_spatial * transformer.config.patch_size[1],
+                **{
+                    name: torch.tensor(getattr(pipe.vae.config, name), device=device).view(1, -1, 1, 1, 1)
+                    for name in ("latents_mean", "latents_std")
+                },
+            }
         parts = script.Parts(
             pipe=pipe,
             model=transformer,

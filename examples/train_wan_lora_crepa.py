@@ -567,6 +567,8 @@ class Parts:
     weight_dtype: torch.dtype
     device: torch.device
     token_pixels: int  # pixels per token side: the VAE's spatial factor x the patch size (16, or 32 for TI2V-5B)
+    latents_mean: torch.Tensor  # [1, C, 1, 1, 1] on the device, from the VAE config: built once, not per step
+    latents_std: torch.Tensor
     args: argparse.Namespace  # flow_*, max_sequence_length, random_flip
     forward_context: object = contextlib.nullcontext()  # around the transformer's forward: memory.ActivationOffload
 
@@ -697,10 +699,7 @@ def training_loss(
             frames = random_flip(frames, generator)
         conditions = encode_conditions(frames, batch["prompts"], parts, crepa if use_crepa else None)  # CREPA
     latents = DiagonalGaussianDistribution(conditions["latent_dist"]).sample(generator=generator).float()
-    vae_config = parts.pipe.vae.config
-    latents_mean = torch.tensor(vae_config.latents_mean, device=device).view(1, -1, 1, 1, 1)
-    latents_std = torch.tensor(vae_config.latents_std, device=device).view(1, -1, 1, 1, 1)
-    latents = (latents - latents_mean) / latents_std  # [B, C, F, h, w]
+    latents = (latents - parts.latents_mean) / parts.latents_std  # [B, C, F, h, w]
     batch_size = latents.shape[0]
     sigmas, timesteps = sample_flow_sigmas(args, parts.scheduler, batch_size, generator, device)
     noise = torch.randn(latents.shape, device=device, dtype=latents.dtype, generator=generator)
@@ -1210,6 +1209,8 @@ def main(args: argparse.Namespace) -> Path:
         weight_dtype=weight_dtype,
         device=device,
         token_pixels=multiple,
+        latents_mean=torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1),
+        latents_std=torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1),
         args=args,
         forward_context=memory.ActivationOffload(device) if args.offload_activations else contextlib.nullcontext(),
     )
