@@ -511,7 +511,7 @@ def build_step_setup(
             random_flip=False,
             max_sequence_length=256 if preset.model == "hunyuan" else 512,
             guidance_scale=1.0,
-            flow_weighting_scheme="none",
+            flow_weighting_scheme="logit_normal" if preset.model == "wan" else "none",
             flow_logit_mean=0.0,
             flow_logit_std=1.0,
             flow_mode_scale=1.29,

@@ -7,11 +7,11 @@ example.
         --pretrained_model_name_or_path Wan-AI/Wan2.1-T2V-1.3B-Diffusers --instance_data_root data \
         --caption_column prompts.txt --video_column videos.txt --output_dir wan-lora-crepa ...
 
-Wan 2.1 T2V 1.3B / 14B and Wan 2.2 TI2V-5B (trained as text-to-video). Flow matching as Wan trains: x_t = (1 - s) x0
-+ s noise, target noise - x0, sigmas s = shift * u / (1 + (shift - 1) u) with the shift of the model's own sampling
-scheduler (--flow_shift; 3.0 in the Wan-AI 480p folders); text from WanPipeline.encode_prompt (UMT5, each prompt's
-tokens then zeros up to --max_sequence_length, as Wan expects); latents normalised with the VAE's latents_mean /
-latents_std, as WanPipeline un-normalises them. `grep "# CREPA"` lists every line CREPA adds. Needs
+Wan 2.1 T2V 1.3B / 14B and Wan 2.2 TI2V-5B (trained as text-to-video). Flow matching as Wan's trainers do: x_t =
+(1 - s) x0 + s noise, target noise - x0, s = shift * u / (1 + (shift - 1) u) with u logit-normal and the shift of the
+folder's sampling scheduler (--flow_shift; 3.0 for Wan 2.1, 5.0 for TI2V-5B); text from WanPipeline.encode_prompt
+(UMT5, each prompt's tokens then zeros up to --max_sequence_length, as Wan expects); x0 the VAE's mean (Wan's own
+VAE encode returns it, never a sample), normalised with latents_mean / latents_std, as WanPipeline undoes it. `grep "# CREPA"` lists every line CREPA adds. Needs
 `pip install crepa-diffusers` (the CREPA term and a few small training utilities).
 """
 
@@ -188,7 +188,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Crop after resizing the short side: center, random, or none (a random crop, as in diffusers' "
         "script); stretch resizes to --height x --width ignoring the aspect ratio.",
     )
-    train.add_argument("--fps", type=int, default=16, help="Frame rate of the validation videos (Wan's 16).")
+    train.add_argument("--fps", type=int, default=16, help="Validation videos' frame rate (Wan 2.1: 16, TI2V-5B: 24).")
     train.add_argument("--max_num_frames", type=int, default=81, help="Frames per clip (4k+1).")
     train.add_argument("--skip_frames_start", type=int, default=0)
     train.add_argument("--skip_frames_end", type=int, default=0)
@@ -302,16 +302,17 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--flow_shift",
         type=float,
         default=None,
-        help="Shift of the flow-matching sigmas (default: the model's sampling scheduler's flow_shift, 3.0 in the "
-        "Wan-AI 480p folders; Wan suggests 5.0 for 720p).",
+        help="Shift of the flow-matching sigmas, in training and validation (default: the folder's sampling "
+        "scheduler's flow_shift: 3.0 for Wan 2.1, 5.0 for TI2V-5B; the Wan authors sample 720p with 5.0).",
     )
     wan.add_argument(
         "--flow_weighting_scheme",
         choices=["none", "logit_normal", "mode"],
-        default="none",
-        help="Density of the training sigmas before the shift (uniform, logit-normal, or SD3's mode).",
+        default="logit_normal",
+        help="Density of u before the shift: logit-normal (musubi-tuner's Wan --timestep_sampling shift), uniform, "
+        "or SD3's mode.",
     )
-    wan.add_argument("--flow_logit_mean", type=float, default=0.0)
+    wan.add_argument("--flow_logit_mean", type=float, default=0.0, help="> 0: less noise (diffusers' sign).")
     wan.add_argument("--flow_logit_std", type=float, default=1.0)
     wan.add_argument("--flow_mode_scale", type=float, default=1.29)
     wan.add_argument(
@@ -541,8 +542,9 @@ def lora_target_regex(lora_layers: str, transformer: torch.nn.Module) -> str:
 
 def sample_flow_sigmas(args, scheduler, batch_size: int, generator: torch.Generator, device):
     """u from the weighting density, then the scheduler's sigma and timestep at that position: the scheduler holds
-    1000 sigmas shifted by --flow_shift, s = shift * u / (1 + (shift - 1) * u): the shift WanPipeline samples with
-    (its UniPC scheduler's flow_shift) and musubi-tuner's Wan recipe trains with (--timestep_sampling shift)."""
+    1000 sigmas shifted by --flow_shift, s = shift * u / (1 + (shift - 1) * u), the shift WanPipeline samples with
+    (its UniPC scheduler's flow_shift). With logit-normal u it is musubi-tuner's Wan recipe (docs/wan.md:
+    --timestep_sampling shift --discrete_flow_shift 3.0: sigmoid(randn), then the shift)."""
     if args.flow_weighting_scheme == "logit_normal":
         u = torch.sigmoid(
             torch.randn(batch_size, generator=generator, device=device) * args.flow_logit_std + args.flow_logit_mean
@@ -684,8 +686,9 @@ def training_loss(
     step: int,
     max_train_steps: int,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One micro-batch's loss: flow matching, target noise - x0 (+ lambda * L_align), and the values to log. The
-    latents are normalised per channel, (x - latents_mean) / latents_std: WanPipeline undoes exactly this."""
+    """One micro-batch's loss: flow matching, target noise - x0 (+ lambda * L_align), and the values to log. x0 is the
+    VAE's mean, as Wan's own VAE encode returns (Wan2.1 wan/modules/vae.py: `return mu`), normalised per channel,
+    (x - latents_mean) / latents_std: WanPipeline undoes exactly this."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     args, device, dtype = parts.args, parts.device, parts.weight_dtype
@@ -698,7 +701,7 @@ def training_loss(
         if args.random_flip:
             frames = random_flip(frames, generator)
         conditions = encode_conditions(frames, batch["prompts"], parts, crepa if use_crepa else None)  # CREPA
-    latents = DiagonalGaussianDistribution(conditions["latent_dist"]).sample(generator=generator).float()
+    latents = DiagonalGaussianDistribution(conditions["latent_dist"]).mode().float()
     latents = (latents - parts.latents_mean) / parts.latents_std  # [B, C, F, h, w]
     batch_size = latents.shape[0]
     sigmas, timesteps = sample_flow_sigmas(args, parts.scheduler, batch_size, generator, device)
@@ -1099,9 +1102,12 @@ def main(args: argparse.Namespace) -> Path:
     # The Hub folders hold the sampling scheduler (UniPC with flow sigmas); training draws from the same shifted
     # flow-matching sigmas in a FlowMatchEulerDiscreteScheduler's table, and validation samples with the folder's.
     sampling_config = FlowMatchEulerDiscreteScheduler.load_config(base, subfolder="scheduler", **load)
-    sampling_scheduler = getattr(diffusers, sampling_config["_class_name"]).from_config(sampling_config)
     if args.flow_shift is None:
         args.flow_shift = sampling_config.get("flow_shift") or sampling_config.get("shift") or 3.0
+    shift_name = "flow_shift" if "flow_shift" in sampling_config else "shift"  # UniPC's name, or FlowMatchEuler's
+    sampling_scheduler = getattr(diffusers, sampling_config["_class_name"]).from_config(
+        sampling_config, **{shift_name: args.flow_shift}
+    )
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=args.flow_shift)
     if args.enable_slicing:
         vae.enable_slicing()
@@ -1413,6 +1419,7 @@ def main(args: argparse.Namespace) -> Path:
         if prompts:
             try:
                 fresh = WanPipeline.from_pretrained(base, dtype=weight_dtype, variant=args.variant, **load)
+                fresh.scheduler = type(sampling_scheduler).from_config(sampling_scheduler.config)  # --flow_shift
                 fresh.load_lora_weights(args.output_dir, adapter_name="wan-lora-crepa")  # scale from the metadata
                 if args.enable_slicing:
                     fresh.vae.enable_slicing()

@@ -60,19 +60,36 @@ def wan():
     "model_name, mode, block",
     [("wan-2.1", "crepa", 1), ("wan-2.1", "repa", 2), ("wan-2.1", "none", 0), ("wan-2.2-5b", "crepa", 2)],
 )
-def test_end_to_end(wan, tiny_models, dataset, tmp_path, model_name, mode, block):
-    """The three arms train on Wan 2.1 (and CREPA on TI2V-5B's 32-pixel tokens); the LoRA loads with
-    WanPipeline.load_lora_weights and changes the output; the card and the log say what ran."""
+def test_end_to_end(wan, tiny_models, dataset, tmp_path, monkeypatch, model_name, mode, block):
+    """The three arms train on Wan 2.1 (REPA with fp8 weights; CREPA on TI2V-5B's 32-pixel tokens, with validation
+    videos sampled at the trained --flow_shift); the LoRA loads with WanPipeline.load_lora_weights and changes the
+    output; the card and the log say what ran."""
     from diffusers import WanPipeline
     from huggingface_hub import ModelCard
 
     model = tiny_models[model_name]
     out = tmp_path / "out"
-    argv = base_args(model, dataset, out, extra=["--crepa_mode", mode, "--crepa_block_index", str(block)])
+    extra = ["--crepa_mode", mode, "--crepa_block_index", str(block)]
+    extra += ["--layerwise_upcasting"] if mode == "repa" else []
+    if model_name == "wan-2.2-5b":  # its folder's shift is 5.0: validation must sample with the trained 4.0
+        extra += ["--flow_shift", "4", "--validation_prompt", "a cat", "--validation_steps", "2"]
+        extra += ["--validation_num_inference_steps", "2", "--report_to", "tensorboard"]
+    argv = base_args(model, dataset, out, extra=extra)
+    sampled = []
+    original = wan.log_validation
+    monkeypatch.setattr(
+        wan,
+        "log_validation",
+        lambda pipe, *a, **k: sampled.append(pipe.scheduler.config.flow_shift) or original(pipe, *a, **k),
+    )
     if mode == "crepa" and model_name == "wan-2.1":  # as users run it; the others in this process
         launch(WAN_SCRIPT, argv, tmp_path)
     else:
         run_main(wan, argv)
+    if model_name == "wan-2.2-5b":
+        assert sampled == [4.0, 4.0]  # the step-2 validation and the final pipeline with the LoRA loaded
+        assert sorted(p.name.split("_")[0] for p in out.glob("*.mp4")) == ["test", "validation"]
+        assert list((out / "logs").rglob("events.out.tfevents.*"))
 
     state = lora_state(out)
     assert state and all(
@@ -105,7 +122,7 @@ def test_end_to_end(wan, tiny_models, dataset, tmp_path, model_name, mode, block
 
 def test_flow_matching_loss_matches_independent_computation(wan, tiny_models, dataset, tmp_path):
     """Step 1's logged diffusion loss equals MSE(transformer(x_t), noise - x0), recomputed here from the same random
-    draws (VAE sample, then u, then noise): x0 normalised with the VAE's latents_mean / latents_std, the sigma
+    draws (u, then noise): x0 the VAE's mean normalised with latents_mean / latents_std, u logit-normal and the sigma
     shifted by the folder's flow_shift 3.0, x_t = (1 - s) x0 + s noise, UMT5 embeddings zero after the prompt."""
     from diffusers import WanPipeline
 
@@ -123,7 +140,7 @@ def test_flow_matching_loss_matches_independent_computation(wan, tiny_models, da
     frames = example["frames"][None]
     generator = step_generator(0, 0, 0, torch.device("cpu"))
     with torch.no_grad():
-        x0 = pipe.vae.encode(frames.permute(0, 2, 1, 3, 4)).latent_dist.sample(generator=generator)
+        x0 = pipe.vae.encode(frames.permute(0, 2, 1, 3, 4)).latent_dist.mean  # Wan's VAE encode: the mean
         mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1)
         std = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1)
         x0 = (x0 - mean) / std
@@ -133,7 +150,7 @@ def test_flow_matching_loss_matches_independent_computation(wan, tiny_models, da
         assert 0 < ids.attention_mask.sum() < 32
         embeds = pipe.text_encoder(ids.input_ids, ids.attention_mask).last_hidden_state
         embeds = embeds * ids.attention_mask[..., None]  # Wan's padding: zeros after the prompt's tokens
-        u = torch.rand(1, generator=generator)
+        u = torch.sigmoid(torch.randn(1, generator=generator))  # logit-normal (0, 1)
         grid = 1 - torch.arange(1000) / 1000
         sigma = (3.0 * grid / (1 + 2.0 * grid))[int(u * 1000)]  # shift 3, the folder's flow_shift
         noise = torch.randn(x0.shape, generator=generator)
@@ -198,6 +215,7 @@ def edited_copy(source, target, subfolder, **changes):
     [
         ("transformer", {"in_channels": 36}, [], r"in_channels=36.*image-to-video checkpoint.*Wan2\.1-T2V"),
         ("", {"boundary_ratio": 0.875}, [], r"a Wan 2\.2 A14B pipeline \(two experts.*not supported yet"),
+        ("", {"transformer_2": ["diffusers", "WanTransformer3DModel"]}, [], r"A14B pipeline.*not supported yet"),
         (None, {}, ["--height", "48"], r"--height 48 is not a multiple of 32 \(VAE x16 times patch size 2\)"),
         (None, {}, ["--max_sequence_length", "16", "--crepa_block_index", "3"], r"--crepa_block_index 3.*3 blocks"),
     ],
