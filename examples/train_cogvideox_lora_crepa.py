@@ -796,7 +796,7 @@ def log_validation(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Logging: metrics summed on the device, the loss plot and log, and a cross-rank check of the trained weights
+# Logging: metrics summed on the device, the loss plot and log
 
 
 class MetricSums:
@@ -849,25 +849,6 @@ def write_loss_plot(history: list[dict], output_dir: str) -> Path | None:
     with open(Path(output_dir) / "training_log.json", "w") as handle:
         json.dump(history, handle)
     return path
-
-
-def check_ranks_agree(accelerator, params: list[torch.nn.Parameter]) -> None:
-    """With several processes every rank must end with the same trained weights (DDP keeps them in step; a rank that
-    skipped a step alone would not): compare checksums across ranks."""
-    if accelerator.num_processes == 1:
-        return
-    checksum = torch.stack(
-        [
-            torch.stack([p.detach().double().sum() for p in params]).sum(),
-            torch.stack([p.detach().double().abs().sum() for p in params]).sum(),
-        ]
-    )
-    gathered = accelerator.gather(checksum.to(accelerator.device)[None]).cpu()
-    if not torch.allclose(gathered, gathered[:1].expand_as(gathered), rtol=1e-9, atol=0):
-        raise RuntimeError(f"The ranks ended with different trained weights: checksums {gathered.tolist()}")
-    logger.info(
-        "Trained weights identical on all %d ranks (checksum %.9g).", accelerator.num_processes, gathered[0, 0].item()
-    )
 
 
 def get_optimizer(args: argparse.Namespace, params_to_optimize: list[dict]) -> torch.optim.Optimizer:
@@ -1375,7 +1356,7 @@ def main(args: argparse.Namespace) -> Path:
 
     # ---- The LoRA with its metadata and the loss plot; then, once training's models are freed, the final videos
     # from a fresh pipeline with the saved LoRA loaded, the model card and the Hub upload.
-    check_ranks_agree(accelerator, trained_params)
+    training_utils.check_ranks_agree(accelerator, trained_params)
     accelerator.wait_for_everyone()
     finished = accelerator.is_main_process and not interrupted
     if finished:

@@ -292,3 +292,22 @@ def enable_fp8_weights(transformer: torch.nn.Module, compute_dtype: torch.dtype)
             and module.weight.dtype != torch.float8_e4m3fn
         ):  # unless diffusers cast it already
             apply_layerwise_casting_hook(module, torch.float8_e4m3fn, compute_dtype, non_blocking=False)
+
+
+def check_ranks_agree(accelerator, params: list[torch.nn.Parameter]) -> None:
+    """With several processes every rank must end with the same trained weights (DDP keeps them in step; a rank that
+    skipped a step alone would not): compare checksums across ranks."""
+    if accelerator.num_processes == 1:
+        return
+    checksum = torch.stack(
+        [
+            torch.stack([p.detach().double().sum() for p in params]).sum(),
+            torch.stack([p.detach().double().abs().sum() for p in params]).sum(),
+        ]
+    )
+    gathered = accelerator.gather(checksum.to(accelerator.device)[None]).cpu()
+    if not torch.allclose(gathered, gathered[:1].expand_as(gathered), rtol=1e-9, atol=0):
+        raise RuntimeError(f"The ranks ended with different trained weights: checksums {gathered.tolist()}")
+    logger.info(
+        "Trained weights identical on all %d ranks (checksum %.9g).", accelerator.num_processes, gathered[0, 0].item()
+    )
