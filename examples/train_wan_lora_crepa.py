@@ -7,12 +7,12 @@ example.
         --pretrained_model_name_or_path Wan-AI/Wan2.1-T2V-1.3B-Diffusers --instance_data_root data \
         --caption_column prompts.txt --video_column videos.txt --output_dir wan-lora-crepa ...
 
-Wan 2.1 T2V 1.3B / 14B and Wan 2.2 TI2V-5B (trained as text-to-video). Flow matching as Wan's trainers do: x_t =
-(1 - s) x0 + s noise, target noise - x0, s = shift * u / (1 + (shift - 1) u) with u logit-normal and the shift of the
-folder's sampling scheduler (--flow_shift; 3.0 for Wan 2.1, 5.0 for TI2V-5B); text from WanPipeline.encode_prompt
-(UMT5, each prompt's tokens then zeros up to --max_sequence_length, as Wan expects); x0 the VAE's mean (Wan's own
-VAE encode returns it, never a sample), normalised with latents_mean / latents_std, as WanPipeline undoes it. `grep "# CREPA"` lists every line CREPA adds. Needs
-`pip install crepa-diffusers` (the CREPA term and a few small training utilities).
+Wan 2.1 T2V 1.3B / 14B, Wan 2.2 TI2V-5B (as text-to-video) and one Wan 2.2 A14B expert per run (--wan22_expert).
+Flow matching as Wan's trainers do: x_t = (1 - s) x0 + s noise, target noise - x0, s = shift * u / (1 + (shift - 1) u)
+with u logit-normal and the folder's sampling shift (--flow_shift; 3.0 for Wan 2.1, 5.0 for TI2V-5B); text from
+WanPipeline.encode_prompt (UMT5, each prompt's tokens then zeros up to --max_sequence_length, as Wan expects); x0 the
+VAE's mean (Wan's own VAE encode returns it, never a sample), normalised with latents_mean / latents_std, as
+WanPipeline undoes it. `grep "# CREPA"` lists every line CREPA adds. Needs `pip install crepa-diffusers`.
 """
 
 from __future__ import annotations
@@ -316,6 +316,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     wan.add_argument("--flow_logit_std", type=float, default=1.0)
     wan.add_argument("--flow_mode_scale", type=float, default=1.29)
     wan.add_argument(
+        "--wan22_expert",
+        choices=["high_noise", "low_noise"],
+        default=None,
+        help="Wan 2.2 A14B (two experts): the one this run trains, on its timesteps only: high_noise = `transformer` "
+        "(t >= boundary_ratio x 1000), low_noise = `transformer_2` (below). Train each in its own run.",
+    )
+    wan.add_argument(
         "--lora_layers",
         type=str,
         default=DEFAULT_LORA_LAYERS,
@@ -555,7 +562,7 @@ def sample_flow_sigmas(args, scheduler, batch_size: int, generator: torch.Genera
             u = 1 - u - args.flow_mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
     if scheduler.sigmas.device != u.device:  # once: indexing CPU tables with a device index would sync every step
         scheduler.sigmas, scheduler.timesteps = scheduler.sigmas.to(u.device), scheduler.timesteps.to(u.device)
-    index = (u * scheduler.config.num_train_timesteps).long().clamp(0, len(scheduler.sigmas) - 1)
+    index = (u * len(scheduler.sigmas)).long().clamp(0, len(scheduler.sigmas) - 1)  # an A14B expert: its range only
     return scheduler.sigmas[index], scheduler.timesteps[index]
 
 
@@ -917,13 +924,22 @@ def main(args: argparse.Namespace) -> Path:
 
     # ---- Checks that need only configs and file headers: fail before any weights load.
     pipeline_config = WanPipeline.load_config(base, **load)
-    if pipeline_config.get("boundary_ratio") is not None or pipeline_config.get("transformer_2", [None])[0]:
+    boundary = pipeline_config.get("boundary_ratio")  # Wan 2.2 A14B: `transformer` above it, `transformer_2` below
+    if (boundary is None) != (args.wan22_expert is None):
         raise SystemExit(
-            f"{base}: a Wan 2.2 A14B pipeline (two experts switched at boundary_ratio "
-            f"{pipeline_config.get('boundary_ratio')}): not supported yet. This script trains one transformer: Wan "
-            "2.1 T2V 1.3B / 14B or Wan 2.2 TI2V-5B (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers)."
+            f"{base}: a Wan 2.2 A14B pipeline (two experts, boundary_ratio {boundary}): pick the one to train with "
+            "--wan22_expert high_noise or low_noise."
+            if boundary is not None
+            else f"--wan22_expert {args.wan22_expert}: {base} has one transformer (no boundary_ratio); drop the flag."
         )
-    config = WanTransformer3DModel.load_config(base, subfolder="transformer", **load)
+    if boundary is not None and args.validation_prompt and args.num_validation_videos:
+        raise SystemExit(
+            "--validation_prompt with --wan22_expert: sampling needs both experts, and this run trains one. Drop "
+            "the prompts and sample the saved LoRA with WanPipeline (load_lora_weights(..., load_into_transformer_2="
+            "True) for the low_noise expert)."
+        )
+    expert = "transformer_2" if args.wan22_expert == "low_noise" else "transformer"  # the transformer this run trains
+    config = WanTransformer3DModel.load_config(base, subfolder=expert, **load)
     vae_spatial = AutoencoderKLWan.load_config(base, subfolder="vae", **load).get("scale_factor_spatial") or 8
     patch_t, patch_h, patch_w = config["patch_size"]
     if config["in_channels"] != config["out_channels"] or config.get("image_dim"):
@@ -1077,7 +1093,7 @@ def main(args: argparse.Namespace) -> Path:
         else None
     )
     transformer = WanTransformer3DModel.from_pretrained(
-        base, subfolder="transformer", dtype=weight_dtype, variant=args.variant, **load
+        base, subfolder=expert, dtype=weight_dtype, variant=args.variant, **load
     )
     vae = AutoencoderKLWan.from_pretrained(base, subfolder="vae", dtype=weight_dtype, variant=args.variant, **load)
     # The Hub folders hold the sampling scheduler (UniPC with flow sigmas); training draws from the same shifted
@@ -1090,6 +1106,10 @@ def main(args: argparse.Namespace) -> Path:
         sampling_config, **{shift_name: args.flow_shift}
     )
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=args.flow_shift)
+    if boundary is not None:  # the expert's part of the (descending) table, as WanPipeline switches at t = boundary
+        high = scheduler.timesteps >= boundary * scheduler.config.num_train_timesteps
+        keep = high if args.wan22_expert == "high_noise" else ~high
+        scheduler.sigmas, scheduler.timesteps = scheduler.sigmas[keep], scheduler.timesteps[keep]
     if args.enable_slicing:
         vae.enable_slicing()
     if args.enable_tiling:
@@ -1436,10 +1456,13 @@ def main(args: argparse.Namespace) -> Path:
                 "seed": args.seed,
                 "layerwise_upcasting": args.layerwise_upcasting,
                 "flow_shift": args.flow_shift,
+                "wan22_expert": args.wan22_expert,
             },
             validation_prompts=prompts,
             video_files=videos,
-            extra=comfyui.WAN_CARD_SECTION + ("\n## Training curves\n\n![losses](loss.png)\n" if history else ""),
+            extra=comfyui.WAN_CARD_SECTION
+            + ("\nLoad it with `load_lora_weights(..., load_into_transformer_2=True)`." * (expert != "transformer"))
+            + ("\n## Training curves\n\n![losses](loss.png)\n" if history else ""),
         )
         if args.push_to_hub:
             from huggingface_hub import upload_folder

@@ -23,7 +23,7 @@ from crepa_diffusers.training_utils import EpochShuffleSampler, step_generator
 
 
 # TI2V-5B's VAE compresses 16x and the DiT patches 2x2: a token is 32 pixels, so its clips are 64x96 (a 2x3 grid).
-SIZES = {"wan-2.1": ("32", "48"), "wan-2.2-5b": ("64", "96")}
+SIZES = {"wan-2.1": ("32", "48"), "wan-2.2-5b": ("64", "96"), "wan-2.2-a14b": ("32", "48")}
 
 
 def base_args(model, dataset, output_dir, steps=2, extra=()):
@@ -214,8 +214,8 @@ def edited_copy(source, target, subfolder, **changes):
     "subfolder, changes, extra, message",
     [
         ("transformer", {"in_channels": 36}, [], r"in_channels=36.*image-to-video checkpoint.*Wan2\.1-T2V"),
-        ("", {"boundary_ratio": 0.875}, [], r"a Wan 2\.2 A14B pipeline \(two experts.*not supported yet"),
-        ("", {"transformer_2": ["diffusers", "WanTransformer3DModel"]}, [], r"A14B pipeline.*not supported yet"),
+        ("", {"boundary_ratio": 0.875}, [], r"a Wan 2\.2 A14B pipeline \(two experts.*--wan22_expert high_noise"),
+        (None, {}, ["--wan22_expert", "low_noise"], r"--wan22_expert low_noise: .* has one transformer"),
         (None, {}, ["--height", "48"], r"--height 48 is not a multiple of 32 \(VAE x16 times patch size 2\)"),
         (None, {}, ["--max_sequence_length", "16", "--crepa_block_index", "3"], r"--crepa_block_index 3.*3 blocks"),
     ],
@@ -237,3 +237,44 @@ def test_bad_model_or_flags_stop_before_weights_load(
     monkeypatch.setattr(WanTransformer3DModel, "from_pretrained", no_weights)
     with pytest.raises(SystemExit, match=message):
         run_main(wan, base_args(model, dataset, tmp_path / "out", extra=extra))
+
+
+@pytest.mark.parametrize("expert", ["high_noise", "low_noise"])
+def test_wan22_a14b_trains_one_expert_on_its_timesteps(wan, tiny_models, dataset, tmp_path, monkeypatch, expert):
+    """--wan22_expert trains `transformer` on t >= 875 (boundary_ratio 0.875) or `transformer_2` below, as
+    WanPipeline switches them; the LoRA loads into that expert (load_into_transformer_2 for the low-noise one) and
+    changes the output; validation prompts are refused (sampling needs both experts)."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    model, out = tiny_models["wan-2.2-a14b"], tmp_path / "out"
+    timesteps, original = [], WanTransformer3DModel.forward
+
+    def recording_forward(self, hidden_states, timestep, *args, **kwargs):
+        timesteps.append(float(timestep[0]))
+        return original(self, hidden_states, timestep, *args, **kwargs)
+
+    monkeypatch.setattr(WanTransformer3DModel, "forward", recording_forward)
+    # u drawn mostly outside the expert's range (most of it > 0.3 for high_noise, < 0.3 for low_noise): only the
+    # restriction to the expert's part of the table keeps every timestep on its side of 875.
+    against = ["--flow_logit_mean", "2" if expert == "high_noise" else "-2"]
+    run_main(wan, base_args(model, dataset, out, steps=6, extra=["--wan22_expert", expert, *against]))
+    assert len(timesteps) == 6
+    assert all(t >= 875 for t in timesteps) if expert == "high_noise" else all(t < 875 for t in timesteps)
+    monkeypatch.setattr(WanTransformer3DModel, "forward", original)
+
+    pipe = WanPipeline.from_pretrained(model)
+    trained, other = (
+        (pipe.transformer_2, pipe.transformer) if expert == "low_noise" else (pipe.transformer, pipe.transformer_2)
+    )
+    before = generate(pipe, "wan-2.2-a14b")
+    pipe.load_lora_weights(out, **({"load_into_transformer_2": True} if expert == "low_noise" else {}))
+    assert any("lora" in name for name, _ in trained.named_parameters())
+    assert not any("lora" in name for name, _ in other.named_parameters())
+    assert np.abs(generate(pipe, "wan-2.2-a14b") - before).max() > 1e-4
+    with pytest.raises(SystemExit, match="--validation_prompt with --wan22_expert"):
+        run_main(
+            wan,
+            base_args(
+                model, dataset, tmp_path / "v", extra=["--wan22_expert", expert, "--validation_prompt", "a cat"]
+            ),
+        )

@@ -193,12 +193,13 @@ def build_tiny_hunyuan_pipeline(seed: int = 0):
     )
 
 
-WAN_VARIANTS = ("2.1", "2.2-5b")
+WAN_VARIANTS = ("2.1", "2.2-5b", "2.2-a14b")
 
 
 def build_tiny_wan_pipeline(variant: str = "2.1", seed: int = 0):
-    """A complete WanPipeline: 2.1 (VAE 8x spatial, 16 latent channels) or 2.2-5b (TI2V-5B's VAE: 16x spatial via a
-    2x2 patchify, 48 latent channels, residual blocks; `expand_timesteps` as its Hub pipeline has it)."""
+    """A complete WanPipeline: 2.1 (VAE 8x spatial, 16 latent channels), 2.2-5b (TI2V-5B's VAE: 16x spatial via a
+    2x2 patchify, 48 latent channels, residual blocks; `expand_timesteps` as its Hub pipeline has it) or 2.2-a14b (two
+    experts: `transformer` at t >= 875, `transformer_2` below, Wan 2.1's VAE)."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
 
@@ -220,20 +221,25 @@ def build_tiny_wan_pipeline(variant: str = "2.1", seed: int = 0):
     )
     wan22 = variant == "2.2-5b"
     latent_channels = 48 if wan22 else 16
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=latent_channels,
-        out_channels=latent_channels,
-        text_dim=32,
-        freq_dim=32,
-        ffn_dim=32,
-        num_layers=3,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    )
+
+    def make_transformer():
+        return WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=12,
+            in_channels=latent_channels,
+            out_channels=latent_channels,
+            text_dim=32,
+            freq_dim=32,
+            ffn_dim=32,
+            num_layers=3,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+        )
+
+    transformer = make_transformer()
+    experts = {"transformer_2": make_transformer(), "boundary_ratio": 0.875} if variant == "2.2-a14b" else {}
     vae = AutoencoderKLWan(
         base_dim=3 if not wan22 else 12,
         z_dim=latent_channels,
@@ -258,6 +264,7 @@ def build_tiny_wan_pipeline(variant: str = "2.1", seed: int = 0):
             prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0 if wan22 else 3.0
         ),
         expand_timesteps=wan22,
+        **experts,
     )
 
 
