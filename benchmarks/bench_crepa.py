@@ -731,7 +731,7 @@ def run(
     trace_dir: str | None = None,
 ) -> dict:
     preset = PRESETS[preset_name]
-    dtype = preset.dtype if device.type == "cuda" else torch.float32
+    dtype = preset.dtype  # the full-size presets bf16 (as the scripts on GPUs), the tiny ones fp32
     setup = build_step_setup(preset_name, encoder_name, device, dtype, batch_size)
     select_modes(setup, modes)
     precompute(setup)
@@ -752,8 +752,15 @@ def run(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    # One TransformerWithProjector per mode (as the scripts train), sharing the transformer and the projector.
+    # One TransformerWithProjector per mode (as the scripts train), sharing the transformer and the projector; its
+    # forward under autocast in the training dtype with fp32 outputs, as accelerate.prepare wraps the scripts' model
+    # with --mixed_precision bf16 (with fp8 storage the LoRA's fp32 weights meet bf16 inputs: autocast serves both).
     models = {mode: TransformerWithProjector(transformer, term) for mode, term in terms.items()}
+    if dtype != torch.float32:
+        from accelerate.utils import convert_outputs_to_fp32
+
+        for model in models.values():
+            model.forward = convert_outputs_to_fp32(torch.autocast(device.type, dtype=dtype)(model.forward))
 
     def step(mode: str, timer=contextlib.nullcontext):
         generator = step_generator(0, 0, 0, device)

@@ -35,6 +35,20 @@ def test_tiny_benchmark_runs_every_mode(tmp_path, preset):
 
 
 @pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_timed_bf16_fp8_modes_run_under_accelerate_style_autocast(monkeypatch, preset):
+    """The full-size presets time in bf16: with fp8 storage the LoRA's fp32 weights meet bf16 inputs, which only
+    autocast around the model's forward (what accelerate.prepare adds in the scripts) makes one dtype. The tiny preset
+    in bf16 on the CPU runs the fp8 modes as a GPU would (without the autocast: "expected m1 and m2 to have the same
+    dtype")."""
+    import dataclasses
+
+    bench = import_script(ROOT / "benchmarks" / "bench_crepa.py")
+    monkeypatch.setitem(bench.PRESETS, preset, dataclasses.replace(bench.PRESETS[preset], dtype=torch.bfloat16))
+    result = bench.run(preset, "tiny", 1, 1, 1, torch.device("cpu"), ["crepa-precomputed-fp8", "crepa"])
+    assert set(result["median_step_s"]) == {"none", "crepa", "crepa-precomputed-fp8"}
+
+
+@pytest.mark.parametrize("preset", TINY_PRESETS)
 def test_flop_and_memory_count_of_the_training_step_on_the_meta_device(preset):
     """The whole CogVideoX (Wan) training step runs on the meta device: no data-dependent op (.item(), .cpu(),
     boolean indexing) in the step, i.e. no per-step host sync; the encoder phase is counted and center pooling
