@@ -35,6 +35,24 @@ def _train_tokenizer(tokenizer, corpus: list[str], vocab_size: int = 100):
     return tokenizer.train_new_from_iterator(corpus, vocab_size=vocab_size)
 
 
+def _tiny_t5(config_class, model_class):
+    """A T5 tokenizer trained on the tiny corpus and a 2-layer encoder of `model_class` (CogVideoX's T5, Wan's UMT5)."""
+    from transformers import T5Tokenizer
+
+    tokenizer = _train_tokenizer(T5Tokenizer(extra_ids=0), _corpus())
+    config = config_class(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_ff=37,
+        d_kv=8,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return tokenizer, model_class(config)
+
+
 def build_tiny_cogvideox_pipeline(variant: str = "2b", seed: int = 0):
     """A complete CogVideoXPipeline: 2b (sin-cos positions), 5b (rotary), 1.5 (rotary, patch_size_t=2)."""
     from diffusers import (
@@ -43,24 +61,12 @@ def build_tiny_cogvideox_pipeline(variant: str = "2b", seed: int = 0):
         CogVideoXPipeline,
         CogVideoXTransformer3DModel,
     )
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+    from transformers import T5Config, T5EncoderModel
 
     if variant not in COGVIDEOX_VARIANTS:
         raise ValueError(f"variant must be one of {COGVIDEOX_VARIANTS}, got {variant!r}")
     torch.manual_seed(seed)
-    tokenizer = _train_tokenizer(T5Tokenizer(extra_ids=0), _corpus())
-    text_encoder = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer),
-            d_model=32,
-            d_ff=37,
-            d_kv=8,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    tokenizer, text_encoder = _tiny_t5(T5Config, T5EncoderModel)
     transformer = CogVideoXTransformer3DModel(
         num_attention_heads=2,
         attention_head_dim=16,
@@ -201,24 +207,12 @@ def build_tiny_wan_pipeline(variant: str = "2.1", seed: int = 0):
     2x2 patchify, 48 latent channels, residual blocks; `expand_timesteps` as its Hub pipeline has it) or 2.2-a14b (two
     experts: `transformer` at t >= 875, `transformer_2` below, Wan 2.1's VAE)."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
+    from transformers import UMT5Config, UMT5EncoderModel
 
     if variant not in WAN_VARIANTS:
         raise ValueError(f"variant must be one of {WAN_VARIANTS}, got {variant!r}")
     torch.manual_seed(seed)
-    tokenizer = _train_tokenizer(T5Tokenizer(extra_ids=0), _corpus())
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=len(tokenizer),
-            d_model=32,
-            d_ff=37,
-            d_kv=8,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    tokenizer, text_encoder = _tiny_t5(UMT5Config, UMT5EncoderModel)
     wan22 = variant == "2.2-5b"
     latent_channels = 48 if wan22 else 16
 
