@@ -944,7 +944,7 @@ def main(args: argparse.Namespace) -> Path:
     patch_t, patch_h, patch_w = config["patch_size"]
     if config["in_channels"] != config["out_channels"] or config.get("image_dim"):
         raise SystemExit(
-            f"{base}: transformer/config.json has in_channels={config['in_channels']}, out_channels="
+            f"{base}: {expert}/config.json has in_channels={config['in_channels']}, out_channels="
             f"{config['out_channels']}, image_dim={config.get('image_dim')}: an image-to-video checkpoint (image "
             "latents or CLIP image tokens joined to the input). This script trains text-to-video Wan, e.g. "
             "Wan-AI/Wan2.1-T2V-1.3B-Diffusers or Wan-AI/Wan2.2-TI2V-5B-Diffusers."
