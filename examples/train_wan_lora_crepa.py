@@ -217,7 +217,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     train.add_argument(
         "--cache_conditions",
         action="store_true",
-        help="Before training, encode every clip once (VAE latent distribution, UMT5 text "
+        help="Before training, encode every clip once (VAE latent mean, UMT5 text "
         "embeddings, DINOv2 features; under --condition_cache_dir, reused by later runs), then free the "
         "GPU of the text encoders, the VAE encoder and DINOv2.",
     )
@@ -588,9 +588,9 @@ def encode_conditions(
     parts: Parts,
     crepa: CrepaTerm | None = None,  # CREPA
 ) -> dict[str, torch.Tensor]:
-    """What the frozen encoders give a batch: the VAE latent distribution's parameters, the UMT5 embeddings (zeros
-    after each prompt's tokens) and (CREPA) the DINOv2 features on the DiT's token grid. Every step; or once per
-    clip, before training, with the cache."""
+    """What the frozen encoders give a batch: the VAE's latent mean (x0 is the mean: nothing samples, so the
+    log-variance is not kept), the UMT5 embeddings (zeros after each prompt's tokens) and (CREPA) the DINOv2 features
+    on the DiT's token grid. Every step; or once per clip, before training, with the cache."""
     dtype = parts.weight_dtype
     with torch.no_grad():
         embeds, _ = parts.pipe.encode_prompt(
@@ -601,7 +601,7 @@ def encode_conditions(
             dtype=dtype,
         )
         conditions = {
-            "latent_dist": parts.pipe.vae.encode(frames.permute(0, 2, 1, 3, 4).to(dtype)).latent_dist.parameters,
+            "latents": parts.pipe.vae.encode(frames.permute(0, 2, 1, 3, 4).to(dtype)).latent_dist.mean,
             "prompt_embeds": embeds,
         }
     if crepa is not None:  # CREPA
@@ -696,8 +696,6 @@ def training_loss(
     """One micro-batch's loss: flow matching, target noise - x0 (+ lambda * L_align), and the values to log. x0 is the
     VAE's mean, as Wan's own VAE encode returns (Wan2.1 wan/modules/vae.py: `return mu`), normalised per channel,
     (x - latents_mean) / latents_std: WanPipeline undoes exactly this."""
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
     args, device, dtype = parts.args, parts.device, parts.weight_dtype
     # CREPA: lambda follows --crepa_scheduler by optimizer step; at 0 the encoder, hook and projector do no work.
     use_crepa = crepa is not None and crepa.lambda_at(step, max_train_steps) > 0  # CREPA
@@ -708,8 +706,7 @@ def training_loss(
         if args.random_flip:
             frames = random_flip(frames, generator)
         conditions = encode_conditions(frames, batch["prompts"], parts, crepa if use_crepa else None)  # CREPA
-    latents = DiagonalGaussianDistribution(conditions["latent_dist"]).mode().float()
-    latents = (latents - parts.latents_mean) / parts.latents_std  # [B, C, F, h, w]
+    latents = (conditions["latents"].float() - parts.latents_mean) / parts.latents_std  # [B, C, F, h, w]
     batch_size = latents.shape[0]
     sigmas, timesteps = sample_flow_sigmas(args, parts.scheduler, batch_size, generator, device)
     noise = torch.randn(latents.shape, device=device, dtype=latents.dtype, generator=generator)
@@ -1074,7 +1071,7 @@ def main(args: argparse.Namespace) -> Path:
             salt={flag: getattr(args, flag) for flag in cache_key_flags},
         )
     required = {
-        "latent_dist",
+        "latents",
         "prompt_embeds",
         *(["features"] if crepa_config.enabled else []),  # CREPA
     }  # CREPA
