@@ -68,28 +68,30 @@ def launch(
         str(script),
         *args,
     ]
-    # A session of its own, so that on a timeout the launcher's children die with it.
-    process = subprocess.Popen(
-        command,
-        cwd=tmp_path,
-        env=env or offline_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        raise AssertionError(f"{script.name} timed out after {timeout} s:\n{stderr[-8000:]}") from None
-    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    result = run_in_own_session(script.name, command, tmp_path, env or offline_env(), timeout, subprocess.PIPE)
     if check and result.returncode != 0:
         raise AssertionError(
             f"{script.name} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
         )
     return result
+
+
+def run_in_own_session(
+    name: str, command: list[str], cwd: Path, env: dict, timeout: int, stderr
+) -> subprocess.CompletedProcess:
+    """Runs `command` (`name` in messages) in a session of its own, so that on a timeout its children (a launcher's
+    ranks) are killed with it, never left behind; `stderr`: subprocess.PIPE, or subprocess.STDOUT into stdout."""
+    process = subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True
+    )
+    try:
+        stdout, errors = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, errors = process.communicate()
+        output = errors if stderr == subprocess.PIPE else stdout
+        raise AssertionError(f"{name} timed out after {timeout} s:\n{output[-8000:]}") from None
+    return subprocess.CompletedProcess(command, process.returncode, stdout, errors)
 
 
 def run_two_ranks(script: Path, argv: list[str], cwd: Path, timeout: int = 300) -> str:
@@ -98,22 +100,10 @@ def run_two_ranks(script: Path, argv: list[str], cwd: Path, timeout: int = 300) 
     torchrun, leaving ranks behind). Returns the combined log."""
     env = offline_env(ACCELERATE_USE_CPU="true", CREPA_LOG_LEVEL="DEBUG", OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    process = subprocess.Popen(
-        [*command, str(CPU_RANKS), str(script), *argv],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        log, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        log, _ = process.communicate()
-        raise AssertionError(f"2-process run hung:\n{log[-6000:]}") from None
-    assert process.returncode == 0, log[-6000:]
+    command += [str(CPU_RANKS), str(script), *argv]
+    result = run_in_own_session(f"2-process {script.name}", command, cwd, env, timeout, subprocess.STDOUT)
+    log = result.stdout
+    assert result.returncode == 0, log[-6000:]
     assert "2 processes (rank 0)" in log and "2 processes (rank 1)" in log
     return log
 
