@@ -17,6 +17,7 @@ from helpers import (
     COGVIDEOX_SCRIPT,
     HUNYUAN_SCRIPT,
     ROOT,
+    WAN_SCRIPT,
     assert_same_trained_weights,
     import_script,
     launch,
@@ -262,7 +263,10 @@ def test_lora_metadata_and_card_precision(tiny_models, dataset, tmp_path):
     assert "| `mixed_precision` | `no` |" in card and "accelerate default" not in card
 
 
-@pytest.mark.parametrize("script_path, model", [(COGVIDEOX_SCRIPT, "cogvideox-2b"), (HUNYUAN_SCRIPT, "hunyuan")])
+@pytest.mark.parametrize(
+    "script_path, model",
+    [(COGVIDEOX_SCRIPT, "cogvideox-2b"), (HUNYUAN_SCRIPT, "hunyuan"), (WAN_SCRIPT, "wan-2.1")],
+)
 def test_image_to_video_checkpoint_is_refused_before_loading(tiny_models, dataset, tmp_path, script_path, model):
     i2v = tmp_path / "i2v"
     shutil.copytree(tiny_models[model], i2v)
