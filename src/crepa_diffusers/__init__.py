@@ -1,10 +1,5 @@
-"""CREPA (Cross-frame Representation Alignment, arXiv 2506.09229) for diffusers video LoRA training.
-
-The CREPA term (`CrepaConfig`, `build_crepa` -> `CrepaTerm`, `TransformerWithProjector`, `crepa_loss`), and the
-small mechanisms the example scripts' loops call explicitly (`checkpoints`, `training_utils`, `ConditionCache`,
-`write_model_card`, `comfyui`, `buckets`, `read_sample`, `memory`): everything the scripts import is listed in
-`__all__`.
-"""
+"""CREPA (Cross-frame Representation Alignment, arXiv 2506.09229) for diffusers video LoRA training: the CREPA term,
+and the small mechanisms the example scripts' loops call explicitly. `__all__` lists everything the scripts import."""
 
 from . import buckets, checkpoints, comfyui, memory, training_utils
 from .cache import ConditionCache
@@ -17,25 +12,9 @@ from .term import CrepaTerm, TransformerWithProjector, build_crepa
 
 
 __version__ = "0.1.0"
-__all__ = [
-    "ConditionCache",
-    "CrepaConfig",
-    "CrepaProjector",
-    "CrepaTerm",
-    "DinoPatchFeatures",
-    "HiddenStateCapture",
-    "TransformerWithProjector",
-    "add_crepa_args",
-    "buckets",
-    "build_crepa",
-    "checkpoints",
-    "comfyui",
-    "crepa_loss",
-    "dataset_files",
-    "memory",
-    "read_sample",
-    "token_frame_groups",
-    "training_utils",
-    "transformer_blocks",
-    "write_model_card",
-]
+# The CREPA term: its settings and flags, the loss, the DINOv2 features, the block hook and the projector.
+__all__ = ["CrepaConfig", "add_crepa_args", "build_crepa", "CrepaTerm", "TransformerWithProjector", "crepa_loss"]
+__all__ += ["CrepaProjector", "DinoPatchFeatures", "token_frame_groups", "HiddenStateCapture", "transformer_blocks"]
+# What the loops call around it: samples, buckets, the condition cache, memory, checkpoints, model card, ComfyUI.
+__all__ += ["read_sample", "dataset_files", "buckets", "ConditionCache", "memory", "training_utils", "checkpoints"]
+__all__ += ["write_model_card", "comfyui"]

@@ -10,6 +10,7 @@ from .training_utils import EpochShuffleSampler
 
 
 Bucket = tuple[int, int, int]  # (frames, height, width); a still's bucket has 1 frame
+Size = tuple[int, int]  # (height, width)
 
 
 def parse_buckets(values: list[str], flag: str, image: bool = False) -> list[Bucket]:
@@ -26,15 +27,11 @@ def parse_buckets(values: list[str], flag: str, image: bool = False) -> list[Buc
 
 
 def check_buckets(
-    buckets: list[Bucket],
-    flag: str,
-    temporal_compression: int,
-    spatial_multiple: int,
-    max_size: tuple[int, int] | None = None,
+    buckets: list[Bucket], flag: str, temporal_compression: int, spatial_multiple: int, max_size: Size | None = None
 ) -> None:
-    """Sizes the model takes: frames 4k+1 for a causal VAE with temporal compression 4 (a token-frame patch of 2, as
-    in CogVideoX 1.5, is met by the front padding the scripts apply, so any 4k+1 works there), height and width
-    multiples of VAE x patch; `max_size` (height, width): CogVideoX 1.5's rotary grid, which ends at its sample size."""
+    """Sizes the model takes: rk+1 frames for a causal VAE of temporal compression r (CogVideoX 1.5's token-frame
+    patch of 2 is met by the scripts' front padding), height and width multiples of VAE x patch; `max_size` (height,
+    width): CogVideoX 1.5's rotary grid, which ends at its sample size."""
     for frames, height, width in buckets:
         shape = (height, width) if "image" in flag else (frames, height, width)
         name = f"{flag} {'x'.join(map(str, shape))}"
@@ -74,14 +71,12 @@ def choose_bucket(num_frames: int, height: int, width: int, buckets: list[Bucket
 
 
 class BucketBatchSampler(EpochShuffleSampler):
-    """Batches of sample indices, each from one bucket (`bucket_of[i]`: sample i's), in an order that depends only on
-    (seed, epoch), the same on every rank: `EpochShuffleSampler`'s permutation dealt into per-bucket batches, each
-    emitted when full (with one bucket: exactly the batches of before); a bucket's last incomplete batch is kept
-    (drop_last=False, as diffusers' loaders). With W = `num_replicas` > 1 a bucket's batches leave in groups of W (a
-    group short at the end is completed with the bucket's first batches): accelerate's `BatchSamplerShard` gives rank r
-    batches r, r + W, ..., so at each step every rank holds a batch of the same bucket. No `batch_size` attribute: the
-    batches vary in size, so accelerate deals them whole, padding or dropping none. The length is the same each epoch:
-    `skip_first_batches` on a resume skips exactly the batches an uninterrupted run trained on."""
+    """Batches of sample indices, each from one bucket (`bucket_of[i]`), in an order set by (seed, epoch) alone:
+    `EpochShuffleSampler`'s permutation dealt into per-bucket batches, each emitted when full; a bucket's last short
+    batch is kept (drop_last=False, as diffusers' loaders). With W = `num_replicas` > 1 a bucket's batches leave in
+    groups of W (the last group completed with its first batches): accelerate's `BatchSamplerShard` gives rank r
+    batches r, r + W, ..., so every rank trains the same bucket at each step. No `batch_size` attribute: accelerate
+    then deals the batches whole. The length is fixed, so `skip_first_batches` resumes exactly."""
 
     def __init__(self, bucket_of: list, batch_size: int, seed: int, num_replicas: int = 1) -> None:
         super().__init__(len(bucket_of), seed)
@@ -113,7 +108,7 @@ def buckets_from_flags(
     default: Bucket,
     temporal_compression: int,
     spatial_multiple: int,
-    max_size: tuple[int, int] | None = None,
+    max_size: Size | None = None,
 ) -> tuple[list[Bucket], list[Bucket]]:
     """The video and still buckets of a run, checked against the model: --video_resolution_buckets (else `default`,
     from --max_num_frames / --height / --width), --image_resolution_buckets (else the video buckets' sizes)."""

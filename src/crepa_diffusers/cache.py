@@ -1,5 +1,5 @@
-"""--cache_conditions: what the frozen encoders give each clip (its VAE latent distribution, its prompt's embeddings,
-its DINOv2 features), computed once in a pass before training, then read back by the DataLoader."""
+"""--cache_conditions: what the frozen encoders give each clip (its VAE latents, its prompt's embeddings, its DINOv2
+features), computed once in a pass before training, then read back by the DataLoader."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ logger = logging.getLogger(__name__)
 
 
 class ConditionCache:
-    """One safetensors file per entry, named by a hash of everything its content depends on (the video file's path,
-    size and mtime, its prompt, the frame sampling and resolution flags, the model ids), so a changed flag or video
-    never reuses a stale entry. Files are written to a staging name and renamed: an entry is whole or absent."""
+    """One safetensors file per entry, named by a hash of all its content depends on (the video's path, size and
+    mtime, its prompt and bucket, and `salt`: the frame sampling flags, the model ids), so a changed flag or video
+    never reuses a stale entry. Each file is written to a staging name and renamed: whole or absent."""
 
     def __init__(self, directory: str | os.PathLike, salt: dict) -> None:
         self.directory = Path(directory)
@@ -34,7 +34,7 @@ class ConditionCache:
         return self.key(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, *parts)
 
     def item_key(self, item) -> str:
-        """A sample's entry (`.path`, `.prompt`, and `.bucket`, the size it trains at, where it has one)."""
+        """A sample's entry (`.path`, `.prompt`, and `.bucket` where it has one)."""
         bucket = getattr(item, "bucket", None)
         return self.video_key(item.path, item.prompt, *([list(bucket)] if bucket else []))
 
@@ -42,8 +42,8 @@ class ConditionCache:
         return self.directory / f"{key}.safetensors"
 
     def is_valid(self, key: str, required: set[str]) -> bool:
-        """The entry exists, its file is whole and holds the `required` tensors (a run that stored no CREPA features
-        may have written it); a truncated or unreadable one is reported. Either way it is computed again."""
+        """The entry's file is whole and holds the `required` tensors (a run without CREPA stores no features); a
+        truncated or unreadable one is reported, and computed again like a missing one."""
         from safetensors import safe_open
 
         if not self.path(key).is_file():
@@ -56,8 +56,8 @@ class ConditionCache:
             return False
 
     def missing(self, items: list, required: set[str], rank: int = 0, world_size: int = 1) -> list[int]:
-        """This rank's share of `items` (ones with `.path` and `.prompt`; rank r: r, r + W, ...) whose entries are
-        absent, damaged or lack a `required` tensor: what the pass must encode."""
+        """What the pass must encode: the indices of this rank's share of `items` (rank r: r, r + W, ...) whose
+        entries are absent, damaged or lack a `required` tensor."""
         return [i for i in range(rank, len(items), world_size) if not self.is_valid(self.item_key(items[i]), required)]
 
     def save(self, key: str, tensors: dict[str, torch.Tensor]) -> int:
@@ -83,10 +83,8 @@ class ConditionCache:
     def check_space(self, entry_bytes: int, entries_left: int) -> None:
         """After the first entry of the pass: fail then, not when the disk fills hours later."""
         needed, free = entry_bytes * entries_left, shutil.disk_usage(self.directory).free
-        sizes = (
-            f"--cache_conditions: entries take {entry_bytes / 1e6:.1f} MB each, {needed / 1e9:.2f} GB for the "
-            f"{entries_left} still to write; {self.directory} has {free / 1e9:.2f} GB free"
-        )
+        sizes = f"--cache_conditions: entries take {entry_bytes / 1e6:.1f} MB each, {needed / 1e9:.2f} GB for the "
+        sizes += f"{entries_left} still to write; {self.directory} has {free / 1e9:.2f} GB free"
         logger.info(sizes)
         if needed > free:
             raise SystemExit(

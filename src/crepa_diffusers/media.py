@@ -24,10 +24,8 @@ def _upright(frame) -> np.ndarray:
     return np.rot90(frame.to_ndarray(format="rgb24"), k=round(frame.rotation / 90) % 4)
 
 
-def count_frames(container, stream) -> int:
-    """The stream's frame count from its header, else (some containers leave it 0) by counting its packets."""
-    if stream.frames:
-        return stream.frames
+def count_packets(container, stream) -> int:
+    """The frames a video stream stores (read, not decoded; a cut file lacks the last ones), from the start."""
     count = sum(1 for packet in container.demux(stream) if packet.size)
     container.seek(0)
     return count
@@ -40,7 +38,7 @@ def read_video(path: str | Path, pick: Callable[[int], list[int]]) -> torch.Tens
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        wanted = pick(count_frames(container, stream))
+        wanted = pick(stream.frames or count_packets(container, stream))  # some containers list 0 frames
         needed, frames = set(wanted), {}
         for index, frame in enumerate(container.decode(stream)):
             if index in needed:
@@ -71,9 +69,9 @@ def probe(path: str | Path) -> tuple[int, int, int]:
         return (1, *read_image(path).shape[1:3])
     import av
 
-    with av.open(str(path)) as container:  # the packets stored (read, not decoded): a cut file lacks the last ones
+    with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        listed, stored = stream.frames, sum(1 for packet in container.demux(stream) if packet.size)
+        listed, stored = stream.frames, count_packets(container, stream)
     if listed and stored < listed:
         raise RuntimeError(
             f"it holds {stored} of the {listed} frames its header lists (cut short, e.g. a partial copy)"
