@@ -1,4 +1,4 @@
-"""checkpoint-N folders written atomically (`latest` only ever names a complete one), and the LoRA's adapter metadata."""
+"""checkpoint-N folders written atomically (`latest` only ever names a complete one); the LoRA's adapter metadata."""
 
 from __future__ import annotations
 
@@ -19,41 +19,28 @@ CHECKPOINT_COMPLETE = "checkpoint_complete.json"
 PROJECTOR_FILE = "crepa_projector.safetensors"  # written by term.CrepaTerm.save_projector
 
 
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoint-N folders, oldest first (a folder without the completion marker is ignored)."""
+def list_checkpoints(output_dir: str | os.PathLike, diffusers: bool = False) -> list[Path]:
+    """checkpoint-N folders, oldest first: this project's complete ones (with the completion marker) or, with
+    `diffusers`, diffusers' example's."""
     root = Path(output_dir)
-    found = [
-        (int(match.group(1)), path)
-        for path in (root.iterdir() if root.is_dir() else [])
-        if (match := CHECKPOINT_PATTERN.match(path.name)) and (path / CHECKPOINT_COMPLETE).is_file()
-    ]
-    return [path for _, path in sorted(found)]
+    found = [path for path in (root.iterdir() if root.is_dir() else []) if CHECKPOINT_PATTERN.match(path.name)]
+    is_wanted = _from_diffusers if diffusers else (lambda path: (path / CHECKPOINT_COMPLETE).is_file())
+    return sorted(filter(is_wanted, found), key=lambda path: (_step(path), path))
 
 
-def diffusers_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """checkpoint-N folders of diffusers' example (accelerate `save_state` with its LoRA hook: the LoRA file without
-    the adapter metadata and projector this project's checkpoints hold, and no completion marker), oldest first.
-    This project never changes them; a cut save of ours (its LoRA has the metadata) is not one of them."""
+def _from_diffusers(path: Path) -> bool:
+    """Written by diffusers' example (accelerate `save_state` with its LoRA hook): the LoRA file without the adapter
+    metadata ours hold, no completion marker, no projector. Never changed here; a cut save of ours is not one."""
     from safetensors import safe_open
 
-    def from_diffusers(path: Path) -> bool:
-        lora = path / "pytorch_lora_weights.safetensors"
-        if (path / CHECKPOINT_COMPLETE).exists() or (path / PROJECTOR_FILE).exists() or not lora.is_file():
-            return False
-        try:
-            with safe_open(str(lora), "pt") as handle:
-                ours = "lora_adapter_metadata" in (handle.metadata() or {})
-        except Exception:  # unreadable: not a checkpoint to resume from either way
-            return False
-        return not ours  # optimizer.bin / scheduler.bin too, unless DeepSpeed saved them its own way
-
-    root = Path(output_dir)
-    found = [
-        (int(match.group(1)), path)
-        for path in (root.iterdir() if root.is_dir() else [])
-        if (match := CHECKPOINT_PATTERN.match(path.name)) and from_diffusers(path)
-    ]
-    return [path for _, path in sorted(found)]
+    lora = path / "pytorch_lora_weights.safetensors"
+    if (path / CHECKPOINT_COMPLETE).exists() or (path / PROJECTOR_FILE).exists() or not lora.is_file():
+        return False
+    try:
+        with safe_open(str(lora), "pt") as handle:
+            return "lora_adapter_metadata" not in (handle.metadata() or {})
+    except Exception:  # unreadable: not a checkpoint to resume from either way
+        return False
 
 
 def _step(path: Path) -> int:
@@ -63,25 +50,19 @@ def _step(path: Path) -> int:
 def resolve_resume_checkpoint(
     resume_from_checkpoint: str | None, output_dir: str, rank: int | None = None, with_projector: bool | None = None
 ) -> Path | None:
-    """The checkpoint to resume from ("latest": the newest complete one, ours or diffusers' example's), refused before
-    any weights load when it is missing, incomplete, unreadable, of another LoRA `rank`, or saved with(out) a CREPA
-    projector unlike this run; and refused when a diffusers-example checkpoint newer than the start would be in the
-    way of this run's own checkpoints (it is never overwritten)."""
+    """The checkpoint to resume from ("latest": the newest complete one, ours or diffusers' example's), or None. The
+    refusals below (SystemExit) come before any weights load; `rank` and `with_projector` are checked when given."""
     from safetensors import safe_open
 
-    found, foreign = list_checkpoints(output_dir), diffusers_checkpoints(output_dir)
+    found, foreign = list_checkpoints(output_dir), list_checkpoints(output_dir, diffusers=True)
     path = None
     if resume_from_checkpoint == "latest" and not found + foreign:
-        logger.warning(
-            "--resume_from_checkpoint latest: no complete checkpoint in %s, starting a new run.", output_dir
-        )
+        logger.warning("--resume_from_checkpoint latest: no complete checkpoint in %s: a new run starts", output_dir)
     elif resume_from_checkpoint is not None:
         path = max(found + foreign, key=_step) if resume_from_checkpoint == "latest" else Path(resume_from_checkpoint)
         path = path if path.is_absolute() or path.exists() else Path(output_dir) / path
-    flag, fix = (
-        f"--resume_from_checkpoint {resume_from_checkpoint}",
-        f"use one of {[p.name for p in found + foreign]} or a new run",
-    )
+    flag = f"--resume_from_checkpoint {resume_from_checkpoint}"
+    fix = f"use one of {[p.name for p in found + foreign]} or a new run"
     later = [p.name for p in foreign if _step(p) > (_step(path) if path else 0)]
     if later:
         raise SystemExit(
@@ -91,7 +72,7 @@ def resolve_resume_checkpoint(
         )
     if path is None:
         return None
-    is_foreign = path.resolve() in {p.resolve() for p in diffusers_checkpoints(path.parent)}
+    is_foreign = path.resolve() in {p.resolve() for p in list_checkpoints(path.parent, diffusers=True)}
     if not is_foreign and not (path / CHECKPOINT_COMPLETE).is_file():
         raise SystemExit(
             f"{flag}: no such folder, or incomplete (no {path / CHECKPOINT_COMPLETE}: its save was cut); {fix}."
@@ -127,10 +108,8 @@ def checkpoint_state(path: Path) -> dict:
 
 
 def load_diffusers_checkpoint(path: Path, transformer: nn.Module, lr_scheduler, num_processes: int) -> None:
-    """Resume from diffusers' example's checkpoint-N, before `accelerator.prepare`: its LoRA into `transformer`
-    (peft, adapter "default") and the learning-rate schedule's position from scheduler.bin (else from the step).
-    The rest of what accelerate saved there (optimizer moments, RNG states) belongs to another program's objects:
-    the optimizer and the CREPA projector start fresh, said in the log."""
+    """Resume from diffusers' example's checkpoint-N, before `accelerator.prepare`: its LoRA into `transformer` (peft,
+    adapter "default") and the schedule's position (scheduler.bin, else the step); the rest starts fresh (logged)."""
     import torch
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
@@ -159,12 +138,11 @@ def load_diffusers_checkpoint(path: Path, transformer: nn.Module, lr_scheduler, 
     logger.warning(
         "Resuming from %s, written by diffusers' example: its LoRA, step %d and learning-rate schedule (lr %.3g) are "
         "restored; the optimizer moments, RNG states and data position are not (another program's), the optimizer "
-        "and the CREPA projector start fresh and the data order is this script's from step %d. Its file keeps no "
+        "and the CREPA projector start fresh and the data order is this script's from that step. Its file keeps no "
         "lora_alpha: the LoRA trains on at --lora_alpha, so pass the one that run used (diffusers' default: --rank).",
         path,
         _step(path),
         lrs[0],
-        _step(path),
     )
 
 
@@ -211,22 +189,10 @@ def match_umask(path: str | os.PathLike) -> None:
             file.chmod(0o666 & ~umask)
 
 
-# What `load_lora_weights` needs to rebuild the LoRA at its trained scale. Not peft's whole `to_dict()`: diffusers
-# builds `LoraConfig(**metadata)`, and fields of a newer peft would be a TypeError for a user on an older one.
-LORA_METADATA_FIELDS = (
-    "r",
-    "lora_alpha",
-    "target_modules",
-    "lora_dropout",
-    "bias",
-    "use_dora",
-    "use_rslora",
-    "rank_pattern",
-    "alpha_pattern",
-)
-
-
 def lora_adapter_metadata(transformer: nn.Module) -> dict:
     """For `save_lora_weights(..., **lora_adapter_metadata(t))`: `load_lora_weights` then restores alpha / rank."""
+    # What rebuilds the LoRA at its trained scale. Not peft's whole `to_dict()`: diffusers builds
+    # `LoraConfig(**metadata)`, and fields of a newer peft would be a TypeError for a user on an older one.
+    fields = "r lora_alpha target_modules lora_dropout bias use_dora use_rslora rank_pattern alpha_pattern".split()
     config = transformer.peft_config["default"].to_dict()
-    return {"transformer_lora_adapter_metadata": {key: config[key] for key in LORA_METADATA_FIELDS if key in config}}
+    return {"transformer_lora_adapter_metadata": {key: config[key] for key in fields if key in config}}

@@ -1,6 +1,5 @@
-"""Small mechanisms the training loops call explicitly (as diffusers' examples call `diffusers.training_utils`): video
-probing before any model loads, a reproducible data order and noise stream (exact resume), stop-on-signal, the
-non-finite-step decision, per-part gradient clipping and fp8 weight storage."""
+"""Small mechanisms the training loops call explicitly, as diffusers' examples call `diffusers.training_utils`: video
+checks, a reproducible data order and noise (exact resume), stop-on-signal, non-finite steps, clipping, fp8 weights."""
 
 from __future__ import annotations
 
@@ -14,9 +13,11 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from torch.nn.modules.conv import _ConvNd
 
 
 logger = logging.getLogger(__name__)
+Bucket = tuple[int, int, int]  # (frames, height, width), as in `buckets`
 
 
 def check_output_dir(output_dir: str) -> None:
@@ -25,22 +26,17 @@ def check_output_dir(output_dir: str) -> None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=output_dir).close()
     except OSError as error:
-        raise SystemExit(
-            f"--output_dir {output_dir} cannot be written ({error.strerror}): choose a folder you can write."
-        )
+        raise SystemExit(f"--output_dir {output_dir} cannot be written ({error.strerror}): choose a writable folder.")
 
 
 def lora_target_regex(
     lora_layers: str, transformer: torch.nn.Module, blocks: tuple[str, ...], top_level: tuple[str, ...] = ()
 ) -> str:
-    """--lora_layers (comma-separated module names, each matching a module's whole name or dotted suffix, as in peft's
-    lists) -> a full-match regex for peft over `transformer`'s Linear/Conv modules inside `blocks` (`<block>.N.`) and
-    the top-level modules `top_level`. `transformer` may be a meta-device model (no weights). Every name must match:
-    else SystemExit naming the names that matched nothing and the module names there are."""
+    """--lora_layers (comma-separated names, each a module's whole name or dotted suffix, as in peft's lists) -> a
+    full-match regex for peft over `transformer`'s Linear/Conv modules in `blocks` (`<block>.N.`) and `top_level`; a
+    meta-device model will do. SystemExit when no name is given or one matches nothing, listing the names there are."""
     names = [name.strip() for name in lora_layers.split(",") if name.strip()]
-    layers = [
-        n for n, m in transformer.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))
-    ]
+    layers = [n for n, m in transformer.named_modules() if isinstance(m, (torch.nn.Linear, _ConvNd))]
     block = rf"(?:{'|'.join(map(re.escape, blocks))})\.\d+\."
     scope = [n for n in layers if re.match(block, n) or n in top_level]
     matched = {name: [n for n in scope if n == name or n.endswith("." + name)] for name in names}
@@ -57,66 +53,56 @@ def lora_target_regex(
 
 
 def check_videos(
-    items: list,
-    skip_frames: int,
-    video_buckets: list[tuple[int, int, int]],
-    image_buckets: list[tuple[int, int, int]],
-    skip_invalid: bool = False,
+    items: list, skip_frames: int, video_buckets: list[Bucket], image_buckets: list[Bucket], skip_invalid: bool = False
 ) -> list:
-    """Every listed sample (dataclasses with `.path` and `.bucket`; a .png/.jpg/.jpeg/.webp path is a still) is read
-    before training as training reads it (upright; a video's first frame decoded) and given its bucket
-    (`buckets.choose_bucket`; `skip_frames`: the frames --skip_frames_start/end leave out). All missing, undecodable
-    or too-short files are reported at once (SystemExit), or dropped with a warning when `skip_invalid`."""
+    """Each sample (dataclasses with `.path`, `.bucket`; an image path is a still) read as training reads it (upright,
+    a video's first frame decoded) and given its bucket (`skip_frames`: what --skip_frames_start/end leave out). All
+    missing, undecodable or too-short files are reported at once (SystemExit), or dropped when `skip_invalid`."""
     from dataclasses import replace
 
     from .buckets import choose_bucket
     from .media import is_image, probe
 
     problems, kept, fit_none = [], [], 0
-    for index, item in enumerate(items):
+    for item in items:
         path = Path(item.path)
         if not path.is_file():
-            problems.append((index, f"{path}: file not found"))
+            problems.append(f"{path}: file not found")
             continue
         try:
             num_frames, height, width = probe(path)
         except Exception as error:  # PyAV's and PIL's own errors, or too few decodable frames
             reason = (str(error).splitlines() or [type(error).__name__])[0][:120]
-            problems.append((index, f"{path}: cannot be decoded ({reason})"))
+            problems.append(f"{path}: cannot be decoded ({reason})")
             continue
-        image = is_image(path)
-        buckets = image_buckets if image else video_buckets
-        bucket = choose_bucket(num_frames - (0 if image else skip_frames), height, width, buckets)
+        buckets, skip = (image_buckets, 0) if is_image(path) else (video_buckets, skip_frames)
+        bucket = choose_bucket(num_frames - skip, height, width, buckets)
         if bucket is None:
             need = min(frames for frames, _, _ in buckets) + skip_frames
-            problems.append((index, f"{path}: {num_frames} frames, fewer than the {need} needed"))
+            problems.append(f"{path}: {num_frames} frames, fewer than the {need} needed")
             fit_none += 1
-            continue
-        kept.append(replace(item, bucket=bucket))
+        else:
+            kept.append(replace(item, bucket=bucket))
     counts = Counter(item.bucket for item in kept)
-    listing = ", ".join(f"{f}x{h}x{w}: {counts[(f, h, w)]}" for f, h, w in sorted(counts))
-    logger.info("Buckets (frames x height x width: samples): %s; %d fit none", listing, fit_none)
-    if not problems:
-        return kept
-    listing = "\n  ".join(message for _, message in problems)
-    if not skip_invalid:
+    sizes = ", ".join(f"{f}x{h}x{w}: {counts[(f, h, w)]}" for f, h, w in sorted(counts))
+    logger.info("Buckets (frames x height x width: samples): %s; %d fit none", sizes, fit_none)
+    listing = "\n  ".join(problems)
+    if problems and not skip_invalid:
         raise SystemExit(
             f"{len(problems)} of {len(items)} videos cannot be used:\n  {listing}\n"
             "Fix or remove them, lower --max_num_frames / --skip_frames_* (or add shorter "
             "--video_resolution_buckets), or pass --skip_invalid_videos."
         )
-    logger.warning("Skipping %d invalid videos (--skip_invalid_videos):\n  %s", len(problems), listing)
-    if not kept:
+    if problems:
+        logger.warning("Skipping %d invalid videos (--skip_invalid_videos):\n  %s", len(problems), listing)
+    if problems and not kept:
         raise SystemExit("No usable videos left after --skip_invalid_videos.")
     return kept
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler[int]):
-    """A permutation that depends only on (seed, epoch), so a resumed run sees the same order.
-
-    Named `use_epoch`, not `set_epoch`: accelerate calls `set_epoch(iteration_count)` on each new iterator, which
-    would restart the order at epoch 0 after a resume.
-    """
+    """A permutation that depends only on (seed, epoch): a resumed run sees the same order. Not `set_epoch`: accelerate
+    calls `set_epoch(iteration_count)` on each new iterator, which would restart the order at epoch 0 on resume."""
 
     def __init__(self, length: int, seed: int) -> None:
         self.length, self.seed, self.epoch = length, seed, 0
@@ -138,17 +124,13 @@ def step_generator(
     """The random stream of one micro-batch of one optimizer step on one rank: noise, timesteps and VAE samples are a
     function of (seed, step, micro-batch, rank), so resuming from a checkpoint reproduces them exactly."""
     generator = torch.Generator(device=device)
-    generator.manual_seed((((seed * 1_000_003 + step) * 1_009 + process_index) * 101 + micro_batch) % 2**63)
-    return generator
+    return generator.manual_seed((((seed * 1_000_003 + step) * 1_009 + process_index) * 101 + micro_batch) % 2**63)
 
 
 class StopRequest:
-    """SIGTERM / SIGINT / SIGUSR1 set a flag; the loop finishes its step, saves a checkpoint and exits with
-    `exit_status`. A SIGTERM / SIGINT more than a second after the first stops at once. Under a launcher (accelerate
-    launch, torchrun, deepspeed) the kernel sends SIGUSR1 when the launcher dies (`docker stop` and some schedulers
-    signal only it): the trainer saves and stops instead of training on, orphaned. Use as a context manager."""
-
-    LAUNCHERS = ("accelerate", "torchrun", "torch.distributed.run", "deepspeed")
+    """Context manager: SIGTERM / SIGINT / SIGUSR1 set a flag; the loop finishes its step, saves a checkpoint and exits
+    with `exit_status`; a SIGTERM / SIGINT over a second after the first stops at once. The kernel sends SIGUSR1 when
+    a launcher parent dies (`docker stop` and some schedulers signal only it): save and stop, not train on orphaned."""
 
     def __init__(self) -> None:
         self.signal, self._first_at, self._previous = None, 0.0, {}  # the signal received, when; handlers to restore
@@ -170,7 +152,7 @@ class StopRequest:
             command = Path(f"/proc/{parent}/cmdline").read_bytes().decode(errors="replace")
         except OSError:  # not Linux
             return
-        if any(name in command for name in self.LAUNCHERS):
+        if any(name in command for name in ("accelerate", "torchrun", "torch.distributed.run", "deepspeed")):
             import ctypes
 
             ctypes.CDLL(None).prctl(1, signum, 0, 0, 0)  # PR_SET_PDEATHSIG: this signal when the parent dies
@@ -205,8 +187,7 @@ class StopRequest:
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(RuntimeError): ...
 
 
 class NonFiniteSteps:
@@ -216,23 +197,19 @@ class NonFiniteSteps:
     def __init__(self, max_in_a_row: int) -> None:
         self.max_in_a_row, self.in_a_row = max_in_a_row, 0
         self._finite: torch.Tensor | None = None  # this optimizer step's micro-batches so far, on the device
-        self._decision: bool | None = None
-        self._step_done = False
+        self._decision, self._step_done = None, False  # the step's decision once taken; whether the step ended
 
     def add(self, loss: torch.Tensor) -> None:
         """Each micro-batch's loss, on every rank (no host sync)."""
         finite = torch.isfinite(loss.detach())
-        if self._finite is None or self._step_done:
-            self._finite, self._step_done = finite, False
-        else:
-            self._finite = self._finite & finite
-        self._decision = None
+        new_step = self._finite is None or self._step_done
+        self._finite = finite if new_step else self._finite & finite
+        self._step_done, self._decision = False, None
 
     def step_is_finite(self, accelerator) -> bool:
-        """Whether this optimizer step's losses were finite on every rank: call it on every rank at the step's last
-        micro-batch (one host sync; a second call reuses the answer). Under DeepSpeed, whose engine steps inside
-        backward(), call it before each backward too: with accumulation the engine already holds the step's earlier
-        micro-batches, so a NaN/inf loss there stops the run instead."""
+        """Whether this step's losses were finite on every rank: call on every rank at its last micro-batch (one host
+        sync; a second call reuses it). Under DeepSpeed, whose engine steps inside backward(), call it before each
+        backward too: with accumulation the engine holds the earlier micro-batches, so NaN/inf there stops the run."""
         if self._decision is None:
             self._decision = self._all_ranks_finite(accelerator)
         self._step_done = accelerator.sync_gradients
@@ -247,12 +224,10 @@ class NonFiniteSteps:
         logger.warning("Non-finite loss: optimizer step skipped (%d in a row).", self.in_a_row)
         unskippable = accelerator.distributed_type == "DEEPSPEED" and accelerator.gradient_accumulation_steps > 1
         if self.in_a_row >= self.max_in_a_row or unskippable:
-            why = (
-                "Under DeepSpeed with --gradient_accumulation_steps > 1 a step cannot be skipped. "
-                if unskippable
-                else ""
-            )
-            raise NonFiniteLossError(why + nonfinite_message(self.in_a_row, accelerator.mixed_precision))
+            text = nonfinite_message(self.in_a_row, accelerator.mixed_precision)
+            if unskippable:
+                text = "Under DeepSpeed with --gradient_accumulation_steps > 1 a step cannot be skipped. " + text
+            raise NonFiniteLossError(text)
         return False
 
 
@@ -267,7 +242,7 @@ def nonfinite_message(steps: int, mixed_precision: str) -> str:
 
 def clip_grad_norms(accelerator, parts: list[list[torch.nn.Parameter]], max_norm: float) -> list[torch.Tensor]:
     """Clip each part's gradients (the LoRA; the CREPA projector) to `max_norm` on its own, so the LoRA's update rule
-    is the same with and without CREPA. Returns the norms before clipping (none under DeepSpeed, which clips itself)."""
+    is the same with and without CREPA. Returns the norms before clipping (none under DeepSpeed: it clips itself)."""
     if accelerator.distributed_type == "DEEPSPEED":
         return []
     accelerator.unscale_gradients()  # once per step: a second unscale_ of an fp16 GradScaler step raises
@@ -275,39 +250,29 @@ def clip_grad_norms(accelerator, parts: list[list[torch.nn.Parameter]], max_norm
 
 
 def enable_fp8_weights(transformer: torch.nn.Module, compute_dtype: torch.dtype) -> None:
-    """--layerwise_upcasting: frozen weights stored in float8_e4m3fn, each layer upcast to `compute_dtype` for its
-    forward. diffusers' layerwise casting (Linear, Conv and Embedding layers, minus the model's skip list: Wan's
-    spares its embedders and norms) first; for HunyuanVideo its "norm" pattern spares the Linears inside AdaLayerNorm:
-    the blocks' modulation projections, 3.4 B of HunyuanVideo's 12.8 B parameters. They are stored in fp8 too, as
-    HunyuanVideo's fp8 trainers do (musubi-tuner --fp8_base; diffusion-pipe's float8 transformer keeps `norm`, `bias`
-    and the input embedders high, names that miss the original checkpoint's img_mod/txt_mod/modulation)."""
+    """--layerwise_upcasting: diffusers' layerwise casting (frozen Linear, Conv and Embedding weights stored in
+    float8_e4m3fn, upcast to `compute_dtype` per layer, minus the model's skip list), plus the AdaLayerNorm modulation
+    Linears its "norm" pattern spares: 3.4 B of HunyuanVideo's 12.8 B parameters, which HunyuanVideo's fp8 trainers
+    store in fp8 too (musubi-tuner --fp8_base; diffusion-pipe, whose exclusions miss img_mod/txt_mod/modulation)."""
     from diffusers.hooks import apply_layerwise_casting_hook
 
-    transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
+    fp8 = torch.float8_e4m3fn
+    transformer.enable_layerwise_casting(storage_dtype=fp8, compute_dtype=compute_dtype)
     modulation = re.compile(r"(single_)?transformer_blocks\.\d+\.norm\w*\.linear")
     for name, module in transformer.named_modules():  # a LoRA-wrapped projection is not an nn.Linear: left alone
-        if (
-            modulation.fullmatch(name)
-            and isinstance(module, torch.nn.Linear)
-            and module.weight.dtype != torch.float8_e4m3fn
-        ):  # unless diffusers cast it already
-            apply_layerwise_casting_hook(module, torch.float8_e4m3fn, compute_dtype, non_blocking=False)
+        if modulation.fullmatch(name) and isinstance(module, torch.nn.Linear) and module.weight.dtype != fp8:
+            apply_layerwise_casting_hook(module, fp8, compute_dtype, non_blocking=False)  # unless diffusers cast it
 
 
 def check_ranks_agree(accelerator, params: list[torch.nn.Parameter]) -> None:
     """With several processes every rank must end with the same trained weights (DDP keeps them in step; a rank that
     skipped a step alone would not): compare checksums across ranks."""
-    if accelerator.num_processes == 1:
+    ranks = accelerator.num_processes
+    if ranks == 1:
         return
-    checksum = torch.stack(
-        [
-            torch.stack([p.detach().double().sum() for p in params]).sum(),
-            torch.stack([p.detach().double().abs().sum() for p in params]).sum(),
-        ]
-    )
-    gathered = accelerator.gather(checksum.to(accelerator.device)[None]).cpu()
+    signed = torch.stack([p.detach().double().sum() for p in params]).sum()  # float64 sums over all parameters
+    absolute = torch.stack([p.detach().double().abs().sum() for p in params]).sum()
+    gathered = accelerator.gather(torch.stack([signed, absolute]).to(accelerator.device)[None]).cpu()
     if not torch.allclose(gathered, gathered[:1].expand_as(gathered), rtol=1e-9, atol=0):
         raise RuntimeError(f"The ranks ended with different trained weights: checksums {gathered.tolist()}")
-    logger.info(
-        "Trained weights identical on all %d ranks (checksum %.9g).", accelerator.num_processes, gathered[0, 0].item()
-    )
+    logger.info("Trained weights identical on all %d ranks (checksum %.9g).", ranks, gathered[0, 0].item())
