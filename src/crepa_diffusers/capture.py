@@ -17,13 +17,10 @@ def transformer_blocks(transformer: nn.Module) -> list[nn.Module]:
 
 
 class HiddenStateCapture:
-    """Forward hook on block `block_index` of the (unwrapped) transformer.
-
-    Every CogVideoX and HunyuanVideo block returns (video_tokens, text_tokens), a Wan block the video tokens
-    alone; the hook keeps the video tokens, reshaped [B, T*N, D] -> [B, T, N, D], and returns None so the block's
-    output is untouched. Only the first call after `arm()` is kept: under gradient checkpointing the block runs
-    again during backward.
-    """
+    """Forward hook on block `block_index` of the (unwrapped) transformer. A CogVideoX or HunyuanVideo block returns
+    (video_tokens, text_tokens), a Wan block the video tokens alone; the hook keeps the video tokens, [B, T*N, D] ->
+    [B, T, N, D], and returns None so the block's output is untouched. Only the first call after `arm()` is kept:
+    under gradient checkpointing the block runs again during backward."""
 
     def __init__(self, transformer: nn.Module, block_index: int) -> None:
         blocks = transformer_blocks(transformer)
@@ -43,20 +40,17 @@ class HiddenStateCapture:
 
     def arm(self, token_frames: int) -> None:
         """Capture the next forward of the block, as `token_frames` frames of tokens."""
-        self._token_frames = token_frames
-        self._captured = None
+        self._token_frames, self._captured = token_frames, None
 
     def _hook(self, module: nn.Module, args, output) -> None:
-        if self._token_frames is None or self._captured is not None:
+        frames = self._token_frames
+        if frames is None or self._captured is not None:
             return None
         video = output[0] if isinstance(output, tuple) else output
         batch, num_tokens, width = video.shape
-        if num_tokens % self._token_frames:
-            raise RuntimeError(
-                f"block output has {num_tokens} video tokens, not a multiple of {self._token_frames} frames"
-            )
-        self._captured = video.view(batch, self._token_frames, num_tokens // self._token_frames, width)
-        return None
+        if num_tokens % frames:
+            raise RuntimeError(f"block output has {num_tokens} video tokens, not a multiple of {frames} frames")
+        self._captured = video.view(batch, frames, num_tokens // frames, width)
 
     def pop(self) -> torch.Tensor:
         """The captured [B, T, N, D] tokens; disarms until the next `arm()`."""

@@ -17,15 +17,13 @@ from __future__ import annotations
 import argparse
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-CREPA_MODES = ("crepa", "repa", "none")
-LAMBDA_SCHEDULERS = ("constant", "linear", "cosine", "polynomial")
+from .features import load_encoder_config
 
 
 def neighbour_weights(
@@ -48,18 +46,15 @@ def crepa_loss(
     normalize_by_frames: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L_align of the module docstring (a scalar to minimise; `distance=0` gives REPA*), and detached statistics to
-    log (device tensors: reading them is the caller's only host sync).
-
-    `similarity_self` is the mean of sim(f, f); `similarity_neighbour` the mean of sim(f, k) over the neighbour
-    pairs (NaN when there are none: REPA*, or a clip with a single token frame).
+    log (device tensors: reading them is the caller's only host sync): `similarity_self`, the mean of sim(f, f), and
+    `similarity_neighbour`, that of sim(f, k) over the neighbour pairs (NaN without any: REPA*, or one token frame).
     """
     if distance < 0 or tau <= 0:
         raise ValueError(f"CREPA: need distance >= 0 and tau > 0, got distance={distance}, tau={tau}.")
     if projected.shape != features.shape:
         raise ValueError(
-            f"CREPA: projected hidden states {tuple(projected.shape)} and encoder features "
-            f"{tuple(features.shape)} must both be [B, T, N, D] with the same token frames T, tokens per "
-            "frame N and width D."
+            f"CREPA: projected hidden states {tuple(projected.shape)} and encoder features {tuple(features.shape)} "
+            "must both be [B, T, N, D] with the same token frames T, tokens per frame N and width D."
         )
     # sim(f, k) for every pair of token frames, [B, T, T] in fp32: the per-patch cosine averaged over patches.
     projected, features = F.normalize(projected.float(), dim=-1), F.normalize(features.float(), dim=-1)
@@ -67,19 +62,13 @@ def crepa_loss(
     num_frames = sim.shape[-1]
     weights = neighbour_weights(num_frames, distance, tau, cumulative, device=sim.device)
     score = (sim * weights).sum(dim=-1)  # [B, T]
-    per_clip = score.sum(dim=-1)
-    if normalize_by_frames:
-        per_clip = per_clip / num_frames
-    loss = -per_clip.mean()
-
+    loss = -(score.sum(dim=-1) / (num_frames if normalize_by_frames else 1)).mean()
     with torch.no_grad():
         is_neighbour = (weights > 0) & ~torch.eye(num_frames, dtype=torch.bool, device=sim.device)
         # A masked mean, not sim[:, mask]: boolean indexing calls nonzero(), a device-to-host sync every step.
-        stats = {
-            "similarity_self": sim.diagonal(dim1=-2, dim2=-1).mean(),
-            "similarity_neighbour": (sim * is_neighbour).sum(dim=(-2, -1)).mean() / is_neighbour.sum(),
-        }
-    return loss, stats
+        similarity_self = sim.diagonal(dim1=-2, dim2=-1).mean()
+        similarity_neighbour = (sim * is_neighbour).sum(dim=(-2, -1)).mean() / is_neighbour.sum()
+    return loss, {"similarity_self": similarity_self, "similarity_neighbour": similarity_neighbour}
 
 
 class CrepaProjector(nn.Module):
@@ -100,34 +89,9 @@ class CrepaProjector(nn.Module):
         # fp32, also inside a bf16/fp16 autocast region (accelerate's mixed precision): the projector is small and
         # trained from scratch, and the cosine similarities it feeds are sensitive to rounding.
         device_type = hidden_states.device.type
-        with (
-            torch.autocast(device_type, enabled=False)
-            if torch.amp.is_autocast_available(device_type)
-            else nullcontext()
-        ):
+        can_autocast = torch.amp.is_autocast_available(device_type)
+        with torch.autocast(device_type, enabled=False) if can_autocast else nullcontext():
             return self.mlp(hidden_states.to(self.mlp[0].weight.dtype))
-
-
-# --crepa_* flag -> CrepaConfig field: the one place that ties the flags to the values the helper takes.
-FLAG_FIELDS = {
-    "crepa_mode": "mode",
-    "crepa_lambda": "lambda_",
-    "crepa_block_index": "block_index",
-    "crepa_adjacent_distance": "distance",
-    "crepa_adjacent_tau": "tau",
-    "crepa_cumulative_neighbors": "cumulative",
-    "crepa_normalize_by_frames": "normalize_by_frames",
-    "crepa_encoder": "encoder",
-    "crepa_projector_dim": "projector_dim",
-    "crepa_encoder_frames_per_chunk": "encoder_frames_per_chunk",
-    "crepa_frame_pooling": "frame_pooling",
-    "crepa_scheduler": "scheduler",
-    "crepa_warmup_steps": "warmup_steps",
-    "crepa_decay_steps": "decay_steps",
-    "crepa_lambda_end": "lambda_end",
-    "crepa_power": "power",
-    "crepa_cutoff_step": "cutoff_step",
-}
 
 
 @dataclass(frozen=True)
@@ -158,7 +122,7 @@ class CrepaConfig:
 
     def lambda_at(self, step: int, max_train_steps: int) -> float:
         """lambda for the optimizer step after `step` completed ones: a pure function of the step (exact on resume).
-        A linear ramp from 0 over the warm-up, then from lambda to lambda_end over the decay steps; 0 from the cutoff."""
+        A linear ramp from 0 over the warm-up, then lambda to lambda_end over the decay steps; 0 from the cutoff."""
         if self.cutoff_step is not None and step >= self.cutoff_step:
             return 0.0
         if step < self.warmup_steps:
@@ -167,11 +131,8 @@ class CrepaConfig:
             return self.lambda_
         decay_steps = self.decay_steps if self.decay_steps is not None else max_train_steps - self.warmup_steps
         progress = min(1.0, (step - self.warmup_steps) / max(1, decay_steps))
-        shape = {
-            "linear": 1 - progress,
-            "cosine": 0.5 * (1 + math.cos(math.pi * progress)),
-            "polynomial": (1 - progress) ** self.power,
-        }[self.scheduler]
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        shape = {"linear": 1 - progress, "cosine": cosine, "polynomial": (1 - progress) ** self.power}[self.scheduler]
         return self.lambda_end + (self.lambda_ - self.lambda_end) * shape
 
     @property
@@ -197,8 +158,6 @@ class CrepaConfig:
 
     def check(self, num_blocks: int, model_name: str, cache_dir: str | None = None) -> None:
         """Before any weights load: the hooked block exists and the encoder is a DINOv2 (from its config alone)."""
-        from .features import load_encoder_config
-
         if not self.enabled:
             return
         if not 0 <= self.block_index < num_blocks:
@@ -210,6 +169,12 @@ class CrepaConfig:
             load_encoder_config(self.encoder, cache_dir=cache_dir)
         except ValueError as error:
             raise SystemExit(str(error)) from None
+
+
+# --crepa_* flag -> CrepaConfig field, in the fields' order: the one place that ties the flags to the values the helper
+# takes. A flag is crepa_<field> (lambda_ without its "_"), but for three named as SimpleTuner names them.
+_RENAMED = {"distance": "adjacent_distance", "tau": "adjacent_tau", "cumulative": "cumulative_neighbors"}
+FLAG_FIELDS = {"crepa_" + _RENAMED.get(f.name, f.name.rstrip("_")): f.name for f in fields(CrepaConfig)}
 
 
 def _checked(kind: type, test, requirement: str):
@@ -246,7 +211,7 @@ def add_crepa_args(
     float_ge0, float_gt0 = _checked(float, lambda v: v >= 0, ">= 0"), _checked(float, lambda v: v > 0, "> 0")
     add(
         "--crepa_mode",
-        choices=CREPA_MODES,
+        choices=("crepa", "repa", "none"),
         default="crepa",
         help="crepa: align with the frame and its neighbours; repa: REPA* (same frame only); none: plain LoRA.",
     )
@@ -275,16 +240,12 @@ def add_crepa_args(
         default=1.0,
         help="tau: a neighbour at distance |k-f| is weighted exp(-|k-f|/tau) (default 1.0, SimpleTuner's).",
     )
-    add(
-        "--crepa_cumulative_neighbors",
-        action="store_true",
-        help="Align with every frame at distance 1..d instead of exactly d (a deviation from the paper).",
-    )
+    add("--crepa_cumulative_neighbors", action="store_true", help="Neighbours at 1..d, not only at d (not the paper).")
     add(
         "--crepa_normalize_by_frames",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="Divide the per-clip sum over frames by T (clip-length independent); --no-... gives the paper's plain sum.",
+        help="Divide the per-clip sum over frames by T (clip-length independent); --no-... gives the paper's sum.",
     )
     add(
         "--crepa_encoder",
@@ -300,32 +261,17 @@ def add_crepa_args(
         help="mean: the features of a token frame are the mean over its pixel frames (4 per latent frame); center: "
         "only its middle frame is encoded (4x less encoder compute).",
     )
-    add(
-        "--crepa_encoder_frames_per_chunk",
-        type=int_gt0,
-        default=16,
-        help="Frames sent through the encoder at once; lower it to bound encoder memory on long clips.",
-    )
+    add("--crepa_encoder_frames_per_chunk", type=int_gt0, default=16, help="Frames per encoder call (bounds memory).")
     # lambda over training (SimpleTuner's names, so settings carry over); constant is the paper.
     add(
         "--crepa_scheduler",
-        choices=LAMBDA_SCHEDULERS,
+        choices=("constant", "linear", "cosine", "polynomial"),
         default="constant",
         help="How lambda moves from --crepa_lambda to --crepa_lambda_end after the warm-up (constant: never).",
     )
     add("--crepa_warmup_steps", type=int_ge0, default=0, help="Optimizer steps of a linear ramp of lambda from 0.")
-    add(
-        "--crepa_decay_steps",
-        type=int_gt0,
-        default=None,
-        help="Steps of the decay (default: until --max_train_steps).",
-    )
+    add("--crepa_decay_steps", type=int_gt0, default=None, help="Decay steps (default: until --max_train_steps).")
     add("--crepa_lambda_end", type=float_ge0, default=0.0, help="lambda at the end of the decay.")
     add("--crepa_power", type=float_gt0, default=1.0, help="Exponent of the polynomial decay (1: linear).")
-    add(
-        "--crepa_cutoff_step",
-        type=int_ge0,
-        default=None,
-        help="lambda is 0 after this many optimizer steps: the encoder, hook and projector are skipped from then on.",
-    )
+    add("--crepa_cutoff_step", type=int_ge0, default=None, help="lambda is 0 from this step on (CREPA skipped).")
     return group

@@ -1,9 +1,7 @@
 """The CREPA term of a training step, bundled: frozen DINOv2 + block hook + projector. In a diffusers loop (README,
-"Add CREPA to your own diffusers training script"): `crepa = build_crepa(config, transformer, device)`, train
-`TransformerWithProjector(transformer, crepa)` with the projector's parameters beside the LoRA's, call
-`crepa.prepare(crepa.encode(frames, ...))` before the forward (or prepare precomputed features; skip it where
-`crepa.lambda_at(step, max_train_steps)` is 0: the projector then does no work), and add the term
-`crepa.loss(projected, step, max_train_steps)` gives (lambda(step) * L_align) to the diffusion loss.
+"Add CREPA to your own diffusers training script"): `build_crepa`, train `TransformerWithProjector` with the
+projector's parameters beside the LoRA's, `prepare(encode(frames, ...))` (or precomputed features) before the
+forward where `lambda_at(step, ...)` > 0, and add `loss(projected, step, max_train_steps)` to the diffusion loss.
 """
 
 from __future__ import annotations
@@ -11,6 +9,7 @@ from __future__ import annotations
 import os
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .capture import HiddenStateCapture, transformer_blocks
@@ -22,9 +21,8 @@ from .features import DinoPatchFeatures, select_frames
 def build_crepa(
     config: CrepaConfig, transformer: nn.Module, device: torch.device, cache_dir: str | None = None
 ) -> "CrepaTerm | None":
-    """The CREPA term of a crepa/repa run (None for mode none or lambda 0). The encoder is frozen, in bf16 on GPUs
-    (fp32 on CPU), and runs under bf16 autocast there; the projector maps the transformer's width (heads x head
-    dim) to the encoder's and keeps fp32 parameters."""
+    """The CREPA term of a crepa/repa run (None for mode none or lambda 0): the encoder frozen, bf16 under autocast on
+    GPUs (fp32 on CPU); the fp32 projector maps the transformer's width (heads x head dim) to the encoder's."""
     if not config.enabled:
         return None
     on_cuda = device.type == "cuda"
@@ -42,7 +40,7 @@ def build_crepa(
 
 class CrepaTerm:
     """Encoder features of the clean frames (computed before the transformer forward), the block capture, and the
-    projector (run inside `TransformerWithProjector.forward`); `loss` gives lambda(step) * L_align and its statistics."""
+    projector (run inside `TransformerWithProjector.forward`); `loss` gives lambda(step) * L_align and statistics."""
 
     def __init__(
         self, config: CrepaConfig, transformer: nn.Module, projector: CrepaProjector, encoder: DinoPatchFeatures
@@ -53,7 +51,7 @@ class CrepaTerm:
         self.cache_dtype = encoder.autocast_dtype or torch.float32  # stored features: bf16 where DINOv2 runs in bf16
 
     def lambda_at(self, step: int, max_train_steps: int) -> float:
-        """lambda for the optimizer step after `step` completed ones (the --crepa_scheduler schedule; 0: skip CREPA)."""
+        """lambda for the optimizer step after `step` completed ones (--crepa_scheduler's schedule; 0: skip CREPA)."""
         return self.config.lambda_at(step, max_train_steps)
 
     def encode(self, frames: torch.Tensor, token_grid: tuple[int, int], groups: list[list[int]]) -> torch.Tensor:
@@ -69,17 +67,15 @@ class CrepaTerm:
     def loss(
         self, projected: torch.Tensor, step: int, max_train_steps: int
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
-        """The CREPA term of the loss, lambda(step) * L_align (the schedule applied), for the projected block tokens
-        against this step's features, and detached values to log."""
+        """lambda(step) * L_align for the projected block tokens against this step's features, and values to log."""
         if self._features is None:
             raise RuntimeError("CrepaTerm.loss() before prepare(): call prepare(features) before the forward.")
         features, self._features = self._features, None
-        config, lambda_ = self.config, self.lambda_at(step, max_train_steps)
+        config, lambda_, distance = self.config, self.lambda_at(step, max_train_steps), self.config.effective_distance
         align_loss, stats = crepa_loss(
-            projected, features, config.effective_distance, config.tau, config.cumulative, config.normalize_by_frames
+            projected, features, distance, config.tau, config.cumulative, config.normalize_by_frames
         )
         # No neighbour pairs, so nothing to log for them: REPA*, or too few token frames (a still has one).
-        distance = config.effective_distance
         if distance == 0 or features.shape[1] <= (1 if config.cumulative else distance):
             del stats["similarity_neighbour"]
         return lambda_ * align_loss, {"crepa_loss": align_loss.detach(), "crepa_lambda": lambda_, **stats}
@@ -93,14 +89,10 @@ class CrepaTerm:
         self.capture.remove()
 
     def save_projector(self, directory: str | os.PathLike) -> None:
-        from safetensors.torch import save_file
-
         state = {key: value.detach().contiguous().cpu() for key, value in self.projector.state_dict().items()}
         save_file(state, os.path.join(directory, PROJECTOR_FILE))
 
     def load_projector(self, directory: str | os.PathLike) -> None:
-        from safetensors.torch import load_file
-
         path = os.path.join(directory, PROJECTOR_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(
@@ -111,17 +103,15 @@ class CrepaTerm:
 
 
 class TransformerWithProjector(nn.Module):
-    """The transformer and the CREPA projector as one trained module, so that DDP, DeepSpeed (one model per engine)
-    and FSDP wrap a single model whose forward runs both: forward(...) -> (transformer output, projected block
-    tokens, or None when `prepare` was not called for this forward). The hook sits on the unwrapped transformer's
-    block, which wrapping does not change."""
+    """The transformer and the CREPA projector as one trained module, so that DDP, DeepSpeed (one model per engine) and
+    FSDP wrap one model whose forward runs both: forward(...) -> (transformer output, projected block tokens or None
+    when `prepare` was not called for this forward). Wrapping leaves the hook, on the unwrapped transformer's block."""
 
     def __init__(self, transformer: nn.Module, term: CrepaTerm | None = None) -> None:
         super().__init__()
         transformer_blocks(transformer)  # fails early on a model without blocks to hook
         self.transformer = transformer
-        self.projector = term.projector if term is not None else None
-        self._capture = term.capture if term is not None else None
+        self.projector, self._capture = (term.projector, term.capture) if term is not None else (None, None)
 
     def forward(self, *args, **kwargs):
         output = self.transformer(*args, **kwargs)
