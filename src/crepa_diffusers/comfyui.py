@@ -1,23 +1,19 @@
-"""HunyuanVideo or Wan LoRA in diffusers names -> a file ComfyUI's native loader reads whole, with the exact weight
-changes. The family comes from the keys: Wan's are `transformer.blocks.N.*`, HunyuanVideo's
-`transformer.transformer_blocks.N.*` / `transformer.single_transformer_blocks.N.*`.
+"""HunyuanVideo or Wan LoRA in diffusers names (the family read from the keys: Wan's are `transformer.blocks.N.*`) ->
+a file ComfyUI's native loader reads whole, with the exact weight changes. It ignores safetensors metadata and reads
+`diffusion_model.<original name>.lora_A/lora_B.weight` with the scale `alpha / rank` from a `.alpha` tensor, 1
+without one (comfy/weight_adapter/lora.py: `alpha / mat2.shape[0]`, weight change `up @ down`).
 
-ComfyUI (comfy/lora.py, `model_lora_keys_unet`, HunyuanVideo branch) keeps the original HunyuanVideo module names:
-q, k and v fused (`double_blocks.N.img_attn.qkv`, `txt_attn.qkv`), the single blocks' q, k, v and MLP input fused
-into `single_blocks.N.linear1`. It accepts `diffusion_model.<original name>.lora_A/lora_B.weight` (the names of
-diffusion-pipe / HunyuanVideo's own code, e.g. `img_attn_qkv`, `img_mod.linear`, `img_mlp.fc1`) and ignores
-safetensors metadata: the scale is `alpha / rank` from a `.alpha` tensor (comfy/weight_adapter/lora.py:
-`alpha / mat2.shape[0]`, weight change `up @ down`), 1 without one.
+HunyuanVideo (comfy/lora.py `model_lora_keys_unet`): the original names (HunyuanVideo's code's, diffusion-pipe's:
+`img_attn_qkv`, `img_mod.linear`, `img_mlp.fc1`), q, k and v fused (`double_blocks.N.img_attn.qkv`, `txt_attn.qkv`;
+the single blocks' q, k, v and MLP input in `single_blocks.N.linear1`). A fused target stacks its parts' `lora_A`
+(rank: their sum) and puts their `lora_B` on the block diagonal, so up @ down stacks the parts' exact weight changes
+(a part without LoRA: zero rows). The names invert diffusers' (loaders/lora_conversion_utils.py
+`_convert_hunyuan_video_lora_to_diffusers`, scripts/convert_hunyuan_video_to_diffusers.py), shift/scale swap of the
+final modulation included.
 
-A fused target stacks its parts' `lora_A` (the rank grows to the sum) and puts their `lora_B` on the block diagonal,
-so up @ down is exactly the parts' weight changes stacked; a part without a LoRA gets zero rows. The name map is the
-inverse of diffusers' own (loaders/lora_conversion_utils.py `_convert_hunyuan_video_lora_to_diffusers`, and
-scripts/convert_hunyuan_video_to_diffusers.py), including its shift/scale swap of the final modulation.
-
-ComfyUI has no Wan branch there: Wan LoRAs load only through the generic keys `diffusion_model.<original Wan name>`
-(comfy/ldm/wan/model.py keeps Wan's own names). diffusers' scripts/convert_wan_to_diffusers.py renames one module to
-one (`attn1.to_q` <-> `self_attn.q`, `ffn.net.0.proj` <-> `ffn.0`, `proj_out` <-> `head.head`), nothing fused, so
-each Wan layer keeps its lora_A / lora_B and gets its `.alpha`.
+Wan: no branch there; the generic keys take Wan's own names (comfy/ldm/wan/model.py), which diffusers'
+scripts/convert_wan_to_diffusers.py maps one to one (`attn1.to_q` <-> `self_attn.q`, `ffn.net.0.proj` <-> `ffn.0`,
+`proj_out` <-> `head.head`): nothing fused, each layer keeps its lora_A / lora_B and gets its `.alpha`.
 
     python -m crepa_diffusers.comfyui OUTPUT_DIR_OR_LORA_FILE [--output FILE]
 """
@@ -41,14 +37,9 @@ CARD_SECTION = f"""
   `.alpha` per layer): put it in `ComfyUI/models/loras` and load it with **LoraLoaderModelOnly** at strength
   **1.0** (the trained alpha / rank is inside the file).
 """
-WAN_CARD_SECTION = f"""
-## Files
-
-- `pytorch_lora_weights.safetensors`: diffusers names, for `pipe.load_lora_weights` (above).
-- `{COMFYUI_FILE}`: the same LoRA for ComfyUI's native Wan (Wan's original module names, an `.alpha` per
-  layer): put it in `ComfyUI/models/loras` and load it with **LoraLoaderModelOnly** at strength **1.0** (the
-  trained alpha / rank is inside the file).
-"""
+WAN_CARD_SECTION = CARD_SECTION.replace(
+    "HunyuanVideo (original module names, q/k/v fused,", "Wan (Wan's original module names,"
+)
 
 # Fused original targets: diffusers parts in the order of the fused weight's rows.
 _FUSED = {
@@ -99,18 +90,20 @@ def comfyui_target(module: str, family: str = "HunyuanVideo") -> tuple[str, int 
     if found is None:
         return (_TOP_RENAMES[module], None) if module in _TOP_RENAMES else None
     kind, index, rest = found.groups()
-    prefix = f"{'double' if kind == 'transformer_blocks' else 'single'}_blocks.{index}."
-    fused = ("img_attn_qkv", "txt_attn_qkv") if kind == "transformer_blocks" else ("linear1",)
-    for target in fused:
+    double = kind == "transformer_blocks"
+    prefix = f"{'double' if double else 'single'}_blocks.{index}."
+    for target in ("img_attn_qkv", "txt_attn_qkv") if double else ("linear1",):
         if rest in _FUSED[target]:
             return prefix + target, _FUSED[target].index(rest)
-    renames = _DOUBLE_RENAMES if kind == "transformer_blocks" else _SINGLE_RENAMES
+    renames = _DOUBLE_RENAMES if double else _SINGLE_RENAMES
     return (prefix + renames[rest], None) if rest in renames else None
 
 
-def unsupported_modules(modules, family: str = "HunyuanVideo") -> list[str]:
-    """The LoRA-targeted diffusers module names that have no ComfyUI `family` name here."""
-    return [module for module in modules if comfyui_target(module, family) is None]
+def _unsupported(modules, family: str) -> str:
+    """What makes these diffusers module names unconvertible ("" if nothing): those without a ComfyUI `family` name."""
+    if unsupported := sorted(module for module in modules if comfyui_target(module, family) is None):
+        return f"modules this converter has no ComfyUI {family} name for: {', '.join(unsupported[:5])}"
+    return ""
 
 
 def convert_to_comfyui(
@@ -124,21 +117,18 @@ def convert_to_comfyui(
 ) -> dict[str, torch.Tensor]:
     """diffusers/peft LoRA tensors (`[transformer.]<module>.lora_A.weight` / `lora_B.weight`) -> ComfyUI's
     `diffusion_model.<original>.lora_A.weight` / `.lora_B.weight` / `.alpha` (float32). `lora_alpha` / `rank` (and
-    peft's per-module patterns) give each module's scale; `mlp_ratio` sizes the zero rows of a missing `proj_mlp`
-    (HunyuanVideo). The family (HunyuanVideo or Wan) comes from the module names."""
+    peft's per-module patterns) give each module's scale; `mlp_ratio` sizes a missing `proj_mlp`'s zero rows."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
         found = re.fullmatch(r"(?:transformer\.)?(.+)\.(lora_A|lora_B)\.weight", key)
         if found is None:
             raise ValueError(f"{key}: not a LoRA tensor of the transformer (lora_A/lora_B weight)")
         modules.setdefault(found.group(1), {})[found.group(2)] = tensor.float()
-    missing = [module for module, pair in modules.items() if len(pair) != 2]
-    if missing:
+    if missing := [module for module, pair in modules.items() if len(pair) != 2]:
         raise ValueError(f"lora_A or lora_B missing for {missing[:3]}")
     family = model_family(modules)
-    unsupported = unsupported_modules(modules, family)
-    if unsupported:
-        raise ValueError(f"modules this converter has no ComfyUI {family} name for: {unsupported[:5]}")
+    if unsupported := _unsupported(modules, family):
+        raise ValueError(unsupported)
 
     def scale(module: str) -> float:  # peft: a pattern key matches a module name by its suffix
         def lookup(pattern, default):
@@ -174,13 +164,15 @@ def convert_to_comfyui(
     return out
 
 
-def read_diffusers_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, Path]:
-    """A diffusers LoRA file (or a folder holding pytorch_lora_weights.safetensors) -> (tensors, the transformer's
-    adapter metadata, the file)."""
+def convert_file(
+    path: str | Path, output: str | Path | None = None, lora_alpha: float | None = None, mlp_ratio: float = 4.0
+) -> Path:
+    """Write the ComfyUI file of a diffusers LoRA file (or of the folder's pytorch_lora_weights.safetensors), alpha and
+    rank from its adapter metadata (or `lora_alpha`); by default beside it as COMFYUI_FILE."""
     from safetensors import safe_open
+    from safetensors.torch import save_file
 
-    path = Path(path)
-    file = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
+    file = Path(path) / "pytorch_lora_weights.safetensors" if Path(path).is_dir() else Path(path)
     if not file.is_file():
         raise SystemExit(f"{file}: no such file (give a diffusers LoRA .safetensors or the folder holding it).")
     with safe_open(str(file), "pt") as handle:
@@ -188,25 +180,12 @@ def read_diffusers_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     stored = json.loads(metadata.get("lora_adapter_metadata", "{}"))
     adapter = {k[len("transformer.") :]: v for k, v in stored.items() if k.startswith("transformer.")}
-    return tensors, adapter, file
-
-
-def convert_file(
-    path: str | Path, output: str | Path | None = None, lora_alpha: float | None = None, mlp_ratio: float = 4.0
-) -> Path:
-    """Write the ComfyUI file of a diffusers HunyuanVideo or Wan LoRA (alpha and rank from its adapter metadata, or
-    `lora_alpha`); by default beside it as pytorch_lora_weights_comfyui.safetensors."""
-    from safetensors.torch import save_file
-
-    tensors, adapter, file = read_diffusers_lora(path)
-    modules = {re.sub(r"\.lora_[AB]\.weight$", "", key[len("transformer.") :]) for key in tensors}
     if adapter.get("use_dora"):  # before the names: its lora_magnitude_vector tensors are no module of ComfyUI's
         raise SystemExit(f"{file}: a DoRA adapter; ComfyUI's lora_A/lora_B + alpha format cannot hold it.")
-    family, problem = model_family(modules), None
-    if not tensors or not all(key.startswith("transformer.") for key in tensors):
-        problem = "its tensors are not all `transformer.*` LoRA weights"
-    elif unsupported := sorted(unsupported_modules(modules, family)):
-        problem = f"modules this converter has no ComfyUI {family} name for: {', '.join(unsupported[:5])}"
+    modules = {re.sub(r"\.lora_[AB]\.weight$", "", key[len("transformer.") :]) for key in tensors}
+    family = model_family(modules)
+    prefixed = tensors and all(key.startswith("transformer.") for key in tensors)
+    problem = _unsupported(modules, family) if prefixed else "its tensors are not all `transformer.*` LoRA weights"
     if problem:
         raise SystemExit(f"{file}: not a {family} LoRA in diffusers names ({problem}).")
     rank = adapter.get("r") or next(t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight"))
@@ -215,15 +194,8 @@ def convert_file(
         raise SystemExit(
             f"{file}: no adapter metadata (lora_alpha): pass --lora_alpha, the value the LoRA was trained with."
         )
-    converted = convert_to_comfyui(
-        tensors,
-        alpha,
-        rank,
-        adapter.get("alpha_pattern"),
-        adapter.get("rank_pattern"),
-        mlp_ratio,
-        adapter.get("use_rslora"),
-    )
+    patterns = (adapter.get("alpha_pattern"), adapter.get("rank_pattern"))
+    converted = convert_to_comfyui(tensors, alpha, rank, *patterns, mlp_ratio, adapter.get("use_rslora"))
     output = Path(output) if output else file.with_name(COMFYUI_FILE)
     save_file(converted, str(output), metadata={"format": "pt"})
     return output

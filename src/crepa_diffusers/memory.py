@@ -1,8 +1,8 @@
-"""Memory options a training loop switches on around its transformer (explicit values): `ActivationOffload` (saved
-tensors to pinned host memory between forward and backward), `BlockSwap` (frozen block weights streamed from host
-memory one block ahead), `selective_checkpointing` (keep attention outputs, recompute the rest) and
-`offload_models_in_turn` (one frozen encoder on the device at a time). Copies run on a side CUDA stream; without CUDA
-the same code makes plain copies (no pinning, no streams) and gives the same results."""
+"""Memory options a training loop switches on around its transformer: `ActivationOffload` (saved tensors to host
+memory between forward and backward), `BlockSwap` (frozen block weights streamed from host memory one block ahead),
+`selective_checkpointing` (keep attention outputs, recompute the rest) and `offload_models_in_turn` (one frozen
+encoder on the device at a time). Copies to and from pinned host memory run on a side CUDA stream; without CUDA the
+same code makes plain copies (no pinning, no streams) and gives the same results."""
 
 from __future__ import annotations
 
@@ -36,9 +36,36 @@ class _HostBytes:
         self.current -= nbytes
 
 
-def _to_host(tensor: torch.Tensor, host_device: torch.device, pin: bool, held: _HostBytes) -> torch.Tensor:
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, device=host_device, pin_memory=pin)
-    return held.hold(host.copy_(tensor, non_blocking=pin))
+class _HostCopies:
+    """Copies between `device` and host memory (counted in `host_bytes`); with CUDA pinned, on a side stream."""
+
+    def __init__(self, device: torch.device | str, host_device: str) -> None:
+        self.device, self.host_device = torch.device(device), torch.device(host_device)
+        self.pin = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if self.pin else None
+        self.host_bytes = _HostBytes()
+
+    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, device=self.host_device, pin_memory=self.pin)
+        return self.host_bytes.hold(host.copy_(tensor, non_blocking=self.pin))
+
+    def _to_device(self, hosts: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
+        """Starts copying `hosts` to the device: the copies, and with CUDA the event recorded after them."""
+        if self.stream is None:
+            return [host.to(self.device, copy=True) for host in hosts], None
+        with torch.cuda.stream(self.stream):
+            copies = [host.to(self.device, non_blocking=True) for host in hosts]
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        return copies, ready
+
+    def _wait_for(self, copies: list[torch.Tensor], ready: torch.cuda.Event | None) -> None:
+        """The current stream waits for `_to_device`'s copies, which keep their memory until it is done with them."""
+        if ready is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(ready)
+            for copy in copies:
+                copy.record_stream(current)
 
 
 class _Packed:
@@ -50,30 +77,24 @@ class _Packed:
         self.host, self.index, self.device_copy, self.ready = host, index, None, None
 
 
-class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
+class ActivationOffload(_HostCopies, torch.autograd.graph.saved_tensors_hooks):
     """`with ActivationOffload(device): output = transformer(...)`: tensors of at least `min_bytes` that autograd saves
     in this forward go to host memory and come back when backward needs them, each prefetched while the one unpacked
     before it is used. Under gradient checkpointing that is the blocks' inputs (torch's non-reentrant checkpoint saves
     them as ordinary saved tensors; inside a block its own hooks take precedence). Parameters stay. Reusable."""
 
     def __init__(self, device: torch.device | str, min_bytes: int = 1 << 20, host_device: str = "cpu") -> None:
-        self.device, self.min_bytes = torch.device(device), min_bytes
-        self.host_device = torch.device(host_device)
-        self.pin = self.device.type == "cuda"
-        self.stream = torch.cuda.Stream(self.device) if self.pin else None
-        self.host_bytes = _HostBytes()
+        _HostCopies.__init__(self, device, host_device)
+        torch.autograd.graph.saved_tensors_hooks.__init__(self, self._pack, self._unpack)
+        self.min_bytes = min_bytes
         # This forward's packs in order (weakly: autograd holds them until backward used them), unpacked in reverse.
         self._order: list[weakref.ref] = []
         self._seen = WeakIdKeyDictionary()  # tensor -> (version, packed): one host copy per tensor
-        super().__init__(self._pack, self._unpack)
 
     def __enter__(self):
         self._order = []
         self._seen = WeakIdKeyDictionary()
         return super().__enter__()
-
-    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        return _to_host(tensor, self.host_device, self.pin, self.host_bytes)
 
     def _pack(self, tensor: torch.Tensor):
         small = tensor.untyped_storage().nbytes() < self.min_bytes
@@ -96,27 +117,17 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
         return packed
 
     def _fetch(self, packed: _Packed) -> None:
-        """Starts the copy of `packed` back to the device (on the side stream with CUDA)."""
-        if packed.device_copy is not None:
-            return
-        if self.stream is None:
-            packed.device_copy = packed.host.to(self.device, copy=True)
-            return
-        with torch.cuda.stream(self.stream):  # after the copy to the host: the same stream
-            packed.device_copy = packed.host.to(self.device, non_blocking=True)
-            packed.ready = torch.cuda.Event()
-            packed.ready.record(self.stream)
+        """Starts the copy of `packed` back to the device (on the side stream: after its copy to the host)."""
+        if packed.device_copy is None:
+            (packed.device_copy,), packed.ready = self._to_device([packed.host])
 
     def _unpack(self, packed):
         if not isinstance(packed, _Packed):
             return packed
         self._fetch(packed)
         tensor, packed.device_copy = packed.device_copy, None
-        if packed.ready is not None:
-            current = torch.cuda.current_stream(self.device)
-            current.wait_event(packed.ready)
-            tensor.record_stream(current)
-            packed.ready = None
+        self._wait_for([tensor], packed.ready)
+        packed.ready = None
         previous = self._order[packed.index - 1]() if 0 < packed.index < len(self._order) else None
         if previous is not None:  # prefetched: backward needs the one packed before it next
             self._fetch(previous)
@@ -134,7 +145,7 @@ def _swapped_tensors(block: nn.Module) -> list[nn.Parameter]:
     ]
 
 
-class BlockSwap:
+class BlockSwap(_HostCopies):
     """The frozen Linear weights of the last `num_blocks` blocks wait in host memory and reach `device` one block ahead
     of use: in forward, and in backward, where checkpointing recomputes each block just before its backward (needed:
     without it autograd keeps every block's weights). Only Linear weights move (autograd saves views of them, never
@@ -147,30 +158,19 @@ class BlockSwap:
     ) -> None:
         if not 0 < num_blocks <= len(blocks):
             raise ValueError(f"--blocks_to_swap {num_blocks}: choose 1..{len(blocks)} (the model has {len(blocks)}).")
-        self.device, self.host_device = torch.device(device), torch.device(host_device)
-        self.pin = self.device.type == "cuda"
-        self.stream = torch.cuda.Stream(self.device) if self.pin else None
-        self.blocks = list(blocks)
+        super().__init__(device, host_device)
         self.swapped = list(range(len(blocks)))[-num_blocks:]
         self.params = {i: _swapped_tensors(blocks[i]) for i in self.swapped}
-        self.host_bytes = _HostBytes()
-        self.host = {
-            i: [_to_host(p.data, self.host_device, self.pin, self.host_bytes) for p in self.params[i]]
-            for i in self.swapped
-        }
+        self.host = {i: [self._to_host(p.data) for p in params] for i, params in self.params.items()}
         for i in self.swapped:
             self._offload(i)
         self.resident: set[int] = set()  # swapped blocks whose weights are on the device now
-        self._loading: dict[int, tuple[list[torch.Tensor], object]] = {}
+        self._loading: dict[int, tuple[list[torch.Tensor], object]] = {}  # started copies, their event
         self._end_of_backward_queued = False
-        self._handles = [
-            handle
-            for i, block in enumerate(self.blocks)
-            for handle in (
-                block.register_forward_pre_hook(functools.partial(self._before, i)),
-                block.register_forward_hook(functools.partial(self._after, i)),
-            )
-        ]
+        self._handles = []
+        for i, block in enumerate(blocks):
+            self._handles.append(block.register_forward_pre_hook(functools.partial(self._before, i)))
+            self._handles.append(block.register_forward_hook(functools.partial(self._after, i)))
 
     def _offload(self, index: int) -> None:
         # What autograd saved for this block's backward (views of the weights) keeps the device copy until then.
@@ -180,16 +180,9 @@ class BlockSwap:
     def _start_load(self, index: int) -> None:
         if index in self.resident or index in self._loading:
             return
-        hosts = self.host[index]
-        if self.stream is None:
-            self._loading[index] = ([torch.empty_like(h, device=self.device).copy_(h) for h in hosts], None)
-            return
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the memory it reuses is free
-        with torch.cuda.stream(self.stream):
-            copies = [host.to(self.device, non_blocking=True) for host in hosts]
-            ready = torch.cuda.Event()
-            ready.record(self.stream)
-        self._loading[index] = (copies, ready)
+        if self.stream is not None:  # the memory it reuses is free
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        self._loading[index] = self._to_device(self.host[index])
 
     def _before(self, index: int, module, args) -> None:
         backward = torch._C._current_graph_task_id() != -1  # a checkpointed block recomputed inside backward
@@ -206,11 +199,7 @@ class BlockSwap:
             self._start_load(index)
             copies, ready = self._loading.pop(index, (None, None))
             if copies is not None:
-                if ready is not None:
-                    current = torch.cuda.current_stream(self.device)
-                    current.wait_event(ready)
-                    for copy in copies:
-                        copy.record_stream(current)
+                self._wait_for(copies, ready)
                 for param, copy in zip(self.params[index], copies):
                     param.data = copy
                 self.resident.add(index)
@@ -284,12 +273,8 @@ def offload_models_in_turn(models: list[nn.Module | None], device: torch.device 
         def model(self):  # a dropped model: one weight in host memory, so that nothing is moved
             return self._model() or nn.Linear(1, 1)
 
-    hooks = []
-    for model in (m for m in models if m is not None):
-        _, hook = cpu_offload_with_hook(model, torch.device(device), prev_module_hook=hooks[-1] if hooks else None)
-        hooks.append(WeakModelHook(model, hook.hook))
-        if len(hooks) > 1:
-            hook.hook.prev_module_hook = hooks[-2]
-    if len(hooks) > 1:  # the first model's next visit sends the last one back
-        hooks[0].hook.prev_module_hook = hooks[-1]
+    hooks = [WeakModelHook(m, cpu_offload_with_hook(m, torch.device(device))[1].hook) for m in models if m is not None]
+    if len(hooks) > 1:  # a ring: each model's turn sends the one before it back, the first model's the last one
+        for previous, hook in zip([hooks[-1], *hooks], hooks):
+            hook.hook.prev_module_hook = previous
     return hooks
