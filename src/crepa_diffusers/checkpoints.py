@@ -129,6 +129,8 @@ def load_diffusers_checkpoint(path: Path, transformer: nn.Module, lr_scheduler, 
         position = torch.load(path / "scheduler.bin", weights_only=True)["last_epoch"]
     except Exception as error:  # missing, or a scheduler accelerate did not save as a state dict
         logger.warning("%s: scheduler.bin unreadable (%s); the schedule resumes from the step.", path, error)
+    # LambdaLR has no public seek: set what its step() keeps (its load_state_dict needs the other program's
+    # saved state, maybe unreadable, and leaves the optimizer's learning rate stale).
     scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
     scheduler.last_epoch, scheduler._step_count = position, position + 1
     lrs = [base * factor(position) for factor, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]

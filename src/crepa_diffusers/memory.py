@@ -185,7 +185,9 @@ class BlockSwap(_HostCopies):
         self._loading[index] = self._to_device(self.host[index])
 
     def _before(self, index: int, module, args) -> None:
-        backward = torch._C._current_graph_task_id() != -1  # a checkpointed block recomputed inside backward
+        # A checkpointed block recomputed inside backward. Private calls, with no public equivalent: FSDP2 tells
+        # backward this way, and it and DDP run end-of-backward work with the engine's queue_callback below.
+        backward = torch._C._current_graph_task_id() != -1
         if backward:
             # A recomputation stops after the block's last saved tensor, before the forward hooks: the blocks
             # recomputed before this one are done with their weights (what their backward saved keeps its copy).

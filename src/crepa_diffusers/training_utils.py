@@ -13,7 +13,6 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from torch.nn.modules.conv import _ConvNd
 
 
 logger = logging.getLogger(__name__)
@@ -36,7 +35,8 @@ def lora_target_regex(
     full-match regex for peft over `transformer`'s Linear/Conv modules in `blocks` (`<block>.N.`) and `top_level`; a
     meta-device model will do. SystemExit when no name is given or one matches nothing, listing the names there are."""
     names = [name.strip() for name in lora_layers.split(",") if name.strip()]
-    layers = [n for n, m in transformer.named_modules() if isinstance(m, (torch.nn.Linear, _ConvNd))]
+    peft_layers = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)  # what peft's LoRA wraps
+    layers = [n for n, m in transformer.named_modules() if isinstance(m, peft_layers)]
     block = rf"(?:{'|'.join(map(re.escape, blocks))})\.\d+\."
     scope = [n for n in layers if re.match(block, n) or n in top_level]
     matched = {name: [n for n in scope if n == name or n.endswith("." + name)] for name in names}
