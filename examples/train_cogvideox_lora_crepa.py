@@ -1,15 +1,17 @@
 #!/usr/bin/env python
 # coding=utf-8
-"""LoRA fine-tuning of CogVideoX (2B, 5B, 1.5) with CREPA, in the form of diffusers' train_cogvideox_lora.py.
+"""LoRA fine-tuning of CogVideoX (2B, 5B, 1.5), in the form of diffusers' train_cogvideox_lora.py.
 
     accelerate launch examples/train_cogvideox_lora_crepa.py \
         --pretrained_model_name_or_path THUDM/CogVideoX-5b --instance_data_root data \
         --caption_column prompts.txt --video_column videos.txt --output_dir cogvideox-lora-crepa ...
 
-Every flag of diffusers' script keeps its name and default; the --crepa_* flags add the alignment term
-(`--crepa_mode none` trains plain LoRA, `repa` is REPA*). `grep "# CREPA"` lists every line CREPA adds to
-diffusers' recipe. Needs `pip install crepa-diffusers` (the CREPA term and a few small training utilities).
+Every flag of diffusers' script keeps its name and default. Needs `pip install crepa-diffusers` (a few small
+training utilities).
 """
+# CREPA: the --crepa_* flags add CREPA's alignment term (arXiv 2506.09229, from crepa-diffusers);
+# CREPA: `--crepa_mode none` trains plain LoRA, `repa` is REPA*.
+# CREPA: `grep "# CREPA"` lists every line CREPA adds to or changes in diffusers' recipe.
 
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ VAE_SPATIAL, VAE_TEMPORAL = 8, 4  # CogVideoX's VAE: 8x spatial, 4x temporal (4k
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="CogVideoX LoRA training with CREPA.")
+    parser = argparse.ArgumentParser(description="CogVideoX LoRA training with CREPA.")  # CREPA
     model = parser.add_argument_group("Model")
     model.add_argument(
         "--pretrained_model_name_or_path",
@@ -214,9 +216,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     train.add_argument(
         "--cache_conditions",
         action="store_true",
-        help="Before training, encode every clip once (VAE latent distribution, T5 embedding, DINOv2 "
-        "features; under --condition_cache_dir, reused by later runs), then free the GPU of the text "
-        "encoder, the VAE encoder and DINOv2.",
+        help="Before training, encode every clip once (what each frozen encoder gives it; under "
+        "--condition_cache_dir, reused by later runs), then free the GPU of those encoders (the VAE keeps its "
+        "decoder).",
     )
     train.add_argument(
         "--condition_cache_dir",
@@ -255,7 +257,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     mem.add_argument(
         "--offload_encoders",
         action="store_true",
-        help="The text encoders, the VAE and DINOv2 wait in host memory and visit the GPU one at a time, for their "
+        help="Every frozen encoder model, the VAE included, waits in host memory and visits the GPU alone, for its "
         "own forward (with --enable_tiling, the --cache_conditions pass fits the card the step fits).",
     )
     train.add_argument(
@@ -555,12 +557,13 @@ def pad_latent_frames(latents: torch.Tensor, patch_size_t: int | None) -> torch.
 
 @dataclass
 class Parts:
-    """What one CogVideoX training step needs (built by main(), or by the benchmark from configs)."""
+    """What one CogVideoX training step needs: its models and settings, built once in main() (anything that drives
+    `training_loss` can build one)."""
 
     tokenizer: object
     text_encoder: torch.nn.Module
     vae: torch.nn.Module
-    model: torch.nn.Module  # TransformerWithProjector, as prepared by accelerate (DDP/DeepSpeed-wrapped)
+    model: torch.nn.Module  # CREPA: TransformerWithProjector, as prepared by accelerate (DDP/DeepSpeed-wrapped)
     config: object  # the transformer's config
     scheduler: object
     weight_dtype: torch.dtype
@@ -575,8 +578,8 @@ def encode_conditions(
     parts: Parts,
     crepa: CrepaTerm | None = None,  # CREPA
 ) -> dict[str, torch.Tensor]:
-    """What the frozen encoders give a batch: the VAE latent distribution's parameters, the T5 embeddings and (CREPA)
-    the DINOv2 features on the DiT's token grid. Every step; or once per clip, before training, with the cache."""
+    """What the frozen encoders give a batch: the VAE latent distribution's parameters and the T5 embeddings. Every
+    step; or once per clip, before training, with the cache."""
     config = parts.config
     with torch.no_grad():
         conditions = {
@@ -587,7 +590,7 @@ def encode_conditions(
                 parts.tokenizer, parts.text_encoder, prompts, config.max_text_seq_length, parts.device
             ),
         }
-    if crepa is not None:  # CREPA
+    if crepa is not None:  # CREPA: and the DINOv2 features on the DiT's token grid
         # CREPA: the batch's own size (its bucket): DINOv2's patch grid is the DiT's token grid at every size
         grid = (
             frames.shape[-2] // (VAE_SPATIAL * config.patch_size),  # CREPA
@@ -673,10 +676,10 @@ def training_loss(
     generator: torch.Generator,
     parts: Parts,
     crepa: CrepaTerm | None,  # CREPA
-    step: int,
-    max_train_steps: int,
+    step: int,  # CREPA: the optimizer step and the run's length, for the lambda schedule
+    max_train_steps: int,  # CREPA
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One micro-batch's loss: diffusers' v-prediction loss (+ lambda * L_align), and the values to log."""
+    """One micro-batch's loss (diffusers' v-prediction loss, and any term added to it below) and the values to log."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     device, dtype, config = parts.device, parts.weight_dtype, parts.config
@@ -685,7 +688,7 @@ def training_loss(
     if "conditions" in batch:  # --cache_conditions: encoded before training
         conditions = {name: tensor.to(device, non_blocking=True) for name, tensor in batch["conditions"].items()}
     else:
-        frames = batch["frames"].to(device)  # [B, F, 3, H, W] in [-1, 1]: the VAE's input, and the encoder's  # CREPA
+        frames = batch["frames"].to(device)  # [B, F, 3, H, W] in [-1, 1]
         if parts.random_flip:
             frames = random_flip(frames, generator)
         conditions = encode_conditions(frames, batch["prompts"], parts, crepa if use_crepa else None)  # CREPA
@@ -711,13 +714,13 @@ def training_loss(
             image_rotary_emb=rotary,
             return_dict=False,
         )
-        model_output = output[0]
+        model_output = output[0]  # CREPA: the transformer's own output, as diffusers' `transformer(...)[0]`
     # v-prediction, as diffusers' example: x0 predictions weighted by 1/(1 - alpha_bar_t) (= MSE on v).
     model_pred = parts.scheduler.get_velocity(model_output.float(), noisy.float(), timesteps)
     alphas_cumprod = parts.scheduler.alphas_cumprod.to(device)
     weights = (1 / (1 - alphas_cumprod[timesteps])).view(-1, 1, 1, 1, 1)
     loss = (weights * (model_pred - latents.float()) ** 2).reshape(batch_size, -1).mean(1).mean()
-    logs = {"diffusion_loss": loss.detach()}
+    logs = {"diffusion_loss": loss.detach()}  # CREPA: the diffusion term logged apart from the total
     if projected is not None:  # CREPA: lambda(step) * L_align of the block tokens against the features
         crepa_term, crepa_logs = crepa.loss(projected, step, max_train_steps)  # CREPA
         logs.update(crepa_logs)  # CREPA
@@ -780,7 +783,7 @@ def log_validation(
             frames = [(np.clip(frame, 0, 1) * 255).round().astype(np.uint8) for frame in video]
             for tracker in accelerator.trackers:
                 if tracker.name == "tensorboard":
-                    tracker.writer._get_file_writer().add_summary(
+                    tracker.writer._get_file_writer().add_summary(  # private: the public add_video needs moviepy
                         _tensorboard_gif(f"{phase}/video_{index}", frames, args.fps), step
                     )
                     tracker.writer.add_text(f"{phase}/prompt_{index}", prompt, step)
@@ -801,7 +804,7 @@ def log_validation(
 
 class MetricSums:
     """Logged values summed on the device and read once per logging step (each read is a host sync). Each key is
-    averaged over the micro-batches that reported it (a step at CREPA lambda 0 reports no CREPA loss)."""
+    averaged over the micro-batches that reported it (not every micro-batch reports every key)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor | float] = {}
@@ -823,7 +826,7 @@ class MetricSums:
 
 
 def write_loss_plot(history: list[dict], output_dir: str) -> Path | None:
-    """loss.png: total / diffusion / CREPA losses and the similarities over steps (from the logged values)."""
+    """loss.png: the logged losses over steps; training_log.json: every logged value."""
     if not history:
         return None
     import matplotlib
@@ -832,16 +835,16 @@ def write_loss_plot(history: list[dict], output_dir: str) -> Path | None:
     import matplotlib.pyplot as plt
 
     steps = [row["step"] for row in history]
-    fig, (losses, sims) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (losses, sims) = plt.subplots(1, 2, figsize=(11, 4))  # CREPA: a second panel, the similarities
     for axes, keys in (
         (losses, ("loss", "diffusion_loss", "crepa_loss")),  # CREPA
         (sims, ("similarity_self", "similarity_neighbour")),  # CREPA
     ):
-        for key in keys:  # a row lacks the CREPA values where lambda was 0 all through its window
+        for key in keys:  # a key no micro-batch of a row's window reported plots as a gap
             if any(key in row for row in history):
                 axes.plot(steps, [row.get(key, float("nan")) for row in history], label=key)
     losses.set_xlabel("step"), losses.set_title("losses"), losses.legend()
-    sims.set_xlabel("step"), sims.set_title("CREPA cosine similarity"), sims.legend() if sims.lines else None
+    sims.set_xlabel("step"), sims.set_title("CREPA cosine similarity"), sims.legend() if sims.lines else None  # CREPA
     fig.tight_layout()
     path = Path(output_dir) / "loss.png"
     fig.savefig(path, dpi=100)
@@ -953,8 +956,8 @@ def main(args: argparse.Namespace) -> Path:
         args.resume_from_checkpoint,
         args.output_dir,
         args.rank,
-        crepa_config.enabled,  # CREPA
-    )  # CREPA: projector or not
+        crepa_config.enabled,  # CREPA: projector or not
+    )
     items = training_utils.check_videos(  # each sample read as training reads it, and given its bucket
         load_video_items(args),
         args.skip_frames_start + args.skip_frames_end,
@@ -965,6 +968,7 @@ def main(args: argparse.Namespace) -> Path:
     training_utils.check_output_dir(args.output_dir)
 
     # ---- Accelerator
+    # --mixed_precision unset: bf16 for 5B / 1.5 on CUDA; a run without CUDA (on CPU) keeps accelerate's default.
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision or ("bf16" if is_large and torch.cuda.is_available() else None),
@@ -972,8 +976,7 @@ def main(args: argparse.Namespace) -> Path:
         project_config=ProjectConfiguration(
             project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir)
         ),
-        # CREPA: a step at lambda 0 leaves the projector unused; only then does DDP need to look for unused
-        # parameters (a graph traversal every step).
+        # CREPA: DDP seeks unused parameters (a graph traversal per step) only if lambda-0 steps may idle the projector
         kwargs_handlers=[
             DistributedDataParallelKwargs(find_unused_parameters=crepa_config.may_skip_steps),  # CREPA
         ],
@@ -989,7 +992,7 @@ def main(args: argparse.Namespace) -> Path:
     if deepspeed and {"optimizer", "scheduler"} & set(accelerator.state.deepspeed_plugin.deepspeed_config):
         raise SystemExit(
             "The DeepSpeed config has an optimizer/scheduler block: delete it. This script builds both from "
-            "--optimizer / --lr_scheduler (its LoRA and CREPA projector are clipped apart, non-finite steps skipped)."
+            "--optimizer / --lr_scheduler (each trained part clipped on its own, non-finite steps skipped)."
         )
     ds_config = accelerator.state.deepspeed_plugin.deepspeed_config if deepspeed else {}
     if ds_config.get("train_micro_batch_size_per_gpu") == "auto":  # it reads the loader's batch_size, None: buckets
@@ -1049,7 +1052,7 @@ def main(args: argparse.Namespace) -> Path:
         "latent_dist",
         "prompt_embeds",
         *(["features"] if crepa_config.enabled else []),  # CREPA
-    }  # CREPA
+    }
     todo = cache.missing(items, required, accelerator.process_index, accelerator.num_processes) if cache else []
     validation_key = cache.key("validation prompts", prompts) if cache else None
     validates = bool(prompts) and accelerator.is_main_process  # validation videos come from the main process only
@@ -1100,19 +1103,19 @@ def main(args: argparse.Namespace) -> Path:
     model = TransformerWithProjector(transformer, crepa)  # CREPA: one trained module for DDP/DeepSpeed/FSDP
     if args.offload_encoders:  # one frozen encoder on the device at a time
         dinov2 = crepa.encoder.encoder if crepa is not None else None  # CREPA: DINOv2 takes its turn too
-        memory.offload_models_in_turn([text_encoder, vae, dinov2], device)
+        memory.offload_models_in_turn([text_encoder, vae, dinov2], device)  # CREPA: dinov2
     if args.blocks_to_swap:  # after the fp8 cast: the host keeps the stored dtype
         memory.BlockSwap(transformer_blocks(transformer), args.blocks_to_swap, device)
 
-    # accelerate's save_state / load_state write the LoRA (diffusers format) and the CREPA projector only.
+    # accelerate's save_state / load_state write only what trains, not the frozen base: the LoRA (diffusers format).
     def save_model_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for saved in models:
                 unwrapped = accelerator.unwrap_model(saved)
                 CogVideoXPipeline.save_lora_weights(
                     output_dir,
-                    transformer_lora_layers=get_peft_model_state_dict(unwrapped.transformer),
-                    **checkpoints.lora_adapter_metadata(unwrapped.transformer),
+                    transformer_lora_layers=get_peft_model_state_dict(unwrapped.transformer),  # CREPA
+                    **checkpoints.lora_adapter_metadata(unwrapped.transformer),  # CREPA
                 )
                 if crepa is not None:  # CREPA
                     crepa.save_projector(output_dir)  # CREPA
@@ -1126,7 +1129,9 @@ def main(args: argparse.Namespace) -> Path:
             lora_state_dict = lora_state_dict[0] if isinstance(lora_state_dict, tuple) else lora_state_dict
             state = {k[len("transformer.") :]: v for k, v in lora_state_dict.items() if k.startswith("transformer.")}
             result = set_peft_model_state_dict(
-                unwrapped.transformer, convert_unet_state_dict_to_peft(state), adapter_name="default"
+                unwrapped.transformer,  # CREPA
+                convert_unet_state_dict_to_peft(state),
+                adapter_name="default",
             )
             if getattr(result, "unexpected_keys", None):
                 raise RuntimeError(
@@ -1153,8 +1158,8 @@ def main(args: argparse.Namespace) -> Path:
     if crepa is not None:  # CREPA: the projector trains with the LoRA
         params_to_optimize.append({"params": list(crepa.projector.parameters()), "lr": args.learning_rate})  # CREPA
     trained_params = [p for group in params_to_optimize for p in group["params"]]
-    # CREPA: the LoRA is clipped as diffusers does and the projector on its own, so --max_grad_norm gives the LoRA
-    # the same update rule in all three arms (crepa, repa, none).
+    # CREPA: the LoRA is clipped as diffusers clips it, and the projector on its own,
+    # CREPA: so --max_grad_norm gives the LoRA the same update rule in all three arms (crepa, repa, none).
     clipped_parts = [lora_params, list(crepa.projector.parameters()) if crepa is not None else []]  # CREPA
     optimizer = get_optimizer(args, params_to_optimize)
 
@@ -1165,7 +1170,7 @@ def main(args: argparse.Namespace) -> Path:
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         vae=vae,
-        model=model,
+        model=model,  # CREPA: the transformer with the projector
         config=transformer.config,
         scheduler=scheduler,
         weight_dtype=weight_dtype,
@@ -1186,11 +1191,11 @@ def main(args: argparse.Namespace) -> Path:
             args,
             cache,
             parts,
-            crepa,
+            crepa,  # CREPA
             accelerator,
             prompts,
             validation_key,
-            encode_validation,  # CREPA
+            encode_validation,
         )
         # The frozen encoders leave the GPU for the whole run.
         text_encoder = tokenizer = parts.text_encoder = parts.tokenizer = vae.encoder = None
@@ -1226,10 +1231,13 @@ def main(args: argparse.Namespace) -> Path:
     )
     if resume_state.get("diffusers_checkpoint"):  # diffusers' example wrote it: its LoRA and schedule, before prepare
         checkpoints.load_diffusers_checkpoint(resume_path, transformer, lr_scheduler, accelerator.num_processes)
-    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        model, optimizer, train_dataloader, lr_scheduler
+    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(  # CREPA: model (transformer + projector)
+        model,  # CREPA
+        optimizer,
+        train_dataloader,
+        lr_scheduler,
     )
-    parts.model = model  # the prepared (DDP/DeepSpeed-wrapped) module trains
+    parts.model = model  # CREPA: the prepared (DDP/DeepSpeed-wrapped) transformer and projector train
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
     if accelerator.is_main_process:
@@ -1284,7 +1292,7 @@ def main(args: argparse.Namespace) -> Path:
         for epoch in range(first_epoch, args.num_train_epochs):
             if global_step >= args.max_train_steps or interrupted:
                 break
-            model.train()
+            model.train()  # CREPA: transformer + projector
             sampler.use_epoch(epoch)
             skip = (global_step - epoch * num_update_steps_per_epoch) * args.gradient_accumulation_steps
             loader = accelerator.skip_first_batches(train_dataloader, skip) if skip > 0 else train_dataloader
@@ -1295,7 +1303,7 @@ def main(args: argparse.Namespace) -> Path:
                 logger.debug(
                     "rank %d step %d samples %s", accelerator.process_index, global_step + 1, batch["indices"].tolist()
                 )
-                with accelerator.accumulate(model):
+                with accelerator.accumulate(model):  # CREPA: transformer + projector
                     # CREPA: the CREPA term, and the optimizer step for its lambda schedule
                     loss, logs = training_loss(
                         batch,
@@ -1312,7 +1320,7 @@ def main(args: argparse.Namespace) -> Path:
                         accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         if nonfinite.step_is_finite(accelerator):
-                            training_utils.clip_grad_norms(accelerator, clipped_parts, args.max_grad_norm)
+                            training_utils.clip_grad_norms(accelerator, clipped_parts, args.max_grad_norm)  # CREPA
                             optimizer.step()
                             lr_scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
@@ -1326,12 +1334,12 @@ def main(args: argparse.Namespace) -> Path:
                 if nonfinite.in_a_row:
                     accelerator.log({"skipped_nonfinite_steps": nonfinite.in_a_row}, step=global_step)
                 if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
-                    logs = {**metrics.pop_means(), "lr": lr_scheduler.get_last_lr()[0]}
+                    window_means = {**metrics.pop_means(), "lr": lr_scheduler.get_last_lr()[0]}
                     progress_bar.set_postfix(
-                        **{k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "crepa_loss")}  # CREPA
+                        **{k: f"{v:.4g}" for k, v in window_means.items() if k in ("loss", "crepa_loss")}  # CREPA
                     )
-                    accelerator.log(logs, step=global_step)
-                    history.append({"step": global_step, **logs})
+                    accelerator.log(window_means, step=global_step)
+                    history.append({"step": global_step, **window_means})
                 interrupted = stop.requested(accelerator)
                 if global_step % args.checkpointing_steps == 0 or interrupted:
                     checkpoints.save_checkpoint(
@@ -1369,9 +1377,9 @@ def main(args: argparse.Namespace) -> Path:
         write_loss_plot(history, args.output_dir)
     # Free what training held before loading a second pipeline (as diffusers does): two copies of every model
     # would not fit next to each other on the GPU.
-    model = transformer = text_encoder = vae = parts = optimizer = lr_scheduler = train_dataloader = None
+    model = transformer = text_encoder = vae = parts = optimizer = lr_scheduler = train_dataloader = None  # CREPA
     crepa = None  # CREPA
-    lora_params = trained_params = clipped_parts = params_to_optimize = None
+    lora_params = trained_params = clipped_parts = params_to_optimize = None  # CREPA: clipped_parts
     accelerator.free_memory()
     free_memory()
     final_error = None
