@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 # coding=utf-8
-"""LoRA fine-tuning of HunyuanVideo with CREPA, with the flags and outputs of diffusers' CogVideoX LoRA example.
+"""LoRA fine-tuning of HunyuanVideo, with the flags and outputs of diffusers' CogVideoX LoRA example.
 
     accelerate launch examples/train_hunyuan_lora_crepa.py \
         --pretrained_model_name_or_path hunyuanvideo-community/HunyuanVideo --instance_data_root data \
@@ -9,9 +9,11 @@
 Flow matching (x_t = (1 - s) x0 + s noise, target noise - x0) with sigmas from the scheduler and --flow_shift
 applied; text from HunyuanVideoPipeline.encode_prompt (Llama with the default prompt template, 3rd-from-last hidden
 state, plus CLIP pooled projections); LoRA on the double- and single-stream blocks only, never the token refiner.
---crepa_block_index counts the 20 double-stream blocks then the 40 single-stream blocks (0..59). `grep "# CREPA"`
-lists every line CREPA adds. Needs `pip install crepa-diffusers` (the CREPA term and a few small training utilities).
+Needs `pip install crepa-diffusers` (a few small training utilities).
 """
+# CREPA: this script adds CREPA (arXiv 2506.09229; its term from crepa-diffusers) to that LoRA recipe, and
+# CREPA: `grep "# CREPA"` lists every line it adds or changes.
+# CREPA: --crepa_block_index counts the 20 double-stream blocks then the 40 single-stream blocks (0..59).
 
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ DEFAULT_LORA_LAYERS = "to_q,to_k,to_v,to_out.0"
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="HunyuanVideo LoRA training with CREPA.")
+    parser = argparse.ArgumentParser(description="HunyuanVideo LoRA training with CREPA.")  # CREPA
     model = parser.add_argument_group("Model")
     model.add_argument(
         "--pretrained_model_name_or_path",
@@ -221,9 +223,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     train.add_argument(
         "--cache_conditions",
         action="store_true",
-        help="Before training, encode every clip once (VAE latent distribution, Llama + CLIP text "
-        "embeddings, DINOv2 features; under --condition_cache_dir, reused by later runs), then free the "
-        "GPU of the text encoders, the VAE encoder and DINOv2.",
+        help="Before training, encode every clip once (what the frozen encoders give it, such as the VAE latent "
+        "distribution and the Llama + CLIP text embeddings; under --condition_cache_dir, reused by later runs), "
+        "then free the GPU of every frozen encoder (the VAE keeps only its decoder).",
     )
     train.add_argument(
         "--condition_cache_dir",
@@ -262,7 +264,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     mem.add_argument(
         "--offload_encoders",
         action="store_true",
-        help="The text encoders, the VAE and DINOv2 wait in host memory and visit the GPU one at a time, for their "
+        help="The frozen encoders and the VAE wait in host memory and visit the GPU one at a time, for their "
         "own forward (with --enable_tiling, the --cache_conditions pass fits the card the step fits).",
     )
     train.add_argument(
@@ -564,14 +566,15 @@ def sample_flow_sigmas(args, scheduler, batch_size: int, generator: torch.Genera
 
 @dataclass
 class Parts:
-    """What one HunyuanVideo training step needs (built by main(), or by the benchmark from configs)."""
+    """What one HunyuanVideo training step needs: its models and settings, built once in main() (anything that
+    drives `training_loss` can build one)."""
 
     pipe: object  # HunyuanVideoPipeline: encode_prompt is the text path; vae for the latents
-    model: torch.nn.Module  # TransformerWithProjector, as prepared by accelerate (DDP/DeepSpeed-wrapped)
+    model: torch.nn.Module  # CREPA: TransformerWithProjector, as prepared by accelerate (DDP/DeepSpeed-wrapped)
     scheduler: object  # the training scheduler (its shifted sigmas)
     weight_dtype: torch.dtype
     device: torch.device
-    patch_size: int
+    patch_size: int  # CREPA: the DiT's token grid for the features
     args: argparse.Namespace  # flow_*, guidance_scale, max_sequence_length, random_flip
     forward_context: object = contextlib.nullcontext()  # around the transformer's forward: memory.ActivationOffload
 
@@ -582,9 +585,8 @@ def encode_conditions(
     parts: Parts,
     crepa: CrepaTerm | None = None,  # CREPA
 ) -> dict[str, torch.Tensor]:
-    """What the frozen encoders give a batch: the VAE latent distribution's parameters, the Llama + CLIP embeddings
-    and (CREPA) the DINOv2 features on the DiT's token grid. Every step; or once per clip, before training, with
-    the cache."""
+    """What the frozen encoders give a batch: the VAE latent distribution's parameters and the Llama + CLIP
+    embeddings. Every step; or once per clip, before training, with the cache."""
     dtype = parts.weight_dtype
     with torch.no_grad():
         embeds, pooled, mask = parts.pipe.encode_prompt(
@@ -596,7 +598,7 @@ def encode_conditions(
             "pooled_prompt_embeds": pooled,
             "prompt_attention_mask": mask,
         }
-    if crepa is not None:  # CREPA
+    if crepa is not None:  # CREPA: and the DINOv2 features on the DiT's token grid
         # CREPA: the batch's own size (its bucket): DINOv2's patch grid is the DiT's token grid at every size
         grid = (
             frames.shape[-2] // (VAE_SPATIAL * parts.patch_size),  # CREPA
@@ -681,10 +683,10 @@ def training_loss(
     generator: torch.Generator,
     parts: Parts,
     crepa: CrepaTerm | None,  # CREPA
-    step: int,
-    max_train_steps: int,
+    step: int,  # CREPA
+    max_train_steps: int,  # CREPA
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One micro-batch's loss: flow matching, target noise - x0 (+ lambda * L_align), and the values to log."""
+    """One micro-batch's loss: flow matching, target noise - x0, and the values to log."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     args, device, dtype = parts.args, parts.device, parts.weight_dtype
@@ -693,7 +695,7 @@ def training_loss(
     if "conditions" in batch:  # --cache_conditions: encoded before training
         conditions = {name: tensor.to(device, non_blocking=True) for name, tensor in batch["conditions"].items()}
     else:
-        frames = batch["frames"].to(device)  # [B, F, 3, H, W] in [-1, 1]: the VAE's input, and the encoder's  # CREPA
+        frames = batch["frames"].to(device)  # [B, F, 3, H, W] in [-1, 1]: the VAE's input
         if args.random_flip:
             frames = random_flip(frames, generator)
         conditions = encode_conditions(frames, batch["prompts"], parts, crepa if use_crepa else None)  # CREPA
@@ -719,7 +721,7 @@ def training_loss(
         )
         model_pred = output[0]
     loss = ((model_pred.float() - (noise - latents)) ** 2).reshape(batch_size, -1).mean(1).mean()
-    logs = {"diffusion_loss": loss.detach()}
+    logs = {"diffusion_loss": loss.detach()}  # CREPA: apart from the total
     if projected is not None:  # CREPA: lambda(step) * L_align of the block tokens against the features
         crepa_term, crepa_logs = crepa.loss(projected, step, max_train_steps)  # CREPA
         logs.update(crepa_logs)  # CREPA
@@ -782,7 +784,7 @@ def log_validation(
             frames = [(np.clip(frame, 0, 1) * 255).round().astype(np.uint8) for frame in video]
             for tracker in accelerator.trackers:
                 if tracker.name == "tensorboard":
-                    tracker.writer._get_file_writer().add_summary(
+                    tracker.writer._get_file_writer().add_summary(  # private: add_video needs moviepy < 2
                         _tensorboard_gif(f"{phase}/video_{index}", frames, args.fps), step
                     )
                     tracker.writer.add_text(f"{phase}/prompt_{index}", prompt, step)
@@ -803,7 +805,7 @@ def log_validation(
 
 class MetricSums:
     """Logged values summed on the device and read once per logging step (each read is a host sync). Each key is
-    averaged over the micro-batches that reported it (a step at CREPA lambda 0 reports no CREPA loss)."""
+    averaged over the micro-batches that reported it."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor | float] = {}
@@ -813,7 +815,7 @@ class MetricSums:
         for key, value in values.items():
             value = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
             self.sums[key] = self.sums[key] + value if key in self.sums else value
-            self.counts[key] = self.counts.get(key, 0) + 1
+            self.counts[key] = self.counts.get(key, 0) + 1  # CREPA: a step at lambda 0 reports no CREPA loss
 
     def pop_means(self) -> dict[str, float]:
         means = {key: total / self.counts[key] for key, total in self.sums.items()}
@@ -825,7 +827,7 @@ class MetricSums:
 
 
 def write_loss_plot(history: list[dict], output_dir: str) -> Path | None:
-    """loss.png: total / diffusion / CREPA losses and the similarities over steps (from the logged values)."""
+    """loss.png: the logged losses over steps; training_log.json: every logged value."""
     if not history:
         return None
     import matplotlib
@@ -834,16 +836,16 @@ def write_loss_plot(history: list[dict], output_dir: str) -> Path | None:
     import matplotlib.pyplot as plt
 
     steps = [row["step"] for row in history]
-    fig, (losses, sims) = plt.subplots(1, 2, figsize=(11, 4))
-    for axes, keys in (
+    fig, (losses, sims) = plt.subplots(1, 2, figsize=(11, 4))  # CREPA: a second panel, the similarities
+    for axes, keys in (  # CREPA
         (losses, ("loss", "diffusion_loss", "crepa_loss")),  # CREPA
         (sims, ("similarity_self", "similarity_neighbour")),  # CREPA
-    ):
-        for key in keys:  # a row lacks the CREPA values where lambda was 0 all through its window
-            if any(key in row for row in history):
-                axes.plot(steps, [row.get(key, float("nan")) for row in history], label=key)
+    ):  # CREPA
+        for key in keys:  # CREPA: a row lacks the CREPA values where lambda was 0 all through its window
+            if any(key in row for row in history):  # CREPA
+                axes.plot(steps, [row.get(key, float("nan")) for row in history], label=key)  # CREPA
     losses.set_xlabel("step"), losses.set_title("losses"), losses.legend()
-    sims.set_xlabel("step"), sims.set_title("CREPA cosine similarity"), sims.legend() if sims.lines else None
+    sims.set_xlabel("step"), sims.set_title("CREPA cosine similarity"), sims.legend() if sims.lines else None  # CREPA
     fig.tight_layout()
     path = Path(output_dir) / "loss.png"
     fig.savefig(path, dpi=100)
@@ -957,8 +959,8 @@ def main(args: argparse.Namespace) -> Path:
         args.resume_from_checkpoint,
         args.output_dir,
         args.rank,
-        crepa_config.enabled,  # CREPA
-    )  # CREPA: projector or not
+        crepa_config.enabled,  # CREPA: projector or not
+    )
     items = training_utils.check_videos(  # each sample read as training reads it, and given its bucket
         load_video_items(args),
         args.skip_frames_start + args.skip_frames_end,
@@ -971,13 +973,13 @@ def main(args: argparse.Namespace) -> Path:
     # ---- Accelerator
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision or ("bf16" if torch.cuda.is_available() else None),
+        mixed_precision=args.mixed_precision or ("bf16" if torch.cuda.is_available() else None),  # CPU: config decides
         log_with=args.report_to,
         project_config=ProjectConfiguration(
             project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir)
         ),
-        # CREPA: a step at lambda 0 leaves the projector unused; only then does DDP need to look for unused
-        # parameters (a graph traversal every step).
+        # CREPA: a step at lambda 0 leaves the projector unused;
+        # CREPA: only then does DDP need to look for unused parameters (a graph traversal every step).
         kwargs_handlers=[
             DistributedDataParallelKwargs(find_unused_parameters=crepa_config.may_skip_steps),  # CREPA
         ],
@@ -993,7 +995,8 @@ def main(args: argparse.Namespace) -> Path:
     if deepspeed and {"optimizer", "scheduler"} & set(accelerator.state.deepspeed_plugin.deepspeed_config):
         raise SystemExit(
             "The DeepSpeed config has an optimizer/scheduler block: delete it. This script builds both from "
-            "--optimizer / --lr_scheduler (its LoRA and CREPA projector are clipped apart, non-finite steps skipped)."
+            "--optimizer / --lr_scheduler "
+            "(its LoRA and CREPA projector are clipped apart, non-finite steps skipped)."  # CREPA
         )
     ds_config = accelerator.state.deepspeed_plugin.deepspeed_config if deepspeed else {}
     if ds_config.get("train_micro_batch_size_per_gpu") == "auto":  # it reads the loader's batch_size, None: buckets
@@ -1056,7 +1059,7 @@ def main(args: argparse.Namespace) -> Path:
         "latent_dist",
         "prompt_embeds",
         *(["features"] if crepa_config.enabled else []),  # CREPA
-    }  # CREPA
+    }
     todo = cache.missing(items, required, accelerator.process_index, accelerator.num_processes) if cache else []
     validation_key = cache.key("validation prompts", prompts) if cache else None
     validates = bool(prompts) and accelerator.is_main_process  # validation videos come from the main process only
@@ -1110,21 +1113,21 @@ def main(args: argparse.Namespace) -> Path:
     model = TransformerWithProjector(transformer, crepa)  # CREPA: one trained module for DDP/DeepSpeed/FSDP
     if args.offload_encoders:  # one frozen encoder on the device at a time
         dinov2 = crepa.encoder.encoder if crepa is not None else None  # CREPA: DINOv2 takes its turn too
-        memory.offload_models_in_turn([text_encoder, text_encoder_2, vae, dinov2], device)
+        memory.offload_models_in_turn([text_encoder, text_encoder_2, vae, dinov2], device)  # CREPA
     if args.blocks_to_swap:  # after the fp8 cast: the host keeps the stored dtype
         memory.BlockSwap(transformer_blocks(transformer), args.blocks_to_swap, device)
 
-    # accelerate's save_state / load_state write the LoRA (diffusers format) and the CREPA projector only.
+    # accelerate's save_state / load_state write the LoRA (diffusers format) only, never the frozen base.
     def save_model_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for saved in models:
                 unwrapped = accelerator.unwrap_model(saved)
                 HunyuanVideoPipeline.save_lora_weights(
                     output_dir,
-                    transformer_lora_layers=get_peft_model_state_dict(unwrapped.transformer),
-                    **checkpoints.lora_adapter_metadata(unwrapped.transformer),
+                    transformer_lora_layers=get_peft_model_state_dict(unwrapped.transformer),  # CREPA
+                    **checkpoints.lora_adapter_metadata(unwrapped.transformer),  # CREPA
                 )
-                if crepa is not None:  # CREPA
+                if crepa is not None:  # CREPA: and the projector
                     crepa.save_projector(output_dir)  # CREPA
         while weights:
             weights.pop()
@@ -1136,7 +1139,9 @@ def main(args: argparse.Namespace) -> Path:
             lora_state_dict = lora_state_dict[0] if isinstance(lora_state_dict, tuple) else lora_state_dict
             state = {k[len("transformer.") :]: v for k, v in lora_state_dict.items() if k.startswith("transformer.")}
             result = set_peft_model_state_dict(
-                unwrapped.transformer, convert_unet_state_dict_to_peft(state), adapter_name="default"
+                unwrapped.transformer,  # CREPA
+                convert_unet_state_dict_to_peft(state),
+                adapter_name="default",
             )
             if getattr(result, "unexpected_keys", None):
                 raise RuntimeError(
@@ -1163,8 +1168,8 @@ def main(args: argparse.Namespace) -> Path:
     if crepa is not None:  # CREPA: the projector trains with the LoRA
         params_to_optimize.append({"params": list(crepa.projector.parameters()), "lr": args.learning_rate})  # CREPA
     trained_params = [p for group in params_to_optimize for p in group["params"]]
-    # CREPA: the LoRA is clipped as diffusers does and the projector on its own, so --max_grad_norm gives the LoRA
-    # the same update rule in all three arms (crepa, repa, none).
+    # CREPA: the LoRA is clipped as diffusers does and the projector on its own,
+    # CREPA: so --max_grad_norm gives the LoRA the same update rule in all three arms (crepa, repa, none).
     clipped_parts = [lora_params, list(crepa.projector.parameters()) if crepa is not None else []]  # CREPA
     optimizer = get_optimizer(args, params_to_optimize)
 
@@ -1184,11 +1189,11 @@ def main(args: argparse.Namespace) -> Path:
     )
     parts = Parts(
         pipe=pipe,
-        model=model,
+        model=model,  # CREPA: transformer + projector
         scheduler=scheduler,
         weight_dtype=weight_dtype,
         device=device,
-        patch_size=patch,
+        patch_size=patch,  # CREPA
         args=args,
         forward_context=memory.ActivationOffload(device) if args.offload_activations else contextlib.nullcontext(),
     )
@@ -1201,11 +1206,11 @@ def main(args: argparse.Namespace) -> Path:
             args,
             cache,
             parts,
-            crepa,
+            crepa,  # CREPA
             accelerator,
             prompts,
             validation_key,
-            encode_validation,  # CREPA
+            encode_validation,
         )
         # The frozen encoders leave the GPU for the whole run.
         pipe.text_encoder = pipe.text_encoder_2 = text_encoder = text_encoder_2 = vae.encoder = None
@@ -1241,10 +1246,13 @@ def main(args: argparse.Namespace) -> Path:
     )
     if resume_state.get("diffusers_checkpoint"):  # diffusers' example wrote it: its LoRA and schedule, before prepare
         checkpoints.load_diffusers_checkpoint(resume_path, transformer, lr_scheduler, accelerator.num_processes)
-    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        model, optimizer, train_dataloader, lr_scheduler
+    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(  # CREPA: model, not transformer
+        model,  # CREPA
+        optimizer,
+        train_dataloader,
+        lr_scheduler,
     )
-    parts.model = model  # the prepared (DDP/DeepSpeed-wrapped) module trains
+    parts.model = model  # CREPA: the prepared (DDP/DeepSpeed-wrapped) wrapper trains
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
     if accelerator.is_main_process:
@@ -1292,7 +1300,7 @@ def main(args: argparse.Namespace) -> Path:
         for epoch in range(first_epoch, args.num_train_epochs):
             if global_step >= args.max_train_steps or interrupted:
                 break
-            model.train()
+            model.train()  # CREPA
             sampler.use_epoch(epoch)
             skip = (global_step - epoch * num_update_steps_per_epoch) * args.gradient_accumulation_steps
             loader = accelerator.skip_first_batches(train_dataloader, skip) if skip > 0 else train_dataloader
@@ -1303,7 +1311,7 @@ def main(args: argparse.Namespace) -> Path:
                 logger.debug(
                     "rank %d step %d samples %s", accelerator.process_index, global_step + 1, batch["indices"].tolist()
                 )
-                with accelerator.accumulate(model):
+                with accelerator.accumulate(model):  # CREPA
                     # CREPA: the CREPA term, and the optimizer step for its lambda schedule
                     loss, logs = training_loss(
                         batch,
@@ -1320,7 +1328,7 @@ def main(args: argparse.Namespace) -> Path:
                         accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         if nonfinite.step_is_finite(accelerator):
-                            training_utils.clip_grad_norms(accelerator, clipped_parts, args.max_grad_norm)
+                            training_utils.clip_grad_norms(accelerator, clipped_parts, args.max_grad_norm)  # CREPA
                             optimizer.step()
                             lr_scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
@@ -1334,12 +1342,12 @@ def main(args: argparse.Namespace) -> Path:
                 if nonfinite.in_a_row:
                     accelerator.log({"skipped_nonfinite_steps": nonfinite.in_a_row}, step=global_step)
                 if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
-                    logs = {**metrics.pop_means(), "lr": lr_scheduler.get_last_lr()[0]}
+                    window_means = {**metrics.pop_means(), "lr": lr_scheduler.get_last_lr()[0]}
                     progress_bar.set_postfix(
-                        **{k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "crepa_loss")}  # CREPA
+                        **{k: f"{v:.4g}" for k, v in window_means.items() if k in ("loss", "crepa_loss")}  # CREPA
                     )
-                    accelerator.log(logs, step=global_step)
-                    history.append({"step": global_step, **logs})
+                    accelerator.log(window_means, step=global_step)
+                    history.append({"step": global_step, **window_means})
                 interrupted = stop.requested(accelerator)
                 if global_step % args.checkpointing_steps == 0 or interrupted:
                     checkpoints.save_checkpoint(
@@ -1380,9 +1388,9 @@ def main(args: argparse.Namespace) -> Path:
         write_loss_plot(history, args.output_dir)
     # Free what training held before loading a second pipeline (as diffusers does): two copies of every model
     # would not fit next to each other on the GPU.
-    model = transformer = text_encoder = text_encoder_2 = vae = pipe = parts = optimizer = lr_scheduler = None
+    model = transformer = text_encoder = text_encoder_2 = vae = pipe = parts = optimizer = lr_scheduler = None  # CREPA
     crepa = None  # CREPA
-    train_dataloader = lora_params = trained_params = clipped_parts = params_to_optimize = None
+    train_dataloader = lora_params = trained_params = clipped_parts = params_to_optimize = None  # CREPA: clipped_parts
     accelerator.free_memory()
     free_memory()
     final_error = None
