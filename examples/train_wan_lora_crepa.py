@@ -1,7 +1,6 @@
 #!/usr/bin/env python
 # coding=utf-8
-"""LoRA fine-tuning of Wan 2.1 / 2.2 text-to-video with CREPA, with the flags and outputs of diffusers' CogVideoX LoRA
-example.
+"""LoRA fine-tuning of Wan 2.1 / 2.2 text-to-video, with the flags and outputs of diffusers' CogVideoX LoRA example.
 
     accelerate launch examples/train_wan_lora_crepa.py \
         --pretrained_model_name_or_path Wan-AI/Wan2.1-T2V-1.3B-Diffusers --instance_data_root data \
@@ -12,8 +11,9 @@ Flow matching as Wan's trainers do: x_t = (1 - s) x0 + s noise, target noise - x
 with u logit-normal and the folder's sampling shift (--flow_shift; 3.0 for Wan 2.1, 5.0 for TI2V-5B); text from
 WanPipeline.encode_prompt (UMT5, each prompt's tokens then zeros up to --max_sequence_length, as Wan expects); x0 the
 VAE's mean (Wan's own VAE encode returns it, never a sample), normalised with latents_mean / latents_std, as
-WanPipeline undoes it. `grep "# CREPA"` lists every line CREPA adds. Needs `pip install crepa-diffusers`.
+WanPipeline undoes it. Needs `pip install crepa-diffusers`.
 """
+# CREPA (arXiv 2506.09229) on top of that LoRA recipe: `grep -n "# CREPA"` lists every line it adds or changes.
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ DEFAULT_LORA_LAYERS = "to_q,to_k,to_v,to_out.0"
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Wan LoRA training with CREPA.")
+    parser = argparse.ArgumentParser(description="Wan LoRA training with CREPA.")  # CREPA
     model = parser.add_argument_group("Model")
     model.add_argument(
         "--pretrained_model_name_or_path",
@@ -217,9 +217,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     train.add_argument(
         "--cache_conditions",
         action="store_true",
-        help="Before training, encode every clip once (VAE latent mean, UMT5 text "
-        "embeddings, DINOv2 features; under --condition_cache_dir, reused by later runs), then free the "
-        "GPU of the text encoders, the VAE encoder and DINOv2.",
+        help="Before training, encode every clip once (what the frozen encoders give it, e.g. VAE latent mean, UMT5 "
+        "text embeddings; under --condition_cache_dir, reused by later runs), then free the GPU of those encoders.",
     )
     train.add_argument(
         "--condition_cache_dir",
@@ -258,7 +257,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     mem.add_argument(
         "--offload_encoders",
         action="store_true",
-        help="The text encoders, the VAE and DINOv2 wait in host memory and visit the GPU one at a time, for their "
+        help="The frozen encoders and the VAE wait in host memory and visit the GPU one at a time, for their "
         "own forward (with --enable_tiling, the --cache_conditions pass fits the card the step fits).",
     )
     train.add_argument(
@@ -330,10 +329,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "to_out.0 take self- and cross-attention; attn1.to_q ... only self-attention; ffn.net.0.proj,ffn.net.2 the "
         "feed-forward; proj_out also takes the output layer.",
     )
-    add_crepa_args(  # CREPA
+    add_crepa_args(  # CREPA: the --crepa_* flags
         parser,  # CREPA
         default_lambda=0.5,  # CREPA
-        default_block_index=8,  # CREPA: the --crepa_* flags
+        default_block_index=8,  # CREPA
         block_index_help="Wan's blocks (0..29 for 1.3B and TI2V-5B, 0..39 for 14B).",  # CREPA
         defaults_source="SimpleTuner's VIDEO_CREPA.md default for Wan and LTXVideo; no paper reports Wan",  # CREPA
     )  # CREPA
@@ -568,14 +567,14 @@ def sample_flow_sigmas(args, scheduler, batch_size: int, generator: torch.Genera
 
 @dataclass
 class Parts:
-    """What one Wan training step needs (built by main(), or by the benchmark from configs)."""
+    """A Wan step's models and settings, built once in main() (anything that drives training_loss can build one)."""
 
     pipe: object  # WanPipeline: encode_prompt is the text path; vae for the latents
-    model: torch.nn.Module  # TransformerWithProjector, as prepared by accelerate (DDP/DeepSpeed-wrapped)
+    model: torch.nn.Module  # CREPA: TransformerWithProjector, as prepared by accelerate (DDP/DeepSpeed-wrapped)
     scheduler: object  # the training scheduler (its shifted sigmas)
     weight_dtype: torch.dtype
     device: torch.device
-    token_pixels: int  # pixels per token side: the VAE's spatial factor x the patch size (16, or 32 for TI2V-5B)
+    token_pixels: int  # CREPA: pixels per token side: VAE spatial factor x patch size (16; 32 for TI2V-5B)
     latents_mean: torch.Tensor  # [1, C, 1, 1, 1] on the device, from the VAE config: built once, not per step
     latents_std: torch.Tensor
     args: argparse.Namespace  # flow_*, max_sequence_length, random_flip
@@ -589,8 +588,8 @@ def encode_conditions(
     crepa: CrepaTerm | None = None,  # CREPA
 ) -> dict[str, torch.Tensor]:
     """What the frozen encoders give a batch: the VAE's latent mean (x0 is the mean: nothing samples, so the
-    log-variance is not kept), the UMT5 embeddings (zeros after each prompt's tokens) and (CREPA) the DINOv2 features
-    on the DiT's token grid. Every step; or once per clip, before training, with the cache."""
+    log-variance is not kept) and the UMT5 embeddings (zeros after each prompt's tokens). Every step; or once per
+    clip, before training, with the cache."""
     dtype = parts.weight_dtype
     with torch.no_grad():
         embeds, _ = parts.pipe.encode_prompt(
@@ -604,7 +603,7 @@ def encode_conditions(
             "latents": parts.pipe.vae.encode(frames.permute(0, 2, 1, 3, 4).to(dtype)).latent_dist.mean,
             "prompt_embeds": embeds,
         }
-    if crepa is not None:  # CREPA
+    if crepa is not None:  # CREPA: and the DINOv2 features on the DiT's token grid
         # CREPA: the batch's own size (its bucket): DINOv2's patch grid is the DiT's token grid at every size
         grid = (frames.shape[-2] // parts.token_pixels, frames.shape[-1] // parts.token_pixels)  # CREPA
         conditions["features"] = crepa.encode(frames, grid, token_frame_groups(frames.shape[1], VAE_TEMPORAL))  # CREPA
@@ -690,11 +689,11 @@ def training_loss(
     generator: torch.Generator,
     parts: Parts,
     crepa: CrepaTerm | None,  # CREPA
-    step: int,
-    max_train_steps: int,
+    step: int,  # CREPA: for the lambda schedule
+    max_train_steps: int,  # CREPA
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One micro-batch's loss: flow matching, target noise - x0 (+ lambda * L_align), and the values to log. x0 is the
-    VAE's mean, as Wan's own VAE encode returns (Wan2.1 wan/modules/vae.py: `return mu`), normalised per channel,
+    """One micro-batch's loss: flow matching, target noise - x0, and the values to log. x0 is the VAE's mean, as Wan's
+    own VAE encode returns (Wan2.1 wan/modules/vae.py: `return mu`), normalised per channel,
     (x - latents_mean) / latents_std: WanPipeline undoes exactly this."""
     args, device, dtype = parts.args, parts.device, parts.weight_dtype
     # CREPA: lambda follows --crepa_scheduler by optimizer step; at 0 the encoder, hook and projector do no work.
@@ -702,7 +701,7 @@ def training_loss(
     if "conditions" in batch:  # --cache_conditions: encoded before training
         conditions = {name: tensor.to(device, non_blocking=True) for name, tensor in batch["conditions"].items()}
     else:
-        frames = batch["frames"].to(device)  # [B, F, 3, H, W] in [-1, 1]: the VAE's input, and the encoder's  # CREPA
+        frames = batch["frames"].to(device)  # [B, F, 3, H, W] in [-1, 1]: the VAE's input
         if args.random_flip:
             frames = random_flip(frames, generator)
         conditions = encode_conditions(frames, batch["prompts"], parts, crepa if use_crepa else None)  # CREPA
@@ -725,7 +724,7 @@ def training_loss(
         )
         model_pred = output[0]
     loss = ((model_pred.float() - (noise - latents)) ** 2).reshape(batch_size, -1).mean(1).mean()
-    logs = {"diffusion_loss": loss.detach()}
+    logs = {"diffusion_loss": loss.detach()}  # CREPA: logged apart from the total
     if projected is not None:  # CREPA: lambda(step) * L_align of the block tokens against the features
         crepa_term, crepa_logs = crepa.loss(projected, step, max_train_steps)  # CREPA
         logs.update(crepa_logs)  # CREPA
@@ -787,7 +786,7 @@ def log_validation(
             paths.append(path)
             frames = [(np.clip(frame, 0, 1) * 255).round().astype(np.uint8) for frame in video]
             for tracker in accelerator.trackers:
-                if tracker.name == "tensorboard":
+                if tracker.name == "tensorboard":  # _get_file_writer: no public call logs a GIF without moviepy
                     tracker.writer._get_file_writer().add_summary(
                         _tensorboard_gif(f"{phase}/video_{index}", frames, args.fps), step
                     )
@@ -809,7 +808,7 @@ def log_validation(
 
 class MetricSums:
     """Logged values summed on the device and read once per logging step (each read is a host sync). Each key is
-    averaged over the micro-batches that reported it (a step at CREPA lambda 0 reports no CREPA loss)."""
+    averaged over the micro-batches that reported it (a step may leave a key out)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor | float] = {}
@@ -831,7 +830,7 @@ class MetricSums:
 
 
 def write_loss_plot(history: list[dict], output_dir: str) -> Path | None:
-    """loss.png: total / diffusion / CREPA losses and the similarities over steps (from the logged values)."""
+    """loss.png: the losses over steps (from the logged values)."""
     if not history:
         return None
     import matplotlib
@@ -840,16 +839,16 @@ def write_loss_plot(history: list[dict], output_dir: str) -> Path | None:
     import matplotlib.pyplot as plt
 
     steps = [row["step"] for row in history]
-    fig, (losses, sims) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (losses, sims) = plt.subplots(1, 2, figsize=(11, 4))  # CREPA: the similarities beside the losses
     for axes, keys in (
         (losses, ("loss", "diffusion_loss", "crepa_loss")),  # CREPA
         (sims, ("similarity_self", "similarity_neighbour")),  # CREPA
     ):
-        for key in keys:  # a row lacks the CREPA values where lambda was 0 all through its window
+        for key in keys:  # CREPA: a row lacks the CREPA values where lambda was 0 all through its window
             if any(key in row for row in history):
                 axes.plot(steps, [row.get(key, float("nan")) for row in history], label=key)
     losses.set_xlabel("step"), losses.set_title("losses"), losses.legend()
-    sims.set_xlabel("step"), sims.set_title("CREPA cosine similarity"), sims.legend() if sims.lines else None
+    sims.set_xlabel("step"), sims.set_title("CREPA cosine similarity"), sims.legend() if sims.lines else None  # CREPA
     fig.tight_layout()
     path = Path(output_dir) / "loss.png"
     fig.savefig(path, dpi=100)
@@ -976,8 +975,8 @@ def main(args: argparse.Namespace) -> Path:
         args.resume_from_checkpoint,
         args.output_dir,
         args.rank,
-        crepa_config.enabled,  # CREPA
-    )  # CREPA: projector or not
+        crepa_config.enabled,  # CREPA: projector or not
+    )
     items = training_utils.check_videos(  # each sample read as training reads it, and given its bucket
         load_video_items(args),
         args.skip_frames_start + args.skip_frames_end,
@@ -987,7 +986,7 @@ def main(args: argparse.Namespace) -> Path:
     )
     training_utils.check_output_dir(args.output_dir)
 
-    # ---- Accelerator
+    # ---- Accelerator (no --mixed_precision: bf16 on CUDA; on a Mac or a CPU-only machine, accelerate's config)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision or ("bf16" if torch.cuda.is_available() else None),
@@ -995,8 +994,7 @@ def main(args: argparse.Namespace) -> Path:
         project_config=ProjectConfiguration(
             project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir)
         ),
-        # CREPA: a step at lambda 0 leaves the projector unused; only then does DDP need to look for unused
-        # parameters (a graph traversal every step).
+        # CREPA: DDP seeks unused parameters (a graph traversal a step) only if a lambda-0 step skips the projector
         kwargs_handlers=[
             DistributedDataParallelKwargs(find_unused_parameters=crepa_config.may_skip_steps),  # CREPA
         ],
@@ -1012,7 +1010,7 @@ def main(args: argparse.Namespace) -> Path:
     if deepspeed and {"optimizer", "scheduler"} & set(accelerator.state.deepspeed_plugin.deepspeed_config):
         raise SystemExit(
             "The DeepSpeed config has an optimizer/scheduler block: delete it. This script builds both from "
-            "--optimizer / --lr_scheduler (its LoRA and CREPA projector are clipped apart, non-finite steps skipped)."
+            "--optimizer / --lr_scheduler (it clips the gradients itself and skips non-finite steps)."
         )
     ds_config = accelerator.state.deepspeed_plugin.deepspeed_config if deepspeed else {}
     if ds_config.get("train_micro_batch_size_per_gpu") == "auto":  # it reads the loader's batch_size, None: buckets
@@ -1074,7 +1072,7 @@ def main(args: argparse.Namespace) -> Path:
         "latents",
         "prompt_embeds",
         *(["features"] if crepa_config.enabled else []),  # CREPA
-    }  # CREPA
+    }
     todo = cache.missing(items, required, accelerator.process_index, accelerator.num_processes) if cache else []
     validation_key = cache.key("validation prompts", prompts) if cache else None
     validates = bool(prompts) and accelerator.is_main_process  # validation videos come from the main process only
@@ -1135,21 +1133,21 @@ def main(args: argparse.Namespace) -> Path:
     model = TransformerWithProjector(transformer, crepa)  # CREPA: one trained module for DDP/DeepSpeed/FSDP
     if args.offload_encoders:  # one frozen encoder on the device at a time
         dinov2 = crepa.encoder.encoder if crepa is not None else None  # CREPA: DINOv2 takes its turn too
-        memory.offload_models_in_turn([text_encoder, vae, dinov2], device)
+        memory.offload_models_in_turn([text_encoder, vae, dinov2], device)  # CREPA
     if args.blocks_to_swap:  # after the fp8 cast: the host keeps the stored dtype
         memory.BlockSwap(transformer_blocks(transformer), args.blocks_to_swap, device)
 
-    # accelerate's save_state / load_state write the LoRA (diffusers format) and the CREPA projector only.
+    # accelerate's save_state / load_state write the LoRA (diffusers format) only, never the frozen base.
     def save_model_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for saved in models:
                 unwrapped = accelerator.unwrap_model(saved)
                 WanPipeline.save_lora_weights(
                     output_dir,
-                    transformer_lora_layers=get_peft_model_state_dict(unwrapped.transformer),
-                    **checkpoints.lora_adapter_metadata(unwrapped.transformer),
+                    transformer_lora_layers=get_peft_model_state_dict(unwrapped.transformer),  # CREPA
+                    **checkpoints.lora_adapter_metadata(unwrapped.transformer),  # CREPA
                 )
-                if crepa is not None:  # CREPA
+                if crepa is not None:  # CREPA: and the projector
                     crepa.save_projector(output_dir)  # CREPA
         while weights:
             weights.pop()
@@ -1161,7 +1159,9 @@ def main(args: argparse.Namespace) -> Path:
             lora_state_dict = lora_state_dict[0] if isinstance(lora_state_dict, tuple) else lora_state_dict
             state = {k[len("transformer.") :]: v for k, v in lora_state_dict.items() if k.startswith("transformer.")}
             result = set_peft_model_state_dict(
-                unwrapped.transformer, convert_unet_state_dict_to_peft(state), adapter_name="default"
+                unwrapped.transformer,  # CREPA
+                convert_unet_state_dict_to_peft(state),
+                adapter_name="default",
             )
             if getattr(result, "unexpected_keys", None):
                 raise RuntimeError(
@@ -1188,8 +1188,7 @@ def main(args: argparse.Namespace) -> Path:
     if crepa is not None:  # CREPA: the projector trains with the LoRA
         params_to_optimize.append({"params": list(crepa.projector.parameters()), "lr": args.learning_rate})  # CREPA
     trained_params = [p for group in params_to_optimize for p in group["params"]]
-    # CREPA: the LoRA is clipped as diffusers does and the projector on its own, so --max_grad_norm gives the LoRA
-    # the same update rule in all three arms (crepa, repa, none).
+    # CREPA: the projector clipped apart from the LoRA: the LoRA's update rule is the same for crepa, repa and none
     clipped_parts = [lora_params, list(crepa.projector.parameters()) if crepa is not None else []]  # CREPA
     optimizer = get_optimizer(args, params_to_optimize)
 
@@ -1208,11 +1207,11 @@ def main(args: argparse.Namespace) -> Path:
     )
     parts = Parts(
         pipe=pipe,
-        model=model,
+        model=model,  # CREPA
         scheduler=scheduler,
         weight_dtype=weight_dtype,
         device=device,
-        token_pixels=multiple,
+        token_pixels=multiple,  # CREPA
         latents_mean=torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1),
         latents_std=torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1),
         args=args,
@@ -1227,11 +1226,11 @@ def main(args: argparse.Namespace) -> Path:
             args,
             cache,
             parts,
-            crepa,
+            crepa,  # CREPA
             accelerator,
             prompts,
             validation_key,
-            encode_validation,  # CREPA
+            encode_validation,
         )
         # The frozen encoders leave the GPU for the whole run.
         pipe.text_encoder = text_encoder = vae.encoder = None
@@ -1267,10 +1266,13 @@ def main(args: argparse.Namespace) -> Path:
     )
     if resume_state.get("diffusers_checkpoint"):  # diffusers' example wrote it: its LoRA and schedule, before prepare
         checkpoints.load_diffusers_checkpoint(resume_path, transformer, lr_scheduler, accelerator.num_processes)
-    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        model, optimizer, train_dataloader, lr_scheduler
+    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(  # CREPA: model, not transformer
+        model,  # CREPA
+        optimizer,
+        train_dataloader,
+        lr_scheduler,
     )
-    parts.model = model  # the prepared (DDP/DeepSpeed-wrapped) module trains
+    parts.model = model  # CREPA: the prepared (DDP/DeepSpeed-wrapped) module trains
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
     if accelerator.is_main_process:
@@ -1318,7 +1320,7 @@ def main(args: argparse.Namespace) -> Path:
         for epoch in range(first_epoch, args.num_train_epochs):
             if global_step >= args.max_train_steps or interrupted:
                 break
-            model.train()
+            model.train()  # CREPA
             sampler.use_epoch(epoch)
             skip = (global_step - epoch * num_update_steps_per_epoch) * args.gradient_accumulation_steps
             loader = accelerator.skip_first_batches(train_dataloader, skip) if skip > 0 else train_dataloader
@@ -1329,7 +1331,7 @@ def main(args: argparse.Namespace) -> Path:
                 logger.debug(
                     "rank %d step %d samples %s", accelerator.process_index, global_step + 1, batch["indices"].tolist()
                 )
-                with accelerator.accumulate(model):
+                with accelerator.accumulate(model):  # CREPA
                     # CREPA: the CREPA term, and the optimizer step for its lambda schedule
                     loss, logs = training_loss(
                         batch,
@@ -1346,7 +1348,7 @@ def main(args: argparse.Namespace) -> Path:
                         accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         if nonfinite.step_is_finite(accelerator):
-                            training_utils.clip_grad_norms(accelerator, clipped_parts, args.max_grad_norm)
+                            training_utils.clip_grad_norms(accelerator, clipped_parts, args.max_grad_norm)  # CREPA
                             optimizer.step()
                             lr_scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
@@ -1360,12 +1362,12 @@ def main(args: argparse.Namespace) -> Path:
                 if nonfinite.in_a_row:
                     accelerator.log({"skipped_nonfinite_steps": nonfinite.in_a_row}, step=global_step)
                 if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
-                    logs = {**metrics.pop_means(), "lr": lr_scheduler.get_last_lr()[0]}
+                    window_means = {**metrics.pop_means(), "lr": lr_scheduler.get_last_lr()[0]}
                     progress_bar.set_postfix(
-                        **{k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "crepa_loss")}  # CREPA
+                        **{k: f"{v:.4g}" for k, v in window_means.items() if k in ("loss", "crepa_loss")}  # CREPA
                     )
-                    accelerator.log(logs, step=global_step)
-                    history.append({"step": global_step, **logs})
+                    accelerator.log(window_means, step=global_step)
+                    history.append({"step": global_step, **window_means})
                 interrupted = stop.requested(accelerator)
                 if global_step % args.checkpointing_steps == 0 or interrupted:
                     checkpoints.save_checkpoint(
@@ -1404,11 +1406,10 @@ def main(args: argparse.Namespace) -> Path:
         for saved in ("pytorch_lora_weights.safetensors", comfyui.COMFYUI_FILE):
             checkpoints.match_umask(Path(args.output_dir, saved))
         write_loss_plot(history, args.output_dir)
-    # Free what training held before loading a second pipeline (as diffusers does): two copies of every model
-    # would not fit next to each other on the GPU.
-    model = transformer = text_encoder = vae = pipe = parts = optimizer = lr_scheduler = None
-    crepa = None  # CREPA
-    train_dataloader = lora_params = trained_params = clipped_parts = params_to_optimize = None
+    # Free what training held before loading a second pipeline (as diffusers does): two copies would not fit the GPU.
+    transformer = text_encoder = vae = pipe = parts = optimizer = lr_scheduler = None
+    model = crepa = clipped_parts = None  # CREPA
+    train_dataloader = lora_params = trained_params = params_to_optimize = None
     accelerator.free_memory()
     free_memory()
     final_error = None
