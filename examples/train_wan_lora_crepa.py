@@ -722,7 +722,7 @@ def training_loss(
             encoder_hidden_states=conditions["prompt_embeds"],
             return_dict=False,
         )
-        model_pred = output[0]
+        model_pred = output[0]  # CREPA: the transformer's own output, as a plain `transformer(...)[0]`
     loss = ((model_pred.float() - (noise - latents)) ** 2).reshape(batch_size, -1).mean(1).mean()
     logs = {"diffusion_loss": loss.detach()}  # CREPA: logged apart from the total
     if projected is not None:  # CREPA: lambda(step) * L_align of the block tokens against the features

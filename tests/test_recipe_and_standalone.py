@@ -2,8 +2,11 @@
 script runs on its own, copied out of the repository, as users copy diffusers' examples."""
 
 import argparse
+import io
 import json
+import re
 import shutil
+import tokenize
 
 import pytest
 import torch
@@ -188,3 +191,41 @@ def test_the_package_lists_everything_the_scripts_import(script_path):
     assert imported and {module for module, _ in imported} == {"crepa_diffusers"}
     assert {name for _, name in imported} <= set(crepa_diffusers.__all__)
     assert all(hasattr(crepa_diffusers, name) for name in crepa_diffusers.__all__)
+
+
+# What only CREPA brings into a script: its names in code, and its words in text (the package's and the scripts' own
+# names, such as `crepa_diffusers` or the `cogvideox-lora-crepa` output folder, are not CREPA code).
+CREPA_NAMES = {"crepa", "crepa_config", "CrepaConfig", "CrepaTerm", "TransformerWithProjector", "add_crepa_args"}
+CREPA_NAMES |= {"build_crepa", "token_frame_groups", "projected", "projector", "dinov2", "clipped_parts", "use_crepa"}
+CREPA_WORDS = re.compile(r"crepa|dinov2|projector|lambda", re.IGNORECASE)
+PROJECT_NAMES = re.compile(r"crepa_diffusers|crepa-diffusers|lora[-_]crepa|CREPA_LOG_LEVEL", re.IGNORECASE)
+
+
+def unmarked_crepa_lines(source: str) -> list[int]:
+    """Lines that use a CREPA name in code or say a CREPA word in a string, without a `# CREPA` comment."""
+    lines, found = source.splitlines(), set()
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        name = token.type == tokenize.NAME and not PROJECT_NAMES.fullmatch(token.string)
+        if name and (token.string in CREPA_NAMES or token.string.startswith("crepa_")):
+            found.add(token.start[0])
+        elif token.type == tokenize.STRING:  # each line of the string on its own
+            for row, text in enumerate(token.string.splitlines(), start=token.start[0]):
+                if CREPA_WORDS.search(PROJECT_NAMES.sub("", text)):
+                    found.add(row)
+    return sorted(row for row in found if "# CREPA" not in lines[row - 1])
+
+
+def test_crepa_marks_find_an_unmarked_crepa_line():
+    source = (
+        'import crepa_diffusers\nloss = loss + crepa_term  # CREPA\nloss = loss + crepa_term\nhelp="DINOv2 features"\n'
+    )
+    assert unmarked_crepa_lines(source) == [3, 4]
+
+
+@pytest.mark.parametrize("script_path", [COGVIDEOX_SCRIPT, HUNYUAN_SCRIPT, WAN_SCRIPT])
+def test_grep_crepa_marks_every_line_crepa_adds(script_path):
+    """README: `grep -n "# CREPA"` lists every line CREPA adds to a script: no line uses a CREPA name in code or says
+    a CREPA word in its text without the mark."""
+    source = script_path.read_text()
+    unmarked = [(row, source.splitlines()[row - 1].strip()) for row in unmarked_crepa_lines(source)]
+    assert unmarked == []
