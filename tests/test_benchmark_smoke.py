@@ -183,9 +183,13 @@ def test_memory_counted_on_the_meta_device_equals_the_same_step_on_real_tensors(
         setup.transformer.enable_gradient_checkpointing()
         if setup.model == "wan":
             bench.umt5_without_padding_mask(setup.texts["umt5"])
-            # The script moves the scheduler's tables to the device at its first step (on the CPU: no copy).
-            scheduler = setup.parts.scheduler
-            scheduler.sigmas, scheduler.timesteps = scheduler.sigmas.to(device), scheduler.timesteps.to(device)
+        # The scheduler's tables reach the device at the script's first step (diffusers' add_noise moves them; on the
+        # CPU: no copy). Moved before counting, wherever they were built: after a script ran in this process, a
+        # CogVideoX scheduler built under the meta device keeps its alphas_cumprod on the CPU.
+        scheduler = setup.parts.scheduler
+        for name, table in vars(scheduler).items():
+            if isinstance(table, torch.Tensor):
+                setattr(scheduler, name, table.to(device))
         for mode in ("none", "crepa"):
             term = setup.terms[mode]
             parts = dataclasses.replace(setup.parts, model=TransformerWithProjector(setup.transformer, term))
