@@ -197,7 +197,8 @@ class NonFiniteSteps:
     def __init__(self, max_in_a_row: int) -> None:
         self.max_in_a_row, self.in_a_row = max_in_a_row, 0
         self._finite: torch.Tensor | None = None  # this optimizer step's micro-batches so far, on the device
-        self._decision, self._step_done = None, False  # the step's decision once taken; whether the step ended
+        self._decision: bool | None = None  # this optimizer step's decision, once taken
+        self._step_done = False  # whether the step of `_finite` ended (the next add starts a new one)
 
     def add(self, loss: torch.Tensor) -> None:
         """Each micro-batch's loss, on every rank (no host sync)."""
