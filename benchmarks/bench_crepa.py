@@ -96,6 +96,9 @@ PRESETS = {
     # default; LoRA rank 32, the rank of the README's Wan recipe (to be written with 32); 10 of its 30 blocks swapped
     # in the -swap modes.
     "wan": Preset("wan", 81, 480, 832, 8, torch.bfloat16, True, ("dinov2-g", "dinov2-b"), 32, 10),
+    # Wan 2.1 T2V 14B at the same 480p size (40 blocks, 5120 wide; also the size of each Wan 2.2 A14B expert); 30 of
+    # its 40 blocks swapped in the -swap modes (the README's 24 GB recipe).
+    "wan-14b": Preset("wan", 81, 480, 832, 8, torch.bfloat16, True, ("dinov2-g",), 32, 30),
 }
 # Memory options on top of precomputed conditions (README, "Fitting a 12-24 GB card"): --selective_checkpointing,
 # --offload_activations, --blocks_to_swap (the preset's number). The bf16 one runs before fp8 casts the transformer.
@@ -246,9 +249,10 @@ def build_hunyuan():
 
 
 def build_wan(preset_name: str):
-    """A WanPipeline: the tiny one of the tests for `wan-tiny`; else Wan 2.1 T2V 1.3B's released configs (the 1.3B
-    transformer, Wan 2.1's VAE, umt5-xxl's encoder), with the tiny pipeline's tokenizer (nothing is downloaded). Its
-    scheduler is the training one, as the script builds it: FlowMatchEulerDiscreteScheduler(shift=flow_shift 3.0)."""
+    """A WanPipeline: the tiny one of the tests for `wan-tiny`; else Wan 2.1 T2V 1.3B's (`wan`) or 14B's (`wan-14b`)
+    released configs (transformer, Wan 2.1's VAE, umt5-xxl's encoder), with the tiny pipeline's tokenizer (nothing is
+    downloaded). Its scheduler is the training one, as the script builds it: FlowMatchEulerDiscreteScheduler(shift=
+    3.0; the 14B folder's 5.0 changes no FLOP or byte)."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -259,16 +263,17 @@ def build_wan(preset_name: str):
     if preset_name == "wan-tiny":  # moved to the device with the other frozen models
         transformer, vae, text_encoder = tiny.transformer, tiny.vae, tiny.text_encoder
     else:
+        large = preset_name == "wan-14b"
         transformer = WanTransformer3DModel(
             patch_size=(1, 2, 2),
-            num_attention_heads=12,
+            num_attention_heads=40 if large else 12,
             attention_head_dim=128,
             in_channels=16,
             out_channels=16,
             text_dim=4096,
             freq_dim=256,
-            ffn_dim=8960,
-            num_layers=30,
+            ffn_dim=13824 if large else 8960,
+            num_layers=40 if large else 30,
             cross_attn_norm=True,
             qk_norm="rms_norm_across_heads",
             eps=1e-6,
