@@ -99,6 +99,9 @@ PRESETS = {
     # Wan 2.1 T2V 14B at the same 480p size (40 blocks, 5120 wide; also the size of each Wan 2.2 A14B expert); 30 of
     # its 40 blocks swapped in the -swap modes (the README's 24 GB recipe).
     "wan-14b": Preset("wan", 81, 480, 832, 8, torch.bfloat16, True, ("dinov2-g",), 32, 30),
+    # Wan 2.2 TI2V-5B as text-to-video at its 720p size (121x704x1280: 31 x 22 x 40 = 27,280 tokens; its VAE
+    # compresses 16x), 30 blocks 3072 wide, Wan 2.2's 48-channel VAE; 10 of 30 blocks swapped in the -swap modes.
+    "wan-5b": Preset("wan", 121, 704, 1280, 8, torch.bfloat16, True, ("dinov2-g",), 32, 10),
 }
 # Memory options on top of precomputed conditions (README, "Fitting a 12-24 GB card"): --selective_checkpointing,
 # --offload_activations, --blocks_to_swap (the preset's number). The bf16 one runs before fp8 casts the transformer.
@@ -263,23 +266,43 @@ def build_wan(preset_name: str):
     if preset_name == "wan-tiny":  # moved to the device with the other frozen models
         transformer, vae, text_encoder = tiny.transformer, tiny.vae, tiny.text_encoder
     else:
-        large = preset_name == "wan-14b"
+        # (heads, FFN width, blocks, latent channels) of the 1.3B, the 14B and the TI2V-5B.
+        heads, ffn_dim, num_layers, channels = {"wan-14b": (40, 13824, 40, 16), "wan-5b": (24, 14336, 30, 48)}.get(
+            preset_name, (12, 8960, 30, 16)
+        )
         transformer = WanTransformer3DModel(
             patch_size=(1, 2, 2),
-            num_attention_heads=40 if large else 12,
+            num_attention_heads=heads,
             attention_head_dim=128,
-            in_channels=16,
-            out_channels=16,
+            in_channels=channels,
+            out_channels=channels,
             text_dim=4096,
             freq_dim=256,
-            ffn_dim=13824 if large else 8960,
-            num_layers=40 if large else 30,
+            ffn_dim=ffn_dim,
+            num_layers=num_layers,
             cross_attn_norm=True,
             qk_norm="rms_norm_across_heads",
             eps=1e-6,
             rope_max_seq_len=1024,
         )
         vae = AutoencoderKLWan()  # the default config is Wan 2.1's (base_dim 96, z_dim 16)
+        if preset_name == "wan-5b":  # Wan 2.2's VAE (Wan2.2-TI2V-5B-Diffusers vae/config.json; statistics: no FLOP)
+            vae = AutoencoderKLWan(
+                base_dim=160,
+                decoder_base_dim=256,
+                z_dim=48,
+                dim_mult=[1, 2, 4, 4],
+                num_res_blocks=2,
+                temperal_downsample=[False, True, True],
+                is_residual=True,
+                in_channels=12,
+                out_channels=12,
+                patch_size=2,
+                scale_factor_spatial=16,
+                scale_factor_temporal=4,
+                latents_mean=[0.0] * 48,
+                latents_std=[1.0] * 48,
+            )
         text_encoder = UMT5EncoderModel(  # umt5-xxl
             UMT5Config(
                 vocab_size=256384,
@@ -298,6 +321,7 @@ def build_wan(preset_name: str):
         transformer=transformer,
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        expand_timesteps=preset_name == "wan-5b",
     )
 
 
