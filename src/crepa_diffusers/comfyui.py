@@ -29,17 +29,18 @@ import torch
 
 
 COMFYUI_FILE = "pytorch_lora_weights_comfyui.safetensors"
-CARD_SECTION = f"""
+_CARD_SECTION = """
 ## Files
 
 - `pytorch_lora_weights.safetensors`: diffusers names, for `pipe.load_lora_weights` (above).
-- `{COMFYUI_FILE}`: the same LoRA for ComfyUI's native HunyuanVideo (original module names, q/k/v fused, an
+- `{file}`: the same LoRA for ComfyUI's native {family} ({names}, an
   `.alpha` per layer): put it in `ComfyUI/models/loras` and load it with **LoraLoaderModelOnly** at strength
   **1.0** (the trained alpha / rank is inside the file).
 """
-WAN_CARD_SECTION = CARD_SECTION.replace(
-    "HunyuanVideo (original module names, q/k/v fused,", "Wan (Wan's original module names,"
+CARD_SECTION = _CARD_SECTION.format(
+    file=COMFYUI_FILE, family="HunyuanVideo", names="original module names, q/k/v fused"
 )
+WAN_CARD_SECTION = _CARD_SECTION.format(file=COMFYUI_FILE, family="Wan", names="Wan's original module names")
 
 # Fused original targets: diffusers parts in the order of the fused weight's rows.
 _FUSED = {

@@ -11,12 +11,14 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 
 logger = logging.getLogger(__name__)
-Bucket = tuple[int, int, int]  # (frames, height, width), as in `buckets`
+if TYPE_CHECKING:  # for annotations only: `buckets` imports this module
+    from .buckets import Bucket
 
 
 def check_output_dir(output_dir: str) -> None:
